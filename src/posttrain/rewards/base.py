@@ -1,0 +1,35 @@
+"""The reward contract.
+
+A reward sees a whole group (all completions of one problem) at once, so group-aware rewards
+such as majority vote fit the same contract as per-sample verifiers. It returns one scalar per
+completion plus named components that are logged separately.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol, Sequence, runtime_checkable
+
+from posttrain.tasks.base import Problem
+
+
+@dataclass
+class RewardOutput:
+    rewards: list[float]
+    components: dict[str, list[float]] = field(default_factory=dict)
+    info: list[dict[str, Any]] = field(default_factory=list)  # per completion, e.g. parsed answer
+
+    def __post_init__(self) -> None:
+        n = len(self.rewards)
+        for name, values in self.components.items():
+            if len(values) != n:
+                raise ValueError(f"reward component {name!r} has {len(values)} values for {n} completions")
+        if not self.info:
+            self.info = [{} for _ in range(n)]
+
+
+@runtime_checkable
+class Reward(Protocol):
+    name: str
+
+    def __call__(self, problem: Problem, completions: Sequence[str]) -> RewardOutput: ...

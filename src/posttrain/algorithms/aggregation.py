@@ -11,6 +11,27 @@ import torch
 
 AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm", "token-sum")
 
+# mode -> (one-line summary, paper that uses it); "" = no single paper
+AGGREGATION_INFO: dict[str, tuple[str, str]] = {
+    "token-mean": (
+        "Sum of token losses / global token count: every token weighs the same (DAPO, Lite PPO).",
+        "DAPO: An Open-Source LLM Reinforcement Learning System at Scale (arXiv:2503.14476)",
+    ),
+    "seq-mean-token-mean": (
+        "Mean over sequences of each sequence's token mean: every sequence weighs the same (GRPO, GSPO).",
+        "DeepSeekMath: Pushing the Limits of Mathematical Reasoning in Open Language Models (arXiv:2402.03300)",
+    ),
+    "seq-mean-token-sum": (
+        "Sum of token losses / global sequence count: no length normalisation (MiniRL).",
+        "Stabilizing Reinforcement Learning with LLMs: Formulation and Practices (arXiv:2512.01374)",
+    ),
+    "seq-mean-token-sum-norm": (
+        "Sum of token losses / (sequence count x constant length): Dr.GRPO's unbiased normaliser.",
+        "Understanding R1-Zero-Like Training: A Critical Perspective (arXiv:2503.20783)",
+    ),
+    "token-sum": ("Plain sum of token losses (the caller scales it).", ""),
+}
+
 
 def aggregate(
     loss: torch.Tensor,

@@ -27,6 +27,7 @@ class Entry(Generic[F]):
     name: str
     fn: F
     paper: str  # "Title (arXiv:XXXX.XXXXX)" or "" for textbook methods
+    textbook: bool = False  # True marks a method with no single paper to cite (paper may be "")
 
 
 class Registry(Generic[F]):
@@ -36,11 +37,15 @@ class Registry(Generic[F]):
         self.kind = kind
         self._entries: dict[str, Entry[F]] = {}
 
-    def register(self, name: str, paper: str = "") -> Callable[[F], F]:
+    def register(self, name: str, paper: str = "", textbook: bool = False) -> Callable[[F], F]:
+        """Decorator. ``paper`` ("Title (arXiv:id)") is appended to the docstring as its reference."""
+
         def deco(fn: F) -> F:
             if name in self._entries:
                 raise ValueError(f"{self.kind} {name!r} is registered twice")
-            self._entries[name] = Entry(self.kind, name, fn, paper)
+            if paper and fn.__doc__ is not None and paper not in fn.__doc__:
+                fn.__doc__ = fn.__doc__.rstrip() + f"\n\n    Reference: {paper}\n    "
+            self._entries[name] = Entry(self.kind, name, fn, paper, textbook)
             return fn
 
         return deco
@@ -75,22 +80,45 @@ class AdvantageInput:
     answers: Optional[list[str]] = None  # canonical answer per sample (semantic clustering)
 
 
+def _check(cond: bool, key: str, what: str) -> None:
+    if not cond:
+        raise ValueError(f"{key} {what}")
+
+
 @dataclass
 class AdvantageConfig:
-    """Parameters of the advantage estimators (each estimator reads the ones it needs)."""
+    """Parameters of the advantage estimators (each estimator reads the ones it needs).
+
+    Keys live under ``algorithm.advantage.`` in the YAML config.
+    """
 
     eps: float = 1e-6  # added to the std in std-normalisation
     std_normalize: bool = True  # GRPO divides by the group std; False gives Dr.GRPO
     gamma: float = 1.0  # discount (GAE, REINFORCE++)
     lam: float = 0.95  # GAE lambda
+    gae_whiten: bool = True  # whiten GAE advantages over the batch's tokens (verl, OpenRLHF do)
+    gdpo_components: list[str] = field(default_factory=list)  # reward components; [] = all, sorted
+    gdpo_weights: list[float] = field(default_factory=list)  # one per component; [] = all 1.0
+    gdpo_batch_normalize: bool = True  # GDPO: z-score the summed advantage over the batch
+    psr_weight: float = 0.1  # W-REINFORCE lambda: weight of positive samples (paper: 0.1)
+    unlikeliness_beta: float = 0.25  # Unlikeliness reward beta_rank (paper: 0.25)
+    seed_alpha: float = 1.0  # SEED-GRPO sensitivity alpha to the normalised semantic entropy
+    ace_alpha: float = 1.0  # ACE strength of the softplus confidence penalty on wrong samples
+    pure_rloo_baseline: bool = True  # PURE: subtract the leave-one-out mean trajectory value
 
     def __post_init__(self) -> None:
-        if self.eps < 0:
-            raise ValueError("algorithm.advantage.eps must be >= 0")
-        if not 0.0 <= self.gamma <= 1.0:
-            raise ValueError("algorithm.advantage.gamma must be in [0, 1]")
-        if not 0.0 <= self.lam <= 1.0:
-            raise ValueError("algorithm.advantage.lam must be in [0, 1]")
+        _check(self.eps >= 0, "algorithm.advantage.eps", "must be >= 0")
+        _check(0.0 <= self.gamma <= 1.0, "algorithm.advantage.gamma", "must be in [0, 1]")
+        _check(0.0 <= self.lam <= 1.0, "algorithm.advantage.lam", "must be in [0, 1]")
+        _check(
+            not self.gdpo_weights or len(self.gdpo_weights) == len(self.gdpo_components),
+            "algorithm.advantage.gdpo_weights",
+            "must be empty or have one weight per entry of gdpo_components",
+        )
+        _check(self.psr_weight >= 0, "algorithm.advantage.psr_weight", "must be >= 0")
+        _check(0.0 <= self.unlikeliness_beta <= 1.0, "algorithm.advantage.unlikeliness_beta", "must be in [0, 1]")
+        _check(self.seed_alpha >= 0, "algorithm.advantage.seed_alpha", "must be >= 0")
+        _check(self.ace_alpha >= 0, "algorithm.advantage.ace_alpha", "must be >= 0")
 
 
 AdvantageFn = Callable[[AdvantageInput, AdvantageConfig], torch.Tensor]
@@ -111,15 +139,61 @@ class PolicyLossInput:
 
 @dataclass
 class PolicyLossConfig:
+    """Parameters of the policy losses (each loss reads the ones it needs).
+
+    Keys live under ``algorithm.loss.`` in the YAML config. Losses with their own trust region
+    have their own keys, set to the paper's defaults, so switching ``algorithm.loss.name``
+    never silently reuses a PPO clip range on a different quantity.
+    """
+
     clip_low: float = 0.2  # epsilon_low
     clip_high: float = 0.2  # epsilon_high (DAPO clip-higher uses 0.28)
     dual_clip: Optional[float] = None  # c in dual-clip PPO (e.g. 3.0); None disables
+    gspo_clip_low: float = 3e-4  # GSPO / GSPO-token / LUSPO sequence-ratio clip (paper: 3e-4)
+    gspo_clip_high: float = 4e-4  # (paper: 4e-4)
+    gmpo_clip_low: float = 0.4  # GMPO clip of the token log-ratio, in log space (paper: 0.4)
+    gmpo_clip_high: float = 0.4
+    cispo_max_ratio: float = 5.0  # CISPO upper bound on the stop-gradient IS weight (TRL: 5.0)
+    cispo_min_ratio: Optional[float] = None  # optional lower bound (verl's two-sided variant)
+    sapo_tau_pos: float = 1.0  # SAPO gate temperature for A > 0 (paper: 1.0)
+    sapo_tau_neg: float = 1.05  # for A <= 0 (paper: 1.05)
+    kl_cov_ratio: float = 0.002  # KL-Cov: fraction of tokens penalised (paper: 2e-3)
+    kl_cov_coef: float = 1.0  # KL-Cov: coefficient of |log r| on those tokens (paper: 1.0)
+    clip_cov_ratio: float = 0.0002  # Clip-Cov: fraction of tokens detached (paper: 2e-4)
+    clip_cov_lb: float = 1.0  # Clip-Cov: covariance window lower bound (paper: 1)
+    clip_cov_ub: float = 5.0  # Clip-Cov: upper bound (paper: 5)
+    dppo_low: float = 0.2  # DPPO divergence threshold for A <= 0 (TV: prob drop; KL: binary KL)
+    dppo_high: float = 0.2  # DPPO divergence threshold for A > 0
+    dppo_ratio_cap: float = 20.0  # DPPO truncation of the stop-gradient ratio (paper: large)
+    dro_beta: float = 1.0  # DRO quadratic log-ratio penalty strength
+    is_cap: float = 2.0  # reinforce_is: truncation C of the IS weight pi/mu
 
     def __post_init__(self) -> None:
-        if self.clip_low < 0 or self.clip_high < 0:
-            raise ValueError("algorithm.loss.clip_low and clip_high must be >= 0")
-        if self.dual_clip is not None and self.dual_clip <= 1.0:
-            raise ValueError("algorithm.loss.dual_clip must be > 1 (or null to disable)")
+        _check(self.clip_low >= 0 and self.clip_high >= 0, "algorithm.loss.clip_low and clip_high", "must be >= 0")
+        _check(self.clip_low < 1.0, "algorithm.loss.clip_low", "must be < 1")
+        if self.dual_clip is not None:
+            _check(self.dual_clip > 1.0, "algorithm.loss.dual_clip", "must be > 1 (or null to disable)")
+        _check(0 <= self.gspo_clip_low < 1.0, "algorithm.loss.gspo_clip_low", "must be in [0, 1)")
+        _check(self.gspo_clip_high >= 0, "algorithm.loss.gspo_clip_high", "must be >= 0")
+        _check(
+            self.gmpo_clip_low >= 0 and self.gmpo_clip_high >= 0, "algorithm.loss.gmpo_clip_low/high", "must be >= 0"
+        )
+        _check(self.cispo_max_ratio > 0, "algorithm.loss.cispo_max_ratio", "must be > 0")
+        if self.cispo_min_ratio is not None:
+            _check(
+                0 <= self.cispo_min_ratio < self.cispo_max_ratio,
+                "algorithm.loss.cispo_min_ratio",
+                "must be in [0, cispo_max_ratio)",
+            )
+        _check(self.sapo_tau_pos > 0 and self.sapo_tau_neg > 0, "algorithm.loss.sapo_tau_pos/neg", "must be > 0")
+        _check(0 < self.kl_cov_ratio <= 1, "algorithm.loss.kl_cov_ratio", "must be in (0, 1]")
+        _check(self.kl_cov_coef >= 0, "algorithm.loss.kl_cov_coef", "must be >= 0")
+        _check(0 < self.clip_cov_ratio <= 1, "algorithm.loss.clip_cov_ratio", "must be in (0, 1]")
+        _check(self.clip_cov_lb < self.clip_cov_ub, "algorithm.loss.clip_cov_lb", "must be < clip_cov_ub")
+        _check(self.dppo_low >= 0 and self.dppo_high >= 0, "algorithm.loss.dppo_low/high", "must be >= 0")
+        _check(self.dppo_ratio_cap > 0, "algorithm.loss.dppo_ratio_cap", "must be > 0")
+        _check(self.dro_beta >= 0, "algorithm.loss.dro_beta", "must be >= 0")
+        _check(self.is_cap > 0, "algorithm.loss.is_cap", "must be > 0")
 
 
 @dataclass
@@ -142,8 +216,30 @@ class CorrectionInput:
 
 @dataclass
 class CorrectionConfig:
+    """Parameters of the train-inference mismatch corrections (``algorithm.correction.``).
+
+    Ratios are pi_old / pi_behaviour. ``threshold_high`` is the TIS cap C and the upper bound of
+    the masking window; ``threshold_low`` its lower bound (None = 1 / threshold_high).
+    ``kl_threshold`` is the per-token mean KL above which ``reject_k*`` drop a sequence.
+    """
+
     threshold_low: Optional[float] = None
     threshold_high: float = 2.0
+    kl_threshold: float = 0.01
+
+    def __post_init__(self) -> None:
+        _check(self.threshold_high >= 1.0, "algorithm.correction.threshold_high", "must be >= 1")
+        if self.threshold_low is not None:
+            _check(
+                0 <= self.threshold_low < self.threshold_high,
+                "algorithm.correction.threshold_low",
+                "must be in [0, threshold_high)",
+            )
+        _check(self.kl_threshold > 0, "algorithm.correction.kl_threshold", "must be > 0")
+
+    @property
+    def low(self) -> float:
+        return self.threshold_low if self.threshold_low is not None else 1.0 / self.threshold_high
 
 
 @dataclass

@@ -1,4 +1,16 @@
-"""Policy losses. Each returns a per-token loss matrix [N, T]; aggregation happens outside."""
+"""Token-level policy losses. Each returns a per-token loss matrix [N, T]; aggregation happens
+outside (``aggregation.aggregate``) and no loss overrides it.
+
+Notation: logp = current log-prob (with grad), old = log-prob at rollout weights,
+r = exp(logp - old) (log-ratio clamped to +-20), A = advantage, sg = stop-gradient.
+Every loss multiplies its per-token loss by ``is_weights`` (mismatch correction) when given.
+Sequence-level losses (GSPO, GSPO-token, LUSPO, GMPO) are in ``losses_sequence.py``.
+
+Micro-batch invariance: every loss here except ``kl_cov`` and ``clip_cov`` is computed token by
+token, so splitting a mini-batch and passing global counts to ``aggregate`` reproduces the full
+loss. KL-Cov and Clip-Cov select tokens by a covariance over the tokens they are given: call
+them on the whole mini-batch (or accept that selection is per micro-batch).
+"""
 
 from __future__ import annotations
 
@@ -7,32 +19,270 @@ import torch
 from posttrain.algorithms.base import POLICY_LOSSES, PolicyLossConfig, PolicyLossInput, PolicyLossOutput, masked_mean
 
 
+def log_ratio(inp: PolicyLossInput) -> torch.Tensor:
+    """log(pi / pi_old), clamped to [-20, 20] so exp() cannot overflow."""
+    return (inp.logprobs - inp.old_logprobs).clamp(-20.0, 20.0)
+
+
+def finish(loss: torch.Tensor, inp: PolicyLossInput, metrics: dict[str, torch.Tensor]) -> PolicyLossOutput:
+    """Apply the mismatch-correction weights and add the metrics every loss reports."""
+    if inp.is_weights is not None:
+        loss = loss * inp.is_weights
+    lr = log_ratio(inp).detach()
+    metrics = {
+        **metrics,
+        "ratio_mean": masked_mean(torch.exp(lr), inp.mask),
+        "approx_kl": masked_mean(0.5 * lr**2, inp.mask),
+    }
+    return PolicyLossOutput(loss=loss, metrics={k: v.detach() for k, v in metrics.items()})
+
+
 @POLICY_LOSSES.register("ppo_clip", paper="Proximal Policy Optimization Algorithms (arXiv:1707.06347)")
 def ppo_clip(inp: PolicyLossInput, cfg: PolicyLossConfig) -> PolicyLossOutput:
-    """PPO clipped surrogate, per token:
+    """PPO clip: l = -min(r * A, clip(r, 1 - eps_low, 1 + eps_high) * A), r = exp(logp - logp_old).
 
-        r = exp(logp - logp_old)
-        l = -min(r * A, clip(r, 1 - eps_low, 1 + eps_high) * A)
-
-    With ``dual_clip = c`` (Dual-clip PPO, arXiv:1912.09729) tokens with A < 0 are further
-    bounded: l = min(l, -c * A). ``is_weights`` (mismatch correction) multiply l.
-    Defaults: eps_low = eps_high = 0.2 (PPO); DAPO's clip-higher uses eps_high = 0.28.
+    Paper: arXiv:1707.06347 (eps = 0.2). With ``dual_clip = c`` (Dual-clip PPO,
+    arXiv:1912.09729, c = 3) tokens with A < 0 are further bounded: l = min(l, -c * A).
+    DAPO's clip-higher ("DAPO", arXiv:2503.14476) is this loss with eps_high = 0.28.
+    Gradient in the unclipped region: dl/dlogp = -r * A.
     """
-    log_ratio = (inp.logprobs - inp.old_logprobs).clamp(-20.0, 20.0)
-    ratio = torch.exp(log_ratio)
+    lr = log_ratio(inp)
+    ratio = torch.exp(lr)
     adv = inp.advantages
     unclipped = -ratio * adv
     clipped = -ratio.clamp(1.0 - cfg.clip_low, 1.0 + cfg.clip_high) * adv
     loss = torch.maximum(unclipped, clipped)
-    clip_frac = (clipped > unclipped).float()
+    is_clipped = clipped > unclipped
+    metrics = {
+        "clip_frac": masked_mean(is_clipped.float(), inp.mask),
+        "clip_frac_low": masked_mean((is_clipped & (adv < 0)).float(), inp.mask),
+        "clip_frac_high": masked_mean((is_clipped & (adv > 0)).float(), inp.mask),
+    }
     if cfg.dual_clip is not None:
         dual = -cfg.dual_clip * adv
+        dual_hit = (adv < 0) & (loss > dual)
         loss = torch.where(adv < 0, torch.minimum(loss, dual), loss)
-    if inp.is_weights is not None:
-        loss = loss * inp.is_weights
+        metrics["dual_clip_frac"] = masked_mean(dual_hit.float(), inp.mask)
+    return finish(loss, inp, metrics)
+
+
+@POLICY_LOSSES.register(
+    "gpg",
+    paper="GPG: A Simple and Strong Reinforcement Learning Baseline for Model Reasoning (arXiv:2504.02546)",
+)
+def gpg(inp: PolicyLossInput, cfg: PolicyLossConfig) -> PolicyLossOutput:
+    """GPG / plain REINFORCE: l = -logp * A (no ratio, no clipping).
+
+    Paper: arXiv:2504.02546 (pair with the ``gpg`` advantage). Valid only on-policy (one
+    update per batch). Gradient: dl/dlogp = -A.
+    """
+    return finish(-inp.logprobs * inp.advantages, inp, {})
+
+
+@POLICY_LOSSES.register(
+    "cispo",
+    paper="MiniMax-M1: Scaling Test-Time Compute Efficiently with Lightning Attention (arXiv:2506.13585)",
+)
+def cispo(inp: PolicyLossInput, cfg: PolicyLossConfig) -> PolicyLossOutput:
+    """CISPO: l = -sg(clip(r, lo, hi)) * A * logp, with hi = cispo_max_ratio, lo = cispo_min_ratio.
+
+    Paper: MiniMax-M1 (arXiv:2506.13585). Clips the importance-sampling *weight* instead of the
+    update, so every token keeps a gradient. The paper sets no lower bound and tunes only the
+    upper one; TRL recommends an upper bound (its epsilon_high) of 5.0, our default.
+    ``cispo_min_ratio`` gives verl's two-sided variant. Gradient: dl/dlogp = -clip(r) * A.
+    """
+    ratio = torch.exp(log_ratio(inp)).detach()
+    weight = ratio.clamp(max=cfg.cispo_max_ratio)
+    if cfg.cispo_min_ratio is not None:
+        weight = weight.clamp(min=cfg.cispo_min_ratio)
+    loss = -weight * inp.advantages * inp.logprobs
+    return finish(loss, inp, {"cispo_clip_frac": masked_mean((weight != ratio).float(), inp.mask)})
+
+
+@POLICY_LOSSES.register("sapo", paper="Soft Adaptive Policy Optimization (arXiv:2511.20347)")
+def sapo(inp: PolicyLossInput, cfg: PolicyLossConfig) -> PolicyLossOutput:
+    """SAPO: l = -f(r) * A with the soft gate f(r) = sigmoid(tau (r - 1)) * 4 / tau.
+
+    Paper: arXiv:2511.20347. tau = tau_pos (1.0) when A > 0, tau_neg (1.05) otherwise. The gate
+    replaces the hard clip: df/dr = 4 sigma (1 - sigma), which is 1 at r = 1 (so on-policy the
+    gradient equals the policy gradient -A) and decays smoothly as r leaves 1.
+    Gradient: dl/dlogp = -A * 4 sigma (1 - sigma) * r.
+    """
+    ratio = torch.exp(log_ratio(inp))
+    tau = torch.where(
+        inp.advantages > 0,
+        torch.full_like(ratio, cfg.sapo_tau_pos),
+        torch.full_like(ratio, cfg.sapo_tau_neg),
+    )
+    gate = torch.sigmoid(tau * (ratio - 1.0)) * 4.0 / tau
+    return finish(-gate * inp.advantages, inp, {"gate_mean": masked_mean(gate.detach(), inp.mask)})
+
+
+@POLICY_LOSSES.register(
+    "dro",
+    paper="Offline Regularised Reinforcement Learning for Large Language Models Alignment (arXiv:2405.19107)",
+)
+def dro(inp: PolicyLossInput, cfg: PolicyLossConfig) -> PolicyLossOutput:
+    """DRO-style quadratic log-ratio penalty: l = -(logp * A - beta/2 * (logp - old)^2).
+
+    Paper: "Direct Reward Optimisation" (arXiv:2405.19107) minimises 1/2 (r - V - tau log
+    pi/pi_ref)^2, whose gradient in log pi is -tau (A - tau log pi/pi_ref); dividing by tau and
+    anchoring to pi_old gives this per-token policy-gradient form (as in verl and Tinker, with
+    beta = ``dro_beta``). Gradient: dl/dlogp = -A + beta (logp - old).
+    """
+    delta = inp.logprobs - inp.old_logprobs
+    loss = -(inp.logprobs * inp.advantages - 0.5 * cfg.dro_beta * delta**2)
+    return finish(loss, inp, {})
+
+
+@POLICY_LOSSES.register(
+    "reinforce_is",
+    paper="IMPALA: Scalable Distributed Deep-RL with Importance Weighted Actor-Learner Architectures "
+    "(arXiv:1802.01561)",
+)
+def reinforce_is(inp: PolicyLossInput, cfg: PolicyLossConfig) -> PolicyLossOutput:
+    """Truncated-IS REINFORCE ("bypass" mode): l = -sg(min(pi / mu, C)) * A * logp.
+
+    mu is the behaviour policy (``behaviour_logprobs``; ``old_logprobs`` if absent), so no
+    separate old-policy forward pass is needed. Truncated IS weights as in IMPALA's V-trace
+    (arXiv:1802.01561); this is verl's ``bypass_mode`` with ``loss_type=reinforce`` and the
+    "PG + IS correction" that "Stabilizing RL with LLMs" (arXiv:2512.01374) finds most stable
+    on-policy. C = ``is_cap`` (default 2.0, verl's). Do not also pass a TIS correction as
+    ``is_weights``: it would correct twice. Gradient: dl/dlogp = -min(w, C) * A.
+    """
+    base = inp.behaviour_logprobs if inp.behaviour_logprobs is not None else inp.old_logprobs
+    raw = torch.exp((inp.logprobs.detach() - base).clamp(-20.0, 20.0))
+    weight = raw.clamp(max=cfg.is_cap)
+    loss = -weight * inp.advantages * inp.logprobs
+    return finish(loss, inp, {"is_weight_mean": masked_mean(weight, inp.mask),
+                              "is_clip_frac": masked_mean((raw > cfg.is_cap).float(), inp.mask)})
+
+
+def _dppo(inp: PolicyLossInput, cfg: PolicyLossConfig, valid: torch.Tensor) -> PolicyLossOutput:
+    ratio = torch.exp(log_ratio(inp)).detach()
+    weight = ratio.clamp(max=cfg.dppo_ratio_cap)
+    valid_f = valid.detach().to(inp.logprobs.dtype)
+    loss = -inp.advantages * weight * inp.logprobs * valid_f
     metrics = {
-        "clip_frac": masked_mean(clip_frac, inp.mask).detach(),
-        "ratio_mean": masked_mean(ratio, inp.mask).detach(),
-        "approx_kl": masked_mean(0.5 * log_ratio**2, inp.mask).detach(),
+        "trust_region_frac": masked_mean(1.0 - valid_f, inp.mask),
+        "ratio_cap_frac": masked_mean((ratio > cfg.dppo_ratio_cap).float() * valid_f, inp.mask),
     }
-    return PolicyLossOutput(loss=loss, metrics=metrics)
+    return finish(loss, inp, metrics)
+
+
+@POLICY_LOSSES.register(
+    "dppo_tv",
+    paper="Rethinking the Trust Region in LLM Reinforcement Learning (arXiv:2602.04879)",
+)
+def dppo_tv(inp: PolicyLossInput, cfg: PolicyLossConfig) -> PolicyLossOutput:
+    """DPPO-Binary-TV: l = -A * sg(min(r, C)) * logp * valid.
+
+    Paper: arXiv:2602.04879 (as in verl's ``dppo_tv``). The trust region is on the sampled
+    token's probability p = exp(logp) instead of the ratio: a token is kept if
+    p - p_old <= dppo_high when A > 0, or p - p_old >= -dppo_low when A <= 0 (moves in the
+    "safe" direction are always allowed). C = ``dppo_ratio_cap``: the paper recommends a large
+    truncation (20). Gradient on kept tokens: dl/dlogp = -A * min(r, C).
+    """
+    p = torch.exp(inp.logprobs.detach())
+    p_old = torch.exp(inp.old_logprobs)
+    diff = p - p_old
+    valid = torch.where(inp.advantages > 0, diff <= cfg.dppo_high, diff >= -cfg.dppo_low)
+    return _dppo(inp, cfg, valid)
+
+
+def binary_kl(p_old: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """KL(Bern(p_old) || Bern(p)) = p_old log(p_old/p) + (1 - p_old) log((1 - p_old)/(1 - p))."""
+    tiny = 1e-12
+    return p_old * (torch.log(p_old.clamp_min(tiny)) - torch.log(p.clamp_min(tiny))) + (1 - p_old) * (
+        torch.log((1 - p_old).clamp_min(tiny)) - torch.log((1 - p).clamp_min(tiny))
+    )
+
+
+@POLICY_LOSSES.register(
+    "dppo_kl",
+    paper="Rethinking the Trust Region in LLM Reinforcement Learning (arXiv:2602.04879)",
+)
+def dppo_kl(inp: PolicyLossInput, cfg: PolicyLossConfig) -> PolicyLossOutput:
+    """DPPO-Binary-KL: as ``dppo_tv`` with the trust region KL(Bern(p_old) || Bern(p)) <= threshold.
+
+    Paper: arXiv:2602.04879. A token with A > 0 is kept if the binary KL <= dppo_high or p <= p_old;
+    with A <= 0 if the binary KL <= dppo_low or p >= p_old.
+    Gradient on kept tokens: dl/dlogp = -A * min(r, C).
+    """
+    p = torch.exp(inp.logprobs.detach())
+    p_old = torch.exp(inp.old_logprobs)
+    kl = binary_kl(p_old, p)
+    valid = torch.where(inp.advantages > 0, (kl <= cfg.dppo_high) | (p <= p_old), (kl <= cfg.dppo_low) | (p >= p_old))
+    return _dppo(inp, cfg, valid)
+
+
+def token_covariance(inp: PolicyLossInput) -> torch.Tensor:
+    """cov_t = (A_t - mean A)(logp_t - mean logp) with means over the valid tokens; detached."""
+    m = inp.mask > 0
+    adv = inp.advantages.detach()
+    lp = inp.logprobs.detach()
+    return (adv - adv[m].mean()) * (lp - lp[m].mean())
+
+
+@POLICY_LOSSES.register(
+    "kl_cov",
+    paper="The Entropy Mechanism of Reinforcement Learning for Reasoning Language Models (arXiv:2505.22617)",
+)
+def kl_cov(inp: PolicyLossInput, cfg: PolicyLossConfig) -> PolicyLossOutput:
+    """KL-Cov: l = -r * A on every token, plus kl_cov_coef * |logp - old| on the top-k tokens by cov.
+
+    Paper: arXiv:2505.22617. Entropy collapse is driven by tokens with a large covariance
+    between log-probability and advantage; KL-Cov adds a KL penalty on the
+    k = max(1, floor(kl_cov_ratio * n_tokens)) valid tokens with the largest
+    cov_t = (A_t - mean A)(logp_t - mean logp) (means over valid tokens), and does not clip.
+    Defaults (paper): kl_cov_ratio = 2e-3, coefficient 1.0. Batch-dependent: see module docs.
+    """
+    ratio = torch.exp(log_ratio(inp))
+    loss = -ratio * inp.advantages
+    m = inp.mask > 0
+    n_valid = int(m.sum())
+    selected = torch.zeros_like(m)
+    if n_valid > 0:
+        k = max(1, int(cfg.kl_cov_ratio * n_valid))
+        cov = token_covariance(inp).masked_fill(~m, float("-inf"))
+        top = torch.topk(cov.flatten(), k).indices
+        selected.view(-1)[top] = True
+        penalty = cfg.kl_cov_coef * (inp.logprobs - inp.old_logprobs).abs()
+        loss = torch.where(selected, loss + penalty, loss)
+    return finish(loss, inp, {"kl_cov_frac": masked_mean(selected.float(), inp.mask)})
+
+
+@POLICY_LOSSES.register(
+    "clip_cov",
+    paper="The Entropy Mechanism of Reinforcement Learning for Reasoning Language Models (arXiv:2505.22617)",
+)
+def clip_cov(inp: PolicyLossInput, cfg: PolicyLossConfig) -> PolicyLossOutput:
+    """Clip-Cov: PPO-clip loss, with the gradient of a few high-covariance tokens detached.
+
+    Paper: arXiv:2505.22617. Among valid tokens that PPO did not already clip and whose
+    cov_t = (A_t - mean A)(logp_t - mean logp) lies in (clip_cov_lb, clip_cov_ub), choose
+    k = max(1, floor(clip_cov_ratio * n_tokens)) at random (torch's global RNG) and stop their
+    gradient (their loss value is kept). Defaults (paper): ratio 2e-4, bounds (1, 5).
+    Batch-dependent: see module docs.
+    """
+    lr = log_ratio(inp)
+    ratio = torch.exp(lr)
+    unclipped = -ratio * inp.advantages
+    clipped = -ratio.clamp(1.0 - cfg.clip_low, 1.0 + cfg.clip_high) * inp.advantages
+    loss = torch.maximum(unclipped, clipped)
+    m = inp.mask > 0
+    cov = token_covariance(inp)
+    candidates = m & ~(clipped > unclipped) & (cov > cfg.clip_cov_lb) & (cov < cfg.clip_cov_ub)
+    selected = torch.zeros_like(m)
+    n_valid = int(m.sum())
+    cand_idx = candidates.flatten().nonzero().squeeze(-1)
+    if n_valid > 0 and cand_idx.numel() > 0:
+        k = max(1, int(cfg.clip_cov_ratio * n_valid))
+        chosen = cand_idx[torch.randperm(cand_idx.numel(), device=cand_idx.device)[:k]]
+        selected.view(-1)[chosen] = True
+        loss = torch.where(selected, loss.detach(), loss)
+    metrics = {
+        "clip_frac": masked_mean((clipped > unclipped).float(), inp.mask),
+        "clip_cov_frac": masked_mean(selected.float(), inp.mask),
+    }
+    return finish(loss, inp, metrics)

@@ -1,0 +1,154 @@
+"""Advantage estimators that reshape the group-relative signal with per-sample information:
+correctness (W-REINFORCE), likelihood rank (unlikeliness reward), answer agreement
+(SEED-GRPO) and confidence shift against the reference (ACE).
+
+"Correct" means ``reward > 0`` throughout (rewards in {0, 1} or {-1, +1}).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from posttrain.algorithms.advantages import broadcast, group_index, group_stats, scale_by_std
+from posttrain.algorithms.base import ADVANTAGES, AdvantageConfig, AdvantageInput
+
+
+def _group_normalise(rewards: torch.Tensor, group_ids: torch.Tensor, cfg: AdvantageConfig) -> torch.Tensor:
+    """GRPO's per-sample advantage (float64 [N]); divides by the std only if cfg.std_normalize."""
+    mean, std, _ = group_stats(rewards, group_ids)
+    adv = rewards.to(torch.float64) - mean
+    return scale_by_std(adv, std, cfg.eps) if cfg.std_normalize else adv
+
+
+def sequence_logprob(logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """log pi(o_i | x) = sum_t m_t log pi(o_t | ...), float64 [N]."""
+    return (logprobs.detach().to(torch.float64) * mask.to(torch.float64)).sum(-1)
+
+
+@ADVANTAGES.register(
+    "w_reinforce",
+    paper="The Surprising Effectiveness of Negative Reinforcement in LLM Reasoning (arXiv:2506.01347)",
+)
+def w_reinforce(inp: AdvantageInput, cfg: AdvantageConfig) -> torch.Tensor:
+    """W-REINFORCE: A_i = lambda if r_i > 0 (correct) else -1; no baseline.
+
+    Paper: arXiv:2506.01347. The RLVR objective splits into positive-sample reinforcement
+    (PSR, push up correct samples) and negative-sample reinforcement (NSR, push down wrong
+    ones); W-REINFORCE minimises L = lambda * L_PSR + L_NSR with rewards in {+1, -1}, i.e. a
+    REINFORCE gradient with weight lambda on correct and -1 on wrong samples.
+    Default lambda = ``cfg.psr_weight`` = 0.1 (paper). Pair with the ``gpg`` loss
+    (-A * log p) or ``ppo_clip``.
+    """
+    correct = inp.rewards > 0
+    adv = torch.where(correct, torch.full_like(inp.rewards, cfg.psr_weight, dtype=torch.float64), -1.0)
+    return broadcast(adv.to(torch.float64), inp.mask)
+
+
+@ADVANTAGES.register(
+    "unlikeliness",
+    paper="Rewarding the Unlikely: Lifting GRPO Beyond Distribution Sharpening (arXiv:2506.02355)",
+)
+def unlikeliness(inp: AdvantageInput, cfg: AdvantageConfig) -> torch.Tensor:
+    """Unlikeliness reward: r'_i = r_i * (1 - beta * u_i / G) for correct samples, then GRPO.
+
+    Paper: arXiv:2506.02355. GRPO has a rank bias: it reinforces correct samples the policy
+    already finds likely. Within each group (size G), the correct samples (r > 0) are ranked by
+    their sequence log-likelihood sum_t log pi(o_t) under ``logprobs`` (old policy): u_i = 0 for
+    the least likely correct sample, 1 for the next, and so on, so the most likely correct
+    samples lose the most reward. Wrong samples keep their reward. The shaped rewards are then
+    group-normalised like GRPO (honouring ``cfg.std_normalize``).
+    Default beta = ``cfg.unlikeliness_beta`` = 0.25 (the paper's beta_rank).
+    """
+    if inp.logprobs is None:
+        raise ValueError("unlikeliness needs AdvantageInput.logprobs to rank samples by likelihood")
+    seq_lp = sequence_logprob(inp.logprobs, inp.mask)
+    inverse, k = group_index(inp.group_ids)
+    r = inp.rewards.to(torch.float64)
+    shaped = r.clone()
+    for g in range(k):
+        idx = (inverse == g).nonzero().squeeze(-1)
+        size = idx.numel()
+        correct = idx[r[idx] > 0]
+        if correct.numel() == 0:
+            continue
+        order = torch.argsort(seq_lp[correct], stable=True)  # ascending: least likely first
+        rank = torch.empty_like(order)
+        rank[order] = torch.arange(order.numel(), device=order.device)
+        shaped[correct] = r[correct] * (1.0 - cfg.unlikeliness_beta * rank.to(torch.float64) / size)
+    return broadcast(_group_normalise(shaped, inp.group_ids, cfg), inp.mask)
+
+
+def semantic_entropy(answers: list, group_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample (entropy of the group's answer clusters, log(group size)), float64 [N] each.
+
+    Answers are clustered by string equality after ``strip()``; ``None`` or an empty answer is a
+    cluster of its own (two missing answers do not agree). p_k = |C_k| / G and
+    H = -sum_k p_k log p_k (the frequency estimate of semantic entropy).
+    """
+    inverse, k = group_index(group_ids)
+    entropy = torch.zeros(len(answers), dtype=torch.float64, device=group_ids.device)
+    h_max = torch.zeros_like(entropy)
+    for g in range(k):
+        idx = (inverse == g).nonzero().squeeze(-1).tolist()
+        counts: dict[object, int] = {}
+        for i in idx:
+            a = answers[i]
+            key: object = a.strip() if isinstance(a, str) and a.strip() else ("__missing__", i)
+            counts[key] = counts.get(key, 0) + 1
+        size = len(idx)
+        h = -sum((c / size) * math.log(c / size) for c in counts.values())
+        for i in idx:
+            entropy[i] = h
+            h_max[i] = math.log(size) if size > 1 else 0.0
+    return entropy, h_max
+
+
+@ADVANTAGES.register(
+    "seed_grpo",
+    paper="SEED-GRPO: Semantic Entropy Enhanced GRPO for Uncertainty-Aware Policy Optimization (arXiv:2505.12346)",
+)
+def seed_grpo(inp: AdvantageInput, cfg: AdvantageConfig) -> torch.Tensor:
+    """SEED-GRPO: A_i = A_i^GRPO * max(0, 1 - alpha * H_sem(g) / log G).
+
+    Paper: arXiv:2505.12346. H_sem is the semantic entropy of the group's final answers
+    (``answers``, clustered by equality of the canonical answer string, see
+    ``semantic_entropy``); log G is its maximum. Confident prompts (all answers agree) keep the
+    full GRPO signal; uncertain ones get smaller updates. The paper's linear modulation
+    f(x) = 1 - x with x = alpha * H / H_max is used; ``cfg.seed_alpha`` (default 1.0, our
+    choice) sets the sensitivity. Singleton groups keep A unchanged (H_max = 0).
+    """
+    if inp.answers is None or len(inp.answers) != inp.rewards.shape[0]:
+        raise ValueError("seed_grpo needs AdvantageInput.answers (one canonical answer string per sample)")
+    entropy, h_max = semantic_entropy(inp.answers, inp.group_ids)
+    ratio = torch.where(h_max > 0, entropy / h_max.clamp_min(1e-12), torch.zeros_like(entropy))
+    scale = (1.0 - cfg.seed_alpha * ratio).clamp_min(0.0)
+    return broadcast(_group_normalise(inp.rewards, inp.group_ids, cfg) * scale, inp.mask)
+
+
+@ADVANTAGES.register(
+    "ace",
+    paper="Overconfident Errors Need Stronger Correction: Asymmetric Confidence Penalties for Reinforcement "
+    "Learning (arXiv:2602.21420)",
+)
+def ace(inp: AdvantageInput, cfg: AdvantageConfig) -> torch.Tensor:
+    """ACE: for A_i < 0, A_i <- A_i * (1 + alpha * softplus(c_i)), c_i = log pi(o_i)/pi_ref(o_i).
+
+    Paper: arXiv:2602.21420 (Asymmetric Confidence-aware Error penalty). c_i is the per-rollout
+    confidence shift sum_t m_t (logprobs - ref_logprobs); wrong samples the policy has become
+    overconfident about (c_i >> 0) are pushed down harder, while exploratory errors
+    (c_i << 0, softplus ~ 0) keep the plain GRPO penalty; positive advantages are unchanged.
+    The base advantage is GRPO's. The material available gives the softplus modulation of
+    negative advantages but not the paper's alpha; ``cfg.ace_alpha`` defaults to 1.0 (our choice).
+    Needs ``logprobs`` and ``ref_logprobs``.
+    """
+    if inp.logprobs is None or inp.ref_logprobs is None:
+        raise ValueError("ace needs AdvantageInput.logprobs and ref_logprobs (confidence shift)")
+    base = _group_normalise(inp.rewards, inp.group_ids, cfg)
+    shift = (
+        (inp.logprobs.detach().to(torch.float64) - inp.ref_logprobs.detach().to(torch.float64))
+        * inp.mask.to(torch.float64)
+    ).sum(-1)
+    factor = 1.0 + cfg.ace_alpha * torch.nn.functional.softplus(shift)
+    return broadcast(torch.where(base < 0, base * factor, base), inp.mask)

@@ -1,0 +1,264 @@
+"""Typed run configuration: YAML file + dotted command-line overrides.
+
+``load_config("cfg.yaml", ["trainer.lr=1e-5"])`` returns a ``RLConfig``. Unknown keys, wrong
+types and out-of-range values raise ``ConfigError`` naming the dotted key and what is
+allowed, before any work starts. ``dump_config`` writes the resolved config back to YAML.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+from posttrain.algorithms.base import AdvantageConfig, CorrectionConfig, PolicyLossConfig
+
+
+class ConfigError(ValueError):
+    """A configuration value is unknown, mistyped or out of range."""
+
+
+@dataclass
+class ModelConfig:
+    name: str = "tiny-random"  # directory, .gguf file, run directory, hub id or alias
+
+
+@dataclass
+class RolloutConfig:
+    num_prompts: int = 8  # prompts per step
+    num_completions: int = 8  # completions per prompt (the group size)
+    max_new_tokens: int = 32
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 disables
+    stop: list[str] = field(default_factory=list)  # stop strings (kept out of the text)
+    chat_template: bool = True  # wrap prompts with the tokenizer's chat template
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bf16 where the CPU has it
+    share_prompt_prefill: bool = True  # prefill each prompt once for its n completions
+
+    def __post_init__(self) -> None:
+        _check(self.num_prompts >= 1, "rollout.num_prompts", "must be >= 1")
+        _check(self.num_completions >= 1, "rollout.num_completions", "must be >= 1")
+        _check(self.max_new_tokens >= 1, "rollout.max_new_tokens", "must be >= 1")
+        _check(self.temperature > 0, "rollout.temperature", "must be > 0")
+        _check(0 < self.top_p <= 1, "rollout.top_p", "must be in (0, 1]")
+        _check(self.top_k >= 0, "rollout.top_k", "must be >= 0")
+
+
+@dataclass
+class AlgorithmConfig:
+    advantage_estimator: str = "grpo"
+    policy_loss: str = "ppo_clip"
+    aggregation: str = "token-mean"
+    advantage: AdvantageConfig = field(default_factory=AdvantageConfig)
+    loss: PolicyLossConfig = field(default_factory=PolicyLossConfig)
+    correction: Optional[str] = None  # train-inference mismatch correction (behaviour vs old)
+    correction_params: CorrectionConfig = field(default_factory=CorrectionConfig)
+    kl_coef: float = 0.0  # coefficient of KL(pi || pi_ref) in the loss; 0 loads no reference
+    kl_estimator: str = "k3"
+    entropy_coef: float = 0.0  # entropy bonus coefficient (subtracted from the loss)
+
+    def __post_init__(self) -> None:
+        from posttrain.algorithms import ADVANTAGES, AGGREGATIONS, CORRECTIONS, KL_ESTIMATORS, POLICY_LOSSES
+
+        _check(self.advantage_estimator in ADVANTAGES, "algorithm.advantage_estimator",
+               f"must be one of {ADVANTAGES.names()}")
+        _check(self.policy_loss in POLICY_LOSSES, "algorithm.policy_loss", f"must be one of {POLICY_LOSSES.names()}")
+        _check(self.aggregation in AGGREGATIONS, "algorithm.aggregation", f"must be one of {list(AGGREGATIONS)}")
+        _check(self.correction is None or self.correction in CORRECTIONS, "algorithm.correction",
+               f"must be null or one of {CORRECTIONS.names()}")
+        _check(self.kl_estimator in KL_ESTIMATORS, "algorithm.kl_estimator", f"must be one of {list(KL_ESTIMATORS)}")
+        _check(self.kl_coef >= 0, "algorithm.kl_coef", "must be >= 0")
+
+
+@dataclass
+class TrainerConfig:
+    steps: int = 20
+    lr: float = 1e-6
+    weight_decay: float = 0.0
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.99])
+    warmup_steps: int = 0
+    lr_schedule: Literal["constant", "linear", "cosine"] = "constant"
+    max_grad_norm: float = 1.0
+    ppo_epochs: int = 1  # passes over each batch
+    mini_batches: int = 1  # optimizer steps per pass (the batch split in this many parts)
+    micro_batch_size: int = 16  # samples per forward/backward (gradient accumulation)
+    old_logprobs: Literal["auto", "recompute", "behaviour"] = "auto"
+    autocast: Literal["auto", "bfloat16", "none"] = "auto"  # learner compute dtype
+    logprob_chunk_tokens: int = 1024  # tokens per chunk of the output projection
+    seed: int = 0
+    eval_every: int = 0  # 0: only before and after training
+    eval_problems: int = 200
+    eval_temperature: float = 1.0
+    checkpoint_every: int = 0  # 0: only at the end
+    keep_checkpoints: int = 2
+    on_reward_error: Literal["zero", "abort"] = "abort"
+    max_nonfinite_steps: int = 3  # stop after this many consecutive non-finite steps
+    threads: int = 0  # torch threads; 0 keeps torch's default
+
+    def __post_init__(self) -> None:
+        _check(self.steps >= 1, "trainer.steps", "must be >= 1")
+        _check(self.lr > 0, "trainer.lr", "must be > 0")
+        _check(self.weight_decay >= 0, "trainer.weight_decay", "must be >= 0")
+        _check(len(self.adam_betas) == 2 and all(0 <= b < 1 for b in self.adam_betas), "trainer.adam_betas",
+               "must be two numbers in [0, 1)")
+        _check(self.warmup_steps >= 0, "trainer.warmup_steps", "must be >= 0")
+        _check(self.max_grad_norm > 0, "trainer.max_grad_norm", "must be > 0")
+        _check(self.ppo_epochs >= 1, "trainer.ppo_epochs", "must be >= 1")
+        _check(self.mini_batches >= 1, "trainer.mini_batches", "must be >= 1")
+        _check(self.micro_batch_size >= 1, "trainer.micro_batch_size", "must be >= 1")
+        _check(self.logprob_chunk_tokens >= 16, "trainer.logprob_chunk_tokens", "must be >= 16")
+        _check(self.eval_every >= 0, "trainer.eval_every", "must be >= 0")
+        _check(self.eval_problems >= 1, "trainer.eval_problems", "must be >= 1")
+        _check(self.eval_temperature > 0, "trainer.eval_temperature", "must be > 0")
+        _check(self.checkpoint_every >= 0, "trainer.checkpoint_every", "must be >= 0")
+        _check(self.keep_checkpoints >= 1, "trainer.keep_checkpoints", "must be >= 1")
+        _check(self.max_nonfinite_steps >= 1, "trainer.max_nonfinite_steps", "must be >= 1")
+        _check(self.threads >= 0, "trainer.threads", "must be >= 0")
+
+
+@dataclass
+class RLConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    task: dict = field(default_factory=lambda: {"name": "arithmetic"})  # validated by the task builder
+    reward: dict = field(default_factory=lambda: {"type": "numeric"})  # validated by the reward builder
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    output_dir: Optional[str] = None  # default: a new folder under runs/
+
+    def __post_init__(self) -> None:
+        batch = self.rollout.num_prompts * self.rollout.num_completions
+        _check(batch % self.trainer.mini_batches == 0, "trainer.mini_batches",
+               f"must divide the batch of {batch} samples (rollout.num_prompts x rollout.num_completions)")
+
+
+def _check(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key} {message}")
+
+
+# ------------------------------------------------------------------ generic typed loading
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return "null"
+    if origin is list:
+        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; ints are accepted where floats are."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        if value in typing.get_args(tp):
+            return value
+    elif origin in (Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError:
+                continue
+    elif tp is type(None):
+        if value is None:
+            return None
+    elif origin is list:
+        if isinstance(value, list):
+            (item,) = typing.get_args(tp)
+            return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    elif tp is dict or origin is dict:
+        if isinstance(value, dict):
+            return value
+    elif dataclasses.is_dataclass(tp):
+        if isinstance(value, dict):
+            return from_dict(tp, value, key)
+    elif tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    else:
+        raise TypeError(f"unsupported config annotation {tp!r} at {key}")
+    raise ConfigError(f"{key} must be {_type_name(tp)}, got {value!r}")
+
+
+def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
+    """Build dataclass ``cls`` from ``data``, rejecting unknown keys and mistyped values."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'} must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in data:
+        if key not in names:
+            where = f"{prefix}.{key}" if prefix else str(key)
+            raise ConfigError(f"unknown config key {where!r}; allowed keys here: {', '.join(names)}")
+    kwargs = {k: _coerce(v, hints[k], f"{prefix}.{k}" if prefix else k) for k, v in data.items()}
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except ValueError as exc:  # range checks of nested configs owned by other modules
+        raise ConfigError(str(exc)) from exc
+
+
+def apply_override(data: dict, override: str) -> None:
+    """Apply ``a.b.c=value`` (value parsed as YAML) to the nested dict ``data`` in place."""
+    if "=" not in override:
+        raise ConfigError(f"override {override!r} must look like key.path=value")
+    path, raw = override.split("=", 1)
+    keys = path.strip().split(".")
+    if not all(keys):
+        raise ConfigError(f"override {override!r} has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {override!r}: value is not valid YAML ({exc})") from exc
+    node = data
+    for k in keys[:-1]:
+        child = node.setdefault(k, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {override!r}: {k} is not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = (), cls: type = RLConfig) -> Any:
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    for override in overrides:
+        apply_override(data, override)
+    return from_dict(cls, data)
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def dump_config(cfg: Any, path: Path) -> None:
+    path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))

@@ -1,0 +1,245 @@
+"""Rollout engine on Hugging Face transformers (CPU, or GPU when present).
+
+Sampling is a hand-written decode loop over the model's forward with a KV cache rather than
+``model.generate``, because the loop records what RL needs at no extra cost:
+behaviour log-probs and entropies of the sampling distribution at every step. It also
+- prefills each distinct prompt once and repeats its KV cache for the n completions;
+- drops finished sequences from the decode batch (their cache rows are released);
+- samples with a bf16 copy of the policy when the CPU supports bf16 (weights are re-synced
+  from the fp32 learner after each optimizer step, see ``sync_weights``).
+
+The sampling distribution is softmax(logits / temperature); the learner uses the same
+temperature, so behaviour and learner log-probs describe the same policy.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+
+from posttrain.rollout.batch import Rollouts
+from posttrain.tasks.base import Problem
+
+
+@dataclass
+class SamplingParams:
+    max_new_tokens: int = 32
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    stop: Sequence[str] = ()
+
+
+def cpu_supports_bf16() -> bool:
+    cap = torch.backends.cpu.get_cpu_capability()
+    return cap in ("AVX512", "AMX") and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "float32":
+        return torch.float32
+    if name == "bfloat16":
+        return torch.bfloat16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    return torch.bfloat16 if cpu_supports_bf16() else torch.float32
+
+
+class PromptTooLongError(ValueError):
+    """A prompt plus the completion budget exceeds the model's context window."""
+
+
+def render_prompt(tokenizer, prompt, chat_template: bool) -> list[int]:
+    if chat_template and getattr(tokenizer, "chat_template", None):
+        messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": str(prompt)}]
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return tokenizer(text, add_special_tokens=False).input_ids
+    if isinstance(prompt, list):
+        prompt = "\n".join(m["content"] for m in prompt)
+    return tokenizer(str(prompt)).input_ids
+
+
+def context_window(model) -> int:
+    return int(getattr(model.config, "max_position_embeddings", 0) or 2**31)
+
+
+def _filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    if top_k > 0 and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        drop = probs.cumsum(-1) - probs > top_p  # keep the smallest prefix reaching top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    return logits
+
+
+class HFRolloutEngine:
+    def __init__(self, policy, tokenizer, *, dtype: torch.dtype, chat_template: bool = True):
+        self.tokenizer = tokenizer
+        self.chat_template = chat_template
+        self.dtype = dtype
+        self.device = next(policy.parameters()).device
+        param_dtype = next(policy.parameters()).dtype
+        # A separate low-precision copy for sampling; sharing the policy when dtypes agree.
+        self.model = copy.deepcopy(policy).to(dtype) if dtype != param_dtype else policy
+        self.model.eval()
+        self.eos_ids = self._eos_ids()
+        self.last_stats: dict[str, float] = {}
+
+    def _eos_ids(self) -> set[int]:
+        ids = set()
+        for source in (self.tokenizer.eos_token_id, getattr(self.model.generation_config, "eos_token_id", None)):
+            if isinstance(source, int):
+                ids.add(source)
+            elif isinstance(source, (list, tuple)):
+                ids.update(int(i) for i in source)
+        return ids
+
+    @torch.no_grad()
+    def sync_weights(self, policy) -> None:
+        """Copy the learner's weights into the sampling copy (no-op when shared)."""
+        if self.model is policy:
+            return
+        for dst, src in zip(self.model.parameters(), policy.parameters()):
+            dst.copy_(src)
+
+    def encode(self, problems: Sequence[Problem], max_new_tokens: int) -> list[list[int]]:
+        limit = context_window(self.model)
+        encoded = []
+        for p in problems:
+            ids = render_prompt(self.tokenizer, p.prompt, self.chat_template)
+            if not ids:
+                raise ValueError(f"problem {p.id!r} has an empty prompt")
+            if len(ids) + max_new_tokens > limit:
+                raise PromptTooLongError(
+                    f"problem {p.id!r}: prompt of {len(ids)} tokens + max_new_tokens {max_new_tokens} exceeds the "
+                    f"model's context of {limit} tokens; shorten the prompt or lower rollout.max_new_tokens"
+                )
+            encoded.append(ids)
+        return encoded
+
+    @torch.no_grad()
+    def generate(
+        self,
+        problems: Sequence[Problem],
+        n: int,
+        params: SamplingParams,
+        generator: Optional[torch.Generator] = None,
+        share_prefill: bool = True,
+    ) -> Rollouts:
+        """Sample ``n`` completions for each problem; group id = index of the problem."""
+        t0 = time.perf_counter()
+        prompts = self.encode(problems, params.max_new_tokens)
+        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        P = max(len(p) for p in prompts)
+        B = len(prompts)
+        prompt_ids = torch.full((B, P), pad_id, dtype=torch.long)
+        prompt_mask = torch.zeros((B, P), dtype=torch.long)
+        for i, ids in enumerate(prompts):
+            prompt_ids[i, P - len(ids):] = torch.tensor(ids)
+            prompt_mask[i, P - len(ids):] = 1
+        prompt_ids, prompt_mask = prompt_ids.to(self.device), prompt_mask.to(self.device)
+
+        from transformers import DynamicCache
+
+        cache = DynamicCache()
+        if share_prefill:
+            logits = self._forward(prompt_ids, prompt_mask, cache)
+            cache.batch_repeat_interleave(n)
+            logits = logits.repeat_interleave(n, 0)
+            attn = prompt_mask.repeat_interleave(n, 0)
+        else:
+            attn = prompt_mask.repeat_interleave(n, 0)
+            logits = self._forward(prompt_ids.repeat_interleave(n, 0), attn, cache)
+        N = B * n
+        T = params.max_new_tokens
+        tokens = torch.full((N, T), pad_id, dtype=torch.long)
+        logps = torch.zeros((N, T))
+        ents = torch.zeros((N, T))
+        lengths = torch.zeros(N, dtype=torch.long)
+        finished_by_stop = torch.zeros(N, dtype=torch.bool)
+        active = torch.arange(N)  # sample index of each row still decoding
+        eos = torch.tensor(sorted(self.eos_ids), dtype=torch.long) if self.eos_ids else None
+        t_first = time.perf_counter()
+        for t in range(T):
+            scaled = logits.float() / params.temperature
+            logp_all = torch.log_softmax(scaled, dim=-1)
+            filtered = _filter_logits(scaled, params.top_k, params.top_p)
+            probs = torch.softmax(filtered, dim=-1)
+            nxt = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+            rows = active
+            tokens[rows, t] = nxt.cpu()
+            logps[rows, t] = logp_all.gather(-1, nxt[:, None]).squeeze(-1).cpu()
+            ents[rows, t] = -(logp_all.exp() * logp_all).sum(-1).cpu()
+            lengths[rows] = t + 1
+            done = torch.isin(nxt.cpu(), eos) if eos is not None else torch.zeros(len(rows), dtype=torch.bool)
+            if params.stop:
+                for j, row in enumerate(rows.tolist()):
+                    if not done[j] and self._hit_stop(tokens[row, : t + 1], params.stop):
+                        done[j] = True
+                        finished_by_stop[row] = True
+            if t == T - 1:
+                break
+            keep = (~done).nonzero().squeeze(-1)
+            if keep.numel() == 0:
+                break
+            if keep.numel() < len(rows):
+                cache.batch_select_indices(keep.to(self.device))
+                attn = attn[keep.to(self.device)]
+                nxt = nxt[keep.to(nxt.device)]
+                active = rows[keep]
+            attn = torch.cat([attn, torch.ones((len(active), 1), dtype=attn.dtype, device=attn.device)], dim=1)
+            logits = self._forward(nxt[:, None], attn, cache)
+        wall = time.perf_counter() - t0
+
+        completion_mask = (torch.arange(T)[None, :] < lengths[:, None]).float()
+        last = tokens.gather(1, (lengths - 1).clamp_min(0)[:, None]).squeeze(-1)
+        ended = finished_by_stop | (torch.isin(last, eos) if eos is not None else torch.zeros(N, dtype=torch.bool))
+        texts = [self._decode(tokens[i, : lengths[i]], params.stop) for i in range(N)]
+        Tmax = int(lengths.max())
+        self.last_stats = {
+            "gen_wall_s": wall,
+            "gen_prefill_s": t_first - t0,
+            "gen_tokens": float(lengths.sum()),
+            "gen_tok_per_s": float(lengths.sum()) / max(wall, 1e-9),
+        }
+        return Rollouts(
+            prompt_ids=prompt_ids.cpu().repeat_interleave(n, 0),
+            prompt_mask=prompt_mask.cpu().repeat_interleave(n, 0),
+            completion_ids=tokens[:, :Tmax],
+            completion_mask=completion_mask[:, :Tmax],
+            group_ids=torch.arange(B).repeat_interleave(n),
+            behaviour_logprobs=logps[:, :Tmax],
+            entropies=ents[:, :Tmax],
+            truncated=~ended,
+            texts=texts,
+            problems=[p for p in problems for _ in range(n)],
+        )
+
+    def _forward(self, input_ids, attention_mask, cache) -> torch.Tensor:
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp_min(0)[:, -input_ids.shape[1]:]
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        return out.logits[:, -1, :]
+
+    def _hit_stop(self, ids: torch.Tensor, stops: Sequence[str]) -> bool:
+        tail = self.tokenizer.decode(ids[-16:], skip_special_tokens=True)
+        return any(s in tail for s in stops)
+
+    def _decode(self, ids: torch.Tensor, stops: Sequence[str]) -> str:
+        text = self.tokenizer.decode(ids, skip_special_tokens=True)
+        cut = min((text.find(s) for s in stops if s in text), default=-1)
+        return text[:cut] if cut >= 0 else text

@@ -1,0 +1,169 @@
+"""Run directories: resolved config, metrics (JSONL + TensorBoard), atomic checkpoints.
+
+Layout::
+
+    RUN_DIR/config.yaml            resolved config
+    RUN_DIR/metrics.jsonl          one JSON object per training step
+    RUN_DIR/eval.jsonl             one JSON object per held-out evaluation
+    RUN_DIR/tb/                    TensorBoard event files
+    RUN_DIR/checkpoints/step_N/    Hugging Face model + tokenizer + trainer_state.pt + COMPLETE
+    RUN_DIR/summary.json           written at the end
+
+A checkpoint is written to ``step_N.tmp-PID``, flushed to disk and renamed; ``COMPLETE`` is
+written last inside it, so a directory without ``COMPLETE`` is never loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from posttrain.models.loading import latest_checkpoint
+
+
+class RunDirError(ValueError):
+    """The run directory cannot be used (exists, unwritable, disk full...)."""
+
+
+def new_run_dir(base: Path = Path("runs"), name: str = "rl") -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    path = base / f"{name}-{stamp}"
+    i = 1
+    while path.exists():
+        path = base / f"{name}-{stamp}-{i}"
+        i += 1
+    return path
+
+
+def check_writable(path: Path, min_free_mb: int = 200) -> None:
+    """Fail early (before any training) if ``path`` cannot hold a run."""
+    probe_dir = path
+    while not probe_dir.exists():
+        probe_dir = probe_dir.parent
+    if not probe_dir.is_dir():
+        raise RunDirError(f"run directory {path}: {probe_dir} is not a directory")
+    if not os.access(probe_dir, os.W_OK | os.X_OK):
+        raise RunDirError(f"run directory {path} is not writable ({probe_dir} denies writes); pick another --output-dir")
+    free_mb = shutil.disk_usage(probe_dir).free / 2**20
+    if free_mb < min_free_mb:
+        raise RunDirError(f"only {free_mb:.0f} MB free under {probe_dir}; a run needs at least {min_free_mb} MB")
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class RunDir:
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.checkpoints = self.path / "checkpoints"
+        self._tb = None
+
+    # ------------------------------------------------------------------ metrics
+    def append(self, name: str, row: dict[str, Any]) -> None:
+        with open(self.path / name, "a") as f:
+            f.write(json.dumps(row, default=float) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def log_metrics(self, step: int, metrics: dict[str, float]) -> None:
+        self.append("metrics.jsonl", {"step": step, **metrics})
+        tb = self.tensorboard()
+        if tb is not None:
+            for key, value in metrics.items():
+                if isinstance(value, (int, float)):
+                    tb.add_scalar(key, value, step)
+            tb.flush()
+
+    def tensorboard(self):
+        if self._tb is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(str(self.path / "tb"))
+        return self._tb
+
+    def read_jsonl(self, name: str) -> list[dict]:
+        path = self.path / name
+        if not path.exists():
+            return []
+        rows = []
+        for line in path.read_text().splitlines():
+            line = line.strip()
+            if line:
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError:
+                    break  # a torn last line from a crash: everything after it is dropped
+        return rows
+
+    def truncate_jsonl(self, name: str, max_step: int) -> None:
+        """Keep rows with step <= max_step (rows past the checkpoint are redone on resume)."""
+        rows = [r for r in self.read_jsonl(name) if r.get("step", 0) <= max_step]
+        _write_atomic(self.path / name, "".join(json.dumps(r) + "\n" for r in rows))
+
+    def write_json(self, name: str, data: dict) -> None:
+        _write_atomic(self.path / name, json.dumps(data, indent=2, default=float) + "\n")
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+
+    # ------------------------------------------------------------------ checkpoints
+    def save_checkpoint(self, step: int, model, tokenizer, state: dict[str, Any], keep: int) -> Path:
+        self.checkpoints.mkdir(parents=True, exist_ok=True)
+        final = self.checkpoints / f"step_{step}"
+        tmp = self.checkpoints / f"step_{step}.tmp-{os.getpid()}"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        torch.save(state, tmp / "trainer_state.pt")
+        meta = {"step": step, "torch": torch.__version__, "time": time.time()}
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        (tmp / "COMPLETE").write_text(json.dumps(meta) + "\n")
+        _fsync_dir(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(self.checkpoints)
+        self._prune(keep)
+        return final
+
+    def _prune(self, keep: int) -> None:
+        done = sorted(
+            (p for p in self.checkpoints.glob("step_*") if (p / "COMPLETE").exists() and p.name[5:].isdigit()),
+            key=lambda p: int(p.name[5:]),
+        )
+        for old in done[:-keep]:
+            shutil.rmtree(old)
+        for stale in self.checkpoints.glob("step_*.tmp-*"):  # left by a killed writer
+            shutil.rmtree(stale, ignore_errors=True)
+
+    def latest_checkpoint(self) -> Optional[Path]:
+        return latest_checkpoint(self.path)
+
+
+def load_trainer_state(checkpoint: Path) -> dict[str, Any]:
+    return torch.load(checkpoint / "trainer_state.pt", weights_only=True)

@@ -1,0 +1,413 @@
+"""The RL trainer: one readable loop from prompts to optimizer step.
+
+    for each step:
+        problems   = sampler.next(num_prompts)                      # seeded, resumable
+        rollouts   = engine.generate(problems, n)                   # tokens, behaviour log-probs, entropies
+        rollouts.rewards, components = reward(group) for each group # group-aware rewards
+        rollouts.ref_logprobs / old_logprobs  (only when needed)
+        rollouts.advantages = ADVANTAGES[estimator](...)            # [N, T]
+        for epoch, mini-batch, micro-batch:
+            logp = learner log-probs (chunked output projection)
+            loss = aggregate(POLICY_LOSSES[loss](...)) + kl + entropy terms
+            backward; after the mini-batch: clip, optimizer step, LR schedule
+        engine.sync_weights(policy); log; evaluate; checkpoint
+
+Old log-probs: with one epoch and one mini-batch the policy has not moved when the loss is
+computed, so old = current.detach() exactly and no extra forward pass is needed (TRL does the
+same). Otherwise they are recomputed before the first update ("recompute"), or taken from the
+rollout engine ("behaviour", the bypass mode of verl).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import random
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+
+from posttrain.algorithms import (
+    ADVANTAGES,
+    CORRECTIONS,
+    POLICY_LOSSES,
+    AdvantageInput,
+    CorrectionInput,
+    PolicyLossInput,
+    aggregate,
+    kl_estimate,
+)
+from posttrain.config import RLConfig, to_dict
+from posttrain.models.logprobs import completion_logprobs
+from posttrain.rewards.errors import score_group
+from posttrain.rollout.batch import Rollouts
+from posttrain.rollout.engine import HFRolloutEngine, SamplingParams, cpu_supports_bf16, resolve_dtype
+from posttrain.runs import RunDir, load_trainer_state
+from posttrain.tasks.base import Problem
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many consecutive steps produced a non-finite loss or gradient."""
+
+
+class EpochSampler:
+    """Walks the train split in seeded shuffled epochs; its state is one integer."""
+
+    def __init__(self, problems: list[Problem], seed: int):
+        if not problems:
+            raise ValueError("the task's train split is empty: nothing to train on")
+        self.problems = problems
+        self.seed = seed
+        self.position = 0  # prompts handed out so far
+        self._order: dict[int, list[int]] = {}
+
+    def _epoch_order(self, epoch: int) -> list[int]:
+        if epoch not in self._order:
+            order = list(range(len(self.problems)))
+            random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
+            self._order = {epoch: order}
+        return self._order[epoch]
+
+    def next(self, k: int) -> list[Problem]:
+        out = []
+        for _ in range(k):
+            epoch, i = divmod(self.position, len(self.problems))
+            out.append(self.problems[self._epoch_order(epoch)[i]])
+            self.position += 1
+        return out
+
+
+def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
+    """Multiplier of the base LR before optimizer step ``step`` (0-based)."""
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    if schedule == "linear":
+        return max(0.0, 1.0 - progress)
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+    return 1.0
+
+
+@dataclass
+class EvalResult:
+    accuracy: float
+    n_problems: int
+    mean_reward: float
+    mean_length: float
+
+    def as_dict(self) -> dict:
+        return {"accuracy": self.accuracy, "n_problems": self.n_problems, "mean_reward": self.mean_reward,
+                "mean_length": self.mean_length}
+
+
+class RLTrainer:
+    def __init__(self, cfg: RLConfig, policy, tokenizer, task, reward, run: RunDir, device: str = "cpu"):
+        self.cfg = cfg
+        self.policy = policy.to(device)
+        self.tokenizer = tokenizer
+        self.task = task
+        self.reward = reward
+        self.run = run
+        self.device = torch.device(device)
+        tc = cfg.trainer
+        if tc.threads:
+            torch.set_num_threads(tc.threads)
+        torch.manual_seed(tc.seed)
+        self.sampler = EpochSampler(list(task.problems("train")), tc.seed)
+        self.eval_problems = list(task.problems("test"))[: tc.eval_problems]
+        if not self.eval_problems:
+            raise ValueError("the task's test split is empty: nothing to evaluate on")
+        self.engine = HFRolloutEngine(policy, tokenizer, dtype=resolve_dtype(cfg.rollout.dtype, self.device),
+                                      chat_template=cfg.rollout.chat_template)
+        # Check every prompt fits the context before any work starts.
+        self.engine.encode(self.sampler.problems + self.eval_problems, cfg.rollout.max_new_tokens)
+        self.ref = None
+        if cfg.algorithm.kl_coef > 0:
+            self.ref = copy.deepcopy(policy).eval().requires_grad_(False)
+        self.optimizer = torch.optim.AdamW(
+            self.policy.parameters(), lr=tc.lr, betas=tuple(tc.adam_betas), weight_decay=tc.weight_decay
+        )
+        use_bf16 = tc.autocast == "bfloat16" or (tc.autocast == "auto" and self._bf16_ok())
+        self.autocast = (lambda: torch.autocast(self.device.type, dtype=torch.bfloat16)) if use_bf16 else nullcontext
+        self.generator = torch.Generator().manual_seed(tc.seed)
+        self.step = 0
+        self.nonfinite_streak = 0
+        self.sampling = SamplingParams(
+            max_new_tokens=cfg.rollout.max_new_tokens, temperature=cfg.rollout.temperature,
+            top_p=cfg.rollout.top_p, top_k=cfg.rollout.top_k, stop=tuple(cfg.rollout.stop),
+        )
+
+    def _bf16_ok(self) -> bool:
+        return torch.cuda.is_bf16_supported() if self.device.type == "cuda" else cpu_supports_bf16()
+
+    # ------------------------------------------------------------------ rollouts and rewards
+    def score(self, rollouts: Rollouts) -> list[dict]:
+        """Fill rewards and components group by group; returns reward-error records."""
+        n = len(rollouts)
+        rewards = torch.zeros(n)
+        components: dict[str, torch.Tensor] = {}
+        errors: list[dict] = []
+        for gid in torch.unique(rollouts.group_ids).tolist():
+            idx = (rollouts.group_ids == gid).nonzero().squeeze(-1).tolist()
+            problem = rollouts.problems[idx[0]]
+            out, errs = score_group(self.reward, problem, [rollouts.texts[i] for i in idx],
+                                    on_error=self.cfg.trainer.on_reward_error)
+            errors += errs
+            rewards[idx] = torch.tensor(out.rewards, dtype=torch.float32)
+            for name, values in out.components.items():
+                components.setdefault(name, torch.zeros(n))[idx] = torch.tensor(values, dtype=torch.float32)
+            for i, info in zip(idx, out.info):
+                rollouts.metadata[i].update(info)
+        rollouts.rewards, rollouts.reward_components = rewards, components
+        return errors
+
+    def _logprobs(self, model, batch: Rollouts, with_entropy: bool = False):
+        with self.autocast():
+            return completion_logprobs(
+                model, batch.prompt_ids, batch.prompt_mask, batch.completion_ids, batch.completion_mask,
+                temperature=self.cfg.rollout.temperature, chunk_tokens=self.cfg.trainer.logprob_chunk_tokens,
+                with_entropy=with_entropy,
+            )
+
+    @torch.no_grad()
+    def _batched_logprobs(self, model, rollouts: Rollouts) -> torch.Tensor:
+        mb = self.cfg.trainer.micro_batch_size
+        parts = [self._logprobs(model, rollouts.select(list(range(s, min(s + mb, len(rollouts))))))[0].cpu()
+                 for s in range(0, len(rollouts), mb)]
+        return torch.cat(parts)
+
+    def _old_logprobs_mode(self) -> str:
+        mode = self.cfg.trainer.old_logprobs
+        if mode == "auto":
+            single = self.cfg.trainer.ppo_epochs == 1 and self.cfg.trainer.mini_batches == 1
+            return "current" if single else "recompute"
+        return mode
+
+    # ------------------------------------------------------------------ one step
+    def train_step(self) -> dict[str, float]:
+        cfg, tc, alg = self.cfg, self.cfg.trainer, self.cfg.algorithm
+        t0 = time.perf_counter()
+        self.policy.eval()
+        problems = self.sampler.next(cfg.rollout.num_prompts)
+        rollouts = self.engine.generate(problems, cfg.rollout.num_completions, self.sampling, self.generator,
+                                        share_prefill=cfg.rollout.share_prompt_prefill)
+        gen_stats = dict(self.engine.last_stats)
+        t_gen = time.perf_counter()
+        errors = self.score(rollouts)
+        for e in errors:
+            self.run.append("reward_errors.jsonl", {"step": self.step + 1, **e})
+        mode = self._old_logprobs_mode()
+        if mode == "recompute":
+            rollouts.old_logprobs = self._batched_logprobs(self.policy, rollouts)
+        elif mode == "behaviour":
+            rollouts.old_logprobs = rollouts.behaviour_logprobs
+        if self.ref is not None:
+            rollouts.ref_logprobs = self._batched_logprobs(self.ref, rollouts)
+        mask = rollouts.completion_mask
+        rollouts.advantages = ADVANTAGES.get(alg.advantage_estimator)(
+            AdvantageInput(
+                rewards=rollouts.rewards, group_ids=rollouts.group_ids, mask=mask,
+                reward_components=rollouts.reward_components,
+                logprobs=rollouts.old_logprobs if rollouts.old_logprobs is not None else rollouts.behaviour_logprobs,
+                ref_logprobs=rollouts.ref_logprobs,
+                answers=[str(m.get("canonical", m.get("answer"))) for m in rollouts.metadata],
+            ),
+            alg.advantage,
+        ).float()
+        metrics = self.update(rollouts)
+        self.engine.sync_weights(self.policy)
+        t_end = time.perf_counter()
+        self.step += 1
+        metrics.update(self._rollout_metrics(rollouts))
+        metrics.update({
+            "reward_errors": float(len(errors)),
+            "time/gen_s": t_gen - t0, "time/learn_s": t_end - t_gen, "time/step_s": t_end - t0,
+            "perf/gen_tok_per_s": gen_stats.get("gen_tok_per_s", 0.0),
+            "perf/learn_tok_per_s": float((rollouts.prompt_mask.sum() + mask.sum()) / max(t_end - t_gen, 1e-9)),
+            "data/position": float(self.sampler.position),
+        })
+        return metrics
+
+    def update(self, rollouts: Rollouts) -> dict[str, float]:
+        cfg, tc, alg = self.cfg, self.cfg.trainer, self.cfg.algorithm
+        self.policy.train()
+        loss_fn = POLICY_LOSSES.get(alg.policy_loss)
+        n = len(rollouts)
+        sums: dict[str, float] = {}
+        counts: dict[str, int] = {}
+
+        def record(key: str, value: float) -> None:
+            sums[key] = sums.get(key, 0.0) + float(value)
+            counts[key] = counts.get(key, 0) + 1
+
+        mini_size = n // tc.mini_batches
+        for epoch in range(tc.ppo_epochs):
+            order = torch.randperm(n, generator=self.generator) if tc.ppo_epochs > 1 or tc.mini_batches > 1 \
+                else torch.arange(n)
+            for m in range(tc.mini_batches):
+                mini = rollouts.select(order[m * mini_size:(m + 1) * mini_size])
+                counts_kw = dict(num_tokens=float(mini.completion_mask.sum()), num_seqs=float(len(mini)),
+                                 norm_length=float(cfg.rollout.max_new_tokens))
+                self.optimizer.zero_grad(set_to_none=True)
+                total_loss = 0.0
+                for s in range(0, len(mini), tc.micro_batch_size):
+                    micro = mini.select(list(range(s, min(s + tc.micro_batch_size, len(mini)))))
+                    micro = _trim(micro)
+                    loss, parts = self._micro_loss(micro, loss_fn, counts_kw, record)
+                    loss.backward()
+                    total_loss += float(loss.detach())
+                grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), tc.max_grad_norm)
+                record("loss/total", total_loss)
+                record("grad_norm", float(grad_norm))
+                if not (math.isfinite(total_loss) and math.isfinite(float(grad_norm))):
+                    self.optimizer.zero_grad(set_to_none=True)
+                    self.nonfinite_streak += 1
+                    record("nonfinite_skipped", 1.0)
+                    if self.nonfinite_streak >= tc.max_nonfinite_steps:
+                        raise NonFiniteLossError(
+                            f"{self.nonfinite_streak} consecutive non-finite loss/gradient steps at step {self.step + 1}; "
+                            f"the last good checkpoint is in {self.run.checkpoints}. Lower trainer.lr or check rewards."
+                        )
+                    continue
+                self.nonfinite_streak = 0
+                for group in self.optimizer.param_groups:
+                    group["lr"] = tc.lr * lr_factor(self.step, tc.steps, tc.warmup_steps, tc.lr_schedule)
+                self.optimizer.step()
+        self.policy.eval()
+        out = {k: sums[k] / counts[k] for k in sums}
+        out["lr"] = self.optimizer.param_groups[0]["lr"]
+        return out
+
+    def _micro_loss(self, micro: Rollouts, loss_fn: Callable, counts_kw: dict, record: Callable):
+        alg = self.cfg.algorithm
+        want_entropy = alg.entropy_coef > 0
+        logp, entropy = self._logprobs(self.policy, micro, with_entropy=want_entropy)
+        mask = micro.completion_mask.to(logp.device)
+        old = micro.old_logprobs.to(logp.device) if micro.old_logprobs is not None else logp.detach()
+        behaviour = micro.behaviour_logprobs.to(logp.device)
+        is_weights = None
+        if alg.correction is not None:
+            corr = CORRECTIONS.get(alg.correction)(CorrectionInput(behaviour, old, mask), alg.correction_params)
+            is_weights, mask = corr.weights, mask * corr.mask
+            for k, v in corr.metrics.items():
+                record(f"correction/{k}", float(v))
+        out = loss_fn(
+            PolicyLossInput(logprobs=logp, old_logprobs=old, advantages=micro.advantages.to(logp.device), mask=mask,
+                            is_weights=is_weights, behaviour_logprobs=behaviour, entropy=entropy if want_entropy else None),
+            alg.loss,
+        )
+        loss = aggregate(out.loss, mask, alg.aggregation, **counts_kw)
+        record("loss/policy", float(loss.detach()))
+        for k, v in out.metrics.items():
+            record(f"loss/{k}", float(v))
+        # Train-inference mismatch: behaviour (engine) vs old (learner at rollout weights).
+        diff = (old - behaviour) * mask
+        record("mismatch/kl_k1", float(diff.sum() / mask.sum().clamp_min(1)))
+        record("mismatch/kl_k3", float(((torch.exp(-diff) - 1 + diff) * mask).sum() / mask.sum().clamp_min(1)))
+        ratio = torch.exp(diff[mask.bool()])
+        if ratio.numel():
+            q = torch.quantile(ratio.float(), torch.tensor([0.05, 0.5, 0.95]))
+            record("mismatch/ratio_p05", float(q[0]))
+            record("mismatch/ratio_p50", float(q[1]))
+            record("mismatch/ratio_p95", float(q[2]))
+        if micro.ref_logprobs is not None:
+            kl = kl_estimate(logp, micro.ref_logprobs.to(logp.device), alg.kl_estimator)
+            kl_term = aggregate(kl, mask, alg.aggregation, **counts_kw)
+            record("kl/mean", float((kl * mask).sum() / mask.sum().clamp_min(1)))
+            loss = loss + alg.kl_coef * kl_term
+        if want_entropy:
+            ent_term = aggregate(entropy, mask, alg.aggregation, **counts_kw)
+            record("entropy/learner", float((entropy * mask).sum() / mask.sum().clamp_min(1)))
+            loss = loss - alg.entropy_coef * ent_term
+        return loss, out
+
+    @staticmethod
+    def _rollout_metrics(r: Rollouts) -> dict[str, float]:
+        from posttrain.algorithms.advantages import group_stats
+
+        lengths = r.completion_lengths
+        _, std, _ = group_stats(r.rewards, r.group_ids)
+        m = {
+            "reward/mean": float(r.rewards.mean()),
+            "reward/std": float(r.rewards.std()) if len(r) > 1 else 0.0,
+            "response_length/mean": float(lengths.mean()),
+            "response_length/max": float(lengths.max()),
+            "truncated_frac": float(r.truncated.float().mean()),
+            "entropy/mean": float((r.entropies * r.completion_mask).sum() / r.completion_mask.sum().clamp_min(1)),
+            "groups/zero_std_frac": float((std == 0).float().mean()),
+        }
+        for name, values in r.reward_components.items():
+            m[f"reward_component/{name}"] = float(values.mean())
+        return m
+
+    # ------------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def evaluate(self, problems: Optional[list[Problem]] = None, chunk: int = 64) -> EvalResult:
+        """Held-out accuracy: one sample per problem at ``trainer.eval_temperature``.
+
+        Uses its own fixed-seed generator so evaluating never shifts the training RNG.
+        """
+        problems = problems or self.eval_problems
+        params = SamplingParams(max_new_tokens=self.cfg.rollout.max_new_tokens,
+                                temperature=self.cfg.trainer.eval_temperature,
+                                top_p=self.cfg.rollout.top_p, top_k=self.cfg.rollout.top_k,
+                                stop=tuple(self.cfg.rollout.stop))
+        gen = torch.Generator().manual_seed(self.cfg.trainer.seed + 7919)
+        correct, rewards, lengths = [], [], []
+        for s in range(0, len(problems), chunk):
+            r = self.engine.generate(problems[s:s + chunk], 1, params, gen)
+            self.score(r)
+            correct += r.reward_components.get("correct", (r.rewards > 0).float()).tolist()
+            rewards += r.rewards.tolist()
+            lengths += r.completion_lengths.tolist()
+        return EvalResult(float(np.mean(correct)), len(problems), float(np.mean(rewards)), float(np.mean(lengths)))
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict:
+        return {
+            "step": self.step,
+            "optimizer": self.optimizer.state_dict(),
+            "sampler_position": self.sampler.position,
+            "generator": self.generator.get_state(),
+            "torch_rng": torch.random.get_rng_state(),
+            "nonfinite_streak": self.nonfinite_streak,
+            "config": to_dict(self.cfg),
+        }
+
+    def load_state(self, checkpoint: Path) -> None:
+        from safetensors.torch import load_model
+
+        load_model(self.policy, str(checkpoint / "model.safetensors"), strict=False)
+        self.engine.sync_weights(self.policy)
+        state = load_trainer_state(checkpoint)
+        self.step = int(state["step"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.sampler.position = int(state["sampler_position"])
+        self.generator.set_state(state["generator"])
+        torch.random.set_rng_state(state["torch_rng"])
+        self.nonfinite_streak = int(state["nonfinite_streak"])
+
+    def save_checkpoint(self) -> Path:
+        return self.run.save_checkpoint(self.step, self.policy, self.tokenizer, self.state_dict(),
+                                        keep=self.cfg.trainer.keep_checkpoints)
+
+
+def _trim(batch: Rollouts) -> Rollouts:
+    """Drop prompt left-padding and completion right-padding shared by the whole micro-batch."""
+    p_keep = batch.prompt_mask.any(0).nonzero()
+    c_len = int(batch.completion_mask.sum(-1).max())
+    p0 = int(p_keep[0]) if p_keep.numel() else 0
+    out = copy.copy(batch)
+    out.prompt_ids, out.prompt_mask = batch.prompt_ids[:, p0:], batch.prompt_mask[:, p0:]
+    for name in ("completion_ids", "completion_mask", "behaviour_logprobs", "entropies", "advantages",
+                 "old_logprobs", "ref_logprobs", "values", "returns"):
+        value = getattr(batch, name)
+        if value is not None:
+            setattr(out, name, value[:, :c_len])
+    return out

@@ -1,0 +1,122 @@
+import torch
+
+from posttrain.models.logprobs import completion_logprobs
+from posttrain.models.tiny import tiny_model_and_tokenizer
+from posttrain.rollout.engine import HFRolloutEngine, PromptTooLongError, SamplingParams, _filter_logits
+from posttrain.tasks.base import Problem
+
+PROBLEMS = [Problem(id=f"p{i}", prompt=f"What is {i} + {i}?", answer=str(2 * i)) for i in range(3)]
+
+
+def engine(dtype=torch.float32):
+    model, tok = tiny_model_and_tokenizer()
+    return model, tok, HFRolloutEngine(model, tok, dtype=dtype)
+
+
+def test_shapes_groups_and_masks():
+    _, tok, eng = engine()
+    r = eng.generate(PROBLEMS, 4, SamplingParams(max_new_tokens=10), torch.Generator().manual_seed(0))
+    assert len(r) == 12
+    assert r.group_ids.tolist() == [0] * 4 + [1] * 4 + [2] * 4
+    assert [p.id for p in r.problems[:5]] == ["p0"] * 4 + ["p1"]
+    lengths = r.completion_mask.sum(-1).long()
+    for i in range(12):
+        ids = r.completion_ids[i, : lengths[i]].tolist()
+        assert r.completion_mask[i, lengths[i]:].sum() == 0
+        # a sample ends early only on EOS; otherwise it is flagged truncated at the budget
+        if r.truncated[i]:
+            assert lengths[i] == 10 and tok.eos_token_id not in ids
+        else:
+            assert ids[-1] == tok.eos_token_id and tok.eos_token_id not in ids[:-1]
+        assert r.texts[i] == tok.decode(ids, skip_special_tokens=True)
+
+
+def test_behaviour_logprobs_match_learner_and_entropies_are_correct():
+    model, _, eng = engine()
+    r = eng.generate(PROBLEMS, 3, SamplingParams(max_new_tokens=8, temperature=0.7), torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        lp, ent = completion_logprobs(model, r.prompt_ids, r.prompt_mask, r.completion_ids, r.completion_mask,
+                                      temperature=0.7, chunk_tokens=16, with_entropy=True)
+        # reference: full logits, no chunking
+        ids = torch.cat([r.prompt_ids, r.completion_ids], 1)
+        att = torch.cat([r.prompt_mask, r.completion_mask.long()], 1)
+        logits = model(input_ids=ids, attention_mask=att, position_ids=(att.cumsum(-1) - 1).clamp_min(0)).logits
+        logits = logits[:, r.prompt_ids.shape[1] - 1 : -1] / 0.7
+        ref = torch.log_softmax(logits, -1)
+        ref_lp = ref.gather(-1, r.completion_ids[..., None]).squeeze(-1) * r.completion_mask
+        ref_ent = -(ref.exp() * ref).sum(-1) * r.completion_mask
+    assert torch.allclose(lp, ref_lp, atol=1e-5)
+    assert torch.allclose(r.behaviour_logprobs, ref_lp, atol=1e-5)
+    assert torch.allclose(ent, ref_ent, atol=1e-4)
+    assert torch.allclose(r.entropies, ref_ent, atol=1e-4)
+
+
+def test_chunked_gradient_equals_unchunked():
+    model, _, eng = engine()
+    r = eng.generate(PROBLEMS, 2, SamplingParams(max_new_tokens=6), torch.Generator().manual_seed(2))
+    grads = []
+    for chunk in (16, 10_000):
+        model.zero_grad()
+        lp, _ = completion_logprobs(model, r.prompt_ids, r.prompt_mask, r.completion_ids, r.completion_mask,
+                                    chunk_tokens=chunk)
+        (lp.sum()).backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    assert torch.allclose(grads[0], grads[1], atol=1e-5)
+
+
+def test_shared_prefill_equals_separate_prefill_and_seed_determinism():
+    _, _, eng = engine()
+    params = SamplingParams(max_new_tokens=8)
+    a = eng.generate(PROBLEMS, 3, params, torch.Generator().manual_seed(5), share_prefill=True)
+    b = eng.generate(PROBLEMS, 3, params, torch.Generator().manual_seed(5), share_prefill=False)
+    c = eng.generate(PROBLEMS, 3, params, torch.Generator().manual_seed(5), share_prefill=True)
+    assert torch.equal(a.completion_ids, b.completion_ids)
+    assert torch.allclose(a.behaviour_logprobs, b.behaviour_logprobs, atol=1e-5)
+    assert torch.equal(a.completion_ids, c.completion_ids)
+
+
+def test_stop_strings_end_the_sample_and_are_cut_from_text():
+    _, tok, eng = engine()
+    # top_k=1 makes sampling greedy; find what greedy writes, then stop on its 3rd character
+    greedy = eng.generate(PROBLEMS[:1], 1, SamplingParams(max_new_tokens=8, top_k=1), torch.Generator().manual_seed(0))
+    text = greedy.texts[0]
+    assert len(text) >= 3
+    stop = text[2]
+    r = eng.generate(PROBLEMS[:1], 1, SamplingParams(max_new_tokens=8, top_k=1, stop=(stop,)),
+                     torch.Generator().manual_seed(0))
+    assert r.texts[0] == text[: text.find(stop)]
+    assert not bool(r.truncated[0])
+    assert int(r.completion_mask.sum()) == text.find(stop) + 1
+
+
+def test_top_k_and_top_p_filtering():
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]])
+    k2 = _filter_logits(logits, top_k=2, top_p=1.0)
+    assert torch.isinf(k2[0, 2:]).all() and torch.isfinite(k2[0, :2]).all()
+    p = torch.softmax(logits, -1)[0]  # [0.644, 0.237, 0.087, 0.032]
+    top_p = _filter_logits(logits, top_k=0, top_p=0.85)  # smallest prefix with mass >= 0.85: two tokens
+    assert p[:2].sum() > 0.85 > p[0]
+    assert torch.isinf(top_p[0, 2:]).all() and torch.isfinite(top_p[0, :2]).all()
+
+
+def test_bf16_sampling_copy_syncs_weights():
+    model, _, eng = engine(dtype=torch.bfloat16)
+    assert eng.model is not model and next(eng.model.parameters()).dtype == torch.bfloat16
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.5)
+    eng.sync_weights(model)
+    for a, b in zip(eng.model.parameters(), model.parameters()):
+        assert torch.equal(a, b.to(torch.bfloat16))
+
+
+def test_prompt_longer_than_context_is_rejected():
+    model, tok = tiny_model_and_tokenizer(max_positions=64)
+    eng = HFRolloutEngine(model, tok, dtype=torch.float32)
+    long = Problem(id="long", prompt="x" * 80)
+    try:
+        eng.generate([long], 1, SamplingParams(max_new_tokens=4))
+    except PromptTooLongError as exc:
+        assert "long" in str(exc) and "max_new_tokens" in str(exc)
+    else:
+        raise AssertionError("expected PromptTooLongError")

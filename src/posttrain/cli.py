@@ -1,0 +1,121 @@
+"""Command line: ``posttrain rl | eval | report | bench | list``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _rl(args) -> int:
+    from posttrain.config import load_config
+    from posttrain.trainers.rl_run import load_for_resume, train_rl
+
+    if args.resume:
+        if args.config and "=" in args.config:  # `posttrain rl --resume DIR key=value`
+            args.overrides.insert(0, args.config)
+            args.config = None
+        if args.config:
+            raise ValueError("give either a config file or --resume RUN_DIR, not both")
+        cfg = load_for_resume(args.resume, args.overrides)
+        train_rl(cfg, output_dir=args.resume, resume=True)
+    else:
+        if not args.config:
+            raise ValueError("posttrain rl needs a config file (e.g. examples/arithmetic.yaml) or --resume RUN_DIR")
+        cfg = load_config(args.config, args.overrides)
+        train_rl(cfg, output_dir=args.output_dir)
+    return 0
+
+
+def _list(args) -> int:
+    if args.what == "algorithms":
+        from posttrain.algorithms.catalog import catalog
+
+        rows = catalog()
+        if args.json:
+            print(json.dumps(rows, indent=2))
+        else:
+            from rich.console import Console
+            from rich.table import Table
+
+            table = Table(title="posttrain algorithms")
+            for col in ("kind", "name", "paper"):
+                table.add_column(col, overflow="fold")
+            for row in rows:
+                table.add_row(row["kind"], row["name"], row.get("paper") or "")
+            Console(width=160).print(table)
+    elif args.what == "tasks":
+        from posttrain.tasks.registry import TASKS
+
+        print("\n".join(sorted(TASKS)))
+    elif args.what == "rewards":
+        from posttrain.rewards.registry import REWARDS, _builtin
+
+        _builtin()
+        print("\n".join(sorted(set(REWARDS) | {"composite"})))
+    return 0
+
+
+def _report(args) -> int:
+    from posttrain.evaluation.report import write_report
+
+    for d in args.run_dirs:
+        if not Path(d).is_dir():
+            raise ValueError(f"{d} is not a directory")
+    out = Path(args.out) if args.out else Path(args.run_dirs[0]) / "report.html"
+    path = write_report([Path(d) for d in args.run_dirs], out, title=args.title)
+    print(f"report written to {path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="posttrain", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    rl = sub.add_parser("rl", help="RL post-training (GRPO family, PPO)")
+    rl.add_argument("config", nargs="?", help="YAML config file")
+    rl.add_argument("overrides", nargs="*", help="dotted overrides, e.g. trainer.lr=1e-5")
+    rl.add_argument("--output-dir", help="run directory (default: a new folder under runs/)")
+    rl.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its latest checkpoint")
+    rl.set_defaults(func=_rl)
+
+    ls = sub.add_parser("list", help="list registered algorithms, tasks or rewards")
+    ls.add_argument("what", choices=["algorithms", "tasks", "rewards"])
+    ls.add_argument("--json", action="store_true")
+    ls.set_defaults(func=_list)
+
+    rep = sub.add_parser("report", help="self-contained HTML report of one or more runs")
+    rep.add_argument("run_dirs", nargs="+")
+    rep.add_argument("--out", help="HTML path (default: RUN_DIR/report.html)")
+    rep.add_argument("--title")
+    rep.set_defaults(func=_report)
+
+    # Each command module adds its own sub-commands: add_commands(subparsers).
+    import importlib
+
+    for module in ("posttrain.cli_eval", "posttrain.cli_rm", "posttrain.cli_bench"):
+        try:
+            importlib.import_module(module).add_commands(sub)
+        except ModuleNotFoundError as exc:
+            if exc.name != module:
+                raise
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("interrupted; the run directory keeps its last checkpoint (resume with --resume)", file=sys.stderr)
+        return 130
+    except (ValueError, FileNotFoundError, PermissionError) as exc:
+        # Input errors (config, model, task, run dir): one clear line, no traceback.
+        print(f"posttrain: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

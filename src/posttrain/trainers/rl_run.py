@@ -1,0 +1,165 @@
+"""Run an RL config end to end: validate, prepare the run directory, train, evaluate, summarise.
+
+Everything that can be checked without loading weights is checked first (config, model
+source, task, reward, run directory), so bad input fails in a second with nothing written.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from posttrain.config import RLConfig, dump_config, load_config
+from posttrain.models.loading import describe_source, load_model_and_tokenizer
+from posttrain.rewards.registry import build_reward
+from posttrain.runs import RunDir, RunDirError, check_writable, new_run_dir
+from posttrain.tasks.registry import build_task
+from posttrain.trainers.rl import RLTrainer
+
+
+def prepare(cfg: RLConfig, output_dir: Optional[str], resume: bool):
+    """Validate cheap things and return (task, reward_builder, run_path)."""
+    describe_source(cfg.model.name)
+    task = build_task(cfg.task)
+    for split in ("train", "test"):
+        if not task.problems(split):
+            raise ValueError(f"task {cfg.task.get('name')!r} has an empty {split} split; check the task options")
+    build_reward(cfg.reward)  # validates the spec; rebuilt with the tokenizer later
+    path = Path(output_dir or cfg.output_dir or new_run_dir())
+    if resume:
+        if not (path / "config.yaml").exists():
+            raise RunDirError(f"--resume {path}: no config.yaml there, so it is not a run directory")
+    elif path.exists() and any(path.iterdir()):
+        raise RunDirError(f"run directory {path} already exists and is not empty; use --resume {path} to continue it "
+                          "or choose another --output-dir")
+    check_writable(path)
+    return task, path
+
+
+def _progress(total: int, start: int, enabled: bool):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    progress = Progress(
+        TextColumn("[bold]RL[/]"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+        TextColumn("{task.fields[info]}"), disable=not enabled, transient=False,
+    )
+    task_id = progress.add_task("train", total=total, completed=start, info="")
+    return progress, task_id
+
+
+def _step_info(m: dict) -> str:
+    kl = f" kl {m['kl/mean']:.4f}" if "kl/mean" in m else ""
+    return (f"reward {m['reward/mean']:.3f} len {m['response_length/mean']:.1f}{kl} "
+            f"ent {m['entropy/mean']:.2f} {m['time/step_s']:.1f}s/step")
+
+
+def train_rl(cfg: RLConfig, output_dir: Optional[str] = None, resume: bool = False,
+             stop_after: Optional[int] = None, quiet: bool = False) -> dict:
+    """Train per ``cfg``; returns the summary. ``stop_after`` ends this call after that many
+    steps (the run stays resumable), which tests use to simulate an interruption."""
+    task, path = prepare(cfg, output_dir, resume)
+    created = not path.exists()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        run = RunDir(path)
+        model, tokenizer = load_model_and_tokenizer(cfg.model.name)
+        reward = build_reward(cfg.reward, tokenizer=tokenizer)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        trainer = RLTrainer(cfg, model, tokenizer, task, reward, run, device=device)
+    except BaseException:
+        if created and path.exists():
+            shutil.rmtree(path)  # nothing half-written is left behind
+        raise
+    dump_config(cfg, path / "config.yaml")  # on resume too: overrides such as trainer.steps are kept
+    checkpoint = run.latest_checkpoint() if resume else None
+    if checkpoint is not None:
+        trainer.load_state(checkpoint)
+    # Rows written after the checkpoint belong to steps that will be redone.
+    run.truncate_jsonl("metrics.jsonl", trainer.step)
+    run.truncate_jsonl("eval.jsonl", trainer.step)
+    say = (lambda *a: None) if quiet else print
+    tc = cfg.trainer
+    evals = {r["step"]: r for r in run.read_jsonl("eval.jsonl")}
+    if 0 not in evals:
+        say(f"run directory: {path}\nevaluating on {len(trainer.eval_problems)} held-out problems before training ...")
+        before = trainer.evaluate().as_dict()
+        run.append("eval.jsonl", {"step": 0, **before})
+        evals[0] = before
+        say(f"  accuracy before: {before['accuracy']:.3f}")
+    wall_start = time.perf_counter()
+    prior_wall = float(run.read_jsonl("metrics.jsonl")[-1].get("time/train_wall_s", 0.0)) \
+        if run.read_jsonl("metrics.jsonl") else 0.0
+    progress, bar = _progress(tc.steps, trainer.step, enabled=not quiet and sys.stdout.isatty())
+    end = tc.steps if stop_after is None else min(tc.steps, trainer.step + stop_after)
+    with progress:
+        while trainer.step < end:
+            metrics = trainer.train_step()
+            metrics["time/train_wall_s"] = prior_wall + time.perf_counter() - wall_start
+            run.log_metrics(trainer.step, metrics)
+            progress.update(bar, completed=trainer.step, info=_step_info(metrics))
+            if not progress.live.is_started and not quiet:
+                print(f"step {trainer.step}/{tc.steps} {_step_info(metrics)}", flush=True)
+            last = trainer.step == tc.steps
+            if tc.eval_every and trainer.step % tc.eval_every == 0 and not last:
+                result = trainer.evaluate().as_dict()
+                run.append("eval.jsonl", {"step": trainer.step, **result})
+                evals[trainer.step] = result
+                progress.console.print(f"step {trainer.step}: held-out accuracy {result['accuracy']:.3f}")
+            if last or (tc.checkpoint_every and trainer.step % tc.checkpoint_every == 0):
+                trainer.save_checkpoint()
+    train_wall = prior_wall + time.perf_counter() - wall_start
+    if trainer.step < tc.steps:
+        run.close()
+        return {"steps": trainer.step, "stopped_early": True}
+    if tc.steps not in evals:
+        after = trainer.evaluate().as_dict()
+        run.append("eval.jsonl", {"step": tc.steps, **after})
+        evals[tc.steps] = after
+    import psutil
+
+    summary = {
+        "eval_before": evals[0],
+        "eval_after": evals[tc.steps],
+        "train_wall_s": train_wall,
+        "steps": trainer.step,
+        "peak_rss_mb": _peak_rss_mb(),
+        "model": cfg.model.name,
+        "run_dir": str(path),
+    }
+    run.write_json("summary.json", summary)
+    run.close()
+    if not quiet:
+        _print_summary(summary)
+    return summary
+
+
+def _peak_rss_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _print_summary(s: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="posttrain rl: summary")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    table.add_row("held-out accuracy before", f"{s['eval_before']['accuracy']:.3f}")
+    table.add_row("held-out accuracy after", f"{s['eval_after']['accuracy']:.3f}")
+    table.add_row("change (points)", f"{100 * (s['eval_after']['accuracy'] - s['eval_before']['accuracy']):+.1f}")
+    table.add_row("steps", str(s["steps"]))
+    table.add_row("training wall-clock (s)", f"{s['train_wall_s']:.1f}")
+    table.add_row("peak RSS (MB)", f"{s['peak_rss_mb']:.0f}")
+    table.add_row("run directory", s["run_dir"])
+    Console().print(table)
+
+
+def load_for_resume(run_dir: str, overrides: list[str]) -> RLConfig:
+    return load_config(Path(run_dir) / "config.yaml", overrides)

@@ -8,6 +8,7 @@ allowed, before any work starts. ``dump_config`` writes the resolved config back
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ from typing import Any, Literal, Optional, Union
 import yaml
 
 from posttrain.algorithms.base import AdvantageConfig, CorrectionConfig, PolicyLossConfig
+from posttrain.algorithms.regularizers import EntropyConfig, KLConfig
 
 
 class ConfigError(ValueError):
@@ -57,23 +59,33 @@ class AlgorithmConfig:
     aggregation: str = "token-mean"
     advantage: AdvantageConfig = field(default_factory=AdvantageConfig)
     loss: PolicyLossConfig = field(default_factory=PolicyLossConfig)
-    correction: Optional[str] = None  # train-inference mismatch correction (behaviour vs old)
-    correction_params: CorrectionConfig = field(default_factory=CorrectionConfig)
-    kl_coef: float = 0.0  # coefficient of KL(pi || pi_ref) in the loss; 0 loads no reference
-    kl_estimator: str = "k3"
-    entropy_coef: float = 0.0  # entropy bonus coefficient (subtracted from the loss)
+    correction: CorrectionConfig = field(default_factory=CorrectionConfig)  # behaviour vs old log-probs
+    kl: KLConfig = field(default_factory=KLConfig)  # KL to the frozen initial policy; coef 0 loads no reference
+    entropy: EntropyConfig = field(default_factory=EntropyConfig)
+    overlong_buffer: int = 0  # DAPO soft overlong punishment over the last N tokens; 0 disables
+    overlong_penalty: float = 1.0  # DAPO penalty factor
+    mask_truncated: bool = False  # DAPO overlong filtering: truncated samples get no loss
 
     def __post_init__(self) -> None:
-        from posttrain.algorithms import ADVANTAGES, AGGREGATIONS, CORRECTIONS, KL_ESTIMATORS, POLICY_LOSSES
+        from posttrain.algorithms import ADVANTAGES, AGGREGATIONS, CORRECTIONS, POLICY_LOSSES
 
         _check(self.advantage_estimator in ADVANTAGES, "algorithm.advantage_estimator",
                f"must be one of {ADVANTAGES.names()}")
         _check(self.policy_loss in POLICY_LOSSES, "algorithm.policy_loss", f"must be one of {POLICY_LOSSES.names()}")
         _check(self.aggregation in AGGREGATIONS, "algorithm.aggregation", f"must be one of {list(AGGREGATIONS)}")
-        _check(self.correction is None or self.correction in CORRECTIONS, "algorithm.correction",
+        _check(self.correction.name is None or self.correction.name in CORRECTIONS, "algorithm.correction.name",
                f"must be null or one of {CORRECTIONS.names()}")
-        _check(self.kl_estimator in KL_ESTIMATORS, "algorithm.kl_estimator", f"must be one of {list(KL_ESTIMATORS)}")
-        _check(self.kl_coef >= 0, "algorithm.kl_coef", "must be >= 0")
+        _check(not self.kl.in_reward or self.advantage_estimator in TOKEN_REWARD_ESTIMATORS, "algorithm.kl.in_reward",
+               f"needs an estimator that reads per-token rewards: {list(TOKEN_REWARD_ESTIMATORS)}")
+        _check(self.overlong_buffer >= 0, "algorithm.overlong_buffer", "must be >= 0")
+        _check(self.overlong_penalty >= 0, "algorithm.overlong_penalty", "must be >= 0")
+
+    @property
+    def uses_reference(self) -> bool:
+        return self.kl.coef > 0 or self.kl.target is not None
+
+
+TOKEN_REWARD_ESTIMATORS = ("gae", "reinforce_plus_plus")
 
 
 @dataclass
@@ -133,6 +145,8 @@ class RLConfig:
     output_dir: Optional[str] = None  # default: a new folder under runs/
 
     def __post_init__(self) -> None:
+        _check(self.algorithm.overlong_buffer <= self.rollout.max_new_tokens, "algorithm.overlong_buffer",
+               "must be <= rollout.max_new_tokens")
         batch = self.rollout.num_prompts * self.rollout.num_completions
         _check(batch % self.trainer.mini_batches == 0, "trainer.mini_batches",
                f"must divide the batch of {batch} samples (rollout.num_prompts x rollout.num_completions)")
@@ -144,6 +158,8 @@ def _check(ok: bool, key: str, message: str) -> None:
 
 
 # ------------------------------------------------------------------ generic typed loading
+_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
 def _type_name(tp: Any) -> str:
     origin = typing.get_origin(tp)
     if origin is Literal:
@@ -191,6 +207,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
+            return float(value)  # YAML 1.1 reads 3e-5 (no dot) as a string
     elif tp is str:
         if isinstance(value, str):
             return value
@@ -210,6 +228,11 @@ def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
             where = f"{prefix}.{key}" if prefix else str(key)
             raise ConfigError(f"unknown config key {where!r}; allowed keys here: {', '.join(names)}")
     kwargs = {k: _coerce(v, hints[k], f"{prefix}.{k}" if prefix else k) for k, v in data.items()}
+    for f in dataclasses.fields(cls):
+        # Free-form sections (task, reward) keep their default keys (e.g. the task name) unless
+        # given: `task.max_operand=20` alone still means the default task.
+        if f.name in kwargs and hints[f.name] is dict and f.default_factory is not dataclasses.MISSING:
+            kwargs[f.name] = {**f.default_factory(), **kwargs[f.name]}
     try:
         return cls(**kwargs)
     except ConfigError:

@@ -223,6 +223,7 @@ class CorrectionConfig:
     ``kl_threshold`` is the per-token mean KL above which ``reject_k*`` drop a sequence.
     """
 
+    name: Optional[str] = None  # which correction (CORRECTIONS registry); None disables
     threshold_low: Optional[float] = None
     threshold_high: float = 2.0
     kl_threshold: float = 0.01

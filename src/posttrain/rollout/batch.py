@@ -34,6 +34,7 @@ class Rollouts:
     values: Optional[torch.Tensor] = None  # [N, T] critic values
     old_logprobs: Optional[torch.Tensor] = None  # [N, T] learner at rollout weights
     ref_logprobs: Optional[torch.Tensor] = None  # [N, T] frozen reference model
+    loss_mask: Optional[torch.Tensor] = None  # [N, T] tokens that get a loss (default: completion_mask)
     metadata: list[dict[str, Any]] = field(default_factory=list)  # per-sample extras
 
     def __post_init__(self) -> None:

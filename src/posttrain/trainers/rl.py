@@ -42,6 +42,10 @@ from posttrain.algorithms import (
     aggregate,
     kl_estimate,
 )
+from posttrain.algorithms.corrections import mismatch_metrics
+from posttrain.algorithms.overlong import dapo_overlong_penalty, mask_truncated
+from posttrain.algorithms.regularizers import AdaptiveEntropyController, AdaptiveKLController, kl_in_reward, \
+    top_entropy_mask
 from posttrain.config import RLConfig, to_dict
 from posttrain.models.logprobs import completion_logprobs
 from posttrain.rewards.errors import score_group
@@ -128,8 +132,10 @@ class RLTrainer:
         # Check every prompt fits the context before any work starts.
         self.engine.encode(self.sampler.problems + self.eval_problems, cfg.rollout.max_new_tokens)
         self.ref = None
-        if cfg.algorithm.kl_coef > 0:
+        if cfg.algorithm.uses_reference:
             self.ref = copy.deepcopy(policy).eval().requires_grad_(False)
+        self.kl_ctl = AdaptiveKLController(cfg.algorithm.kl)
+        self.entropy_ctl = AdaptiveEntropyController(cfg.algorithm.entropy)
         self.optimizer = torch.optim.AdamW(
             self.policy.parameters(), lr=tc.lr, betas=tuple(tc.adam_betas), weight_decay=tc.weight_decay
         )
@@ -166,6 +172,13 @@ class RLTrainer:
                 rollouts.metadata[i].update(info)
         rollouts.rewards, rollouts.reward_components = rewards, components
         return errors
+
+    def _greedy_baseline(self, problems: list[Problem], rollouts: Rollouts) -> torch.Tensor:
+        """ReMax: the reward of one greedy completion per prompt, broadcast to its group."""
+        greedy = SamplingParams(max_new_tokens=self.sampling.max_new_tokens, top_k=1, stop=self.sampling.stop)
+        base = self.engine.generate(problems, 1, greedy, self.generator)
+        self.score(base)
+        return base.rewards[rollouts.group_ids]
 
     def _logprobs(self, model, batch: Rollouts, with_entropy: bool = False):
         with self.autocast():
@@ -210,17 +223,35 @@ class RLTrainer:
         if self.ref is not None:
             rollouts.ref_logprobs = self._batched_logprobs(self.ref, rollouts)
         mask = rollouts.completion_mask
+        if alg.overlong_buffer:
+            penalty = dapo_overlong_penalty(rollouts.completion_lengths, cfg.rollout.max_new_tokens,
+                                            alg.overlong_buffer, alg.overlong_penalty).float()
+            rollouts.reward_components["overlong_penalty"] = penalty
+            rollouts.rewards = rollouts.rewards + penalty
+        baseline = self._greedy_baseline(problems, rollouts) if alg.advantage_estimator == "remax" else None
+        token_rewards = None
+        if alg.kl.in_reward:
+            token_rewards = kl_in_reward(None, rollouts.old_logprobs if rollouts.old_logprobs is not None
+                                         else rollouts.behaviour_logprobs, rollouts.ref_logprobs, mask,
+                                         self.kl_ctl.value, alg.kl.estimator)
         rollouts.advantages = ADVANTAGES.get(alg.advantage_estimator)(
             AdvantageInput(
                 rewards=rollouts.rewards, group_ids=rollouts.group_ids, mask=mask,
-                reward_components=rollouts.reward_components,
+                reward_components=rollouts.reward_components, token_rewards=token_rewards,
                 logprobs=rollouts.old_logprobs if rollouts.old_logprobs is not None else rollouts.behaviour_logprobs,
-                ref_logprobs=rollouts.ref_logprobs,
+                ref_logprobs=rollouts.ref_logprobs, baseline_rewards=baseline,
                 answers=[str(m.get("canonical", m.get("answer"))) for m in rollouts.metadata],
             ),
             alg.advantage,
         ).float()
+        # Which tokens get a loss: DAPO overlong filtering, 80/20 high-entropy tokens.
+        loss_mask = mask_truncated(mask, rollouts.truncated) if alg.mask_truncated else mask
+        rollouts.loss_mask = top_entropy_mask(rollouts.entropies, loss_mask, alg.entropy.top_quantile)
         metrics = self.update(rollouts)
+        if "kl/mean" in metrics:
+            metrics["kl/coef"] = self.kl_ctl.update(metrics["kl/mean"], len(rollouts))
+        if "entropy/learner" in metrics:
+            metrics["entropy/coef"] = self.entropy_ctl.update(metrics["entropy/learner"])
         self.engine.sync_weights(self.policy)
         t_end = time.perf_counter()
         self.step += 1
@@ -252,7 +283,7 @@ class RLTrainer:
                 else torch.arange(n)
             for m in range(tc.mini_batches):
                 mini = rollouts.select(order[m * mini_size:(m + 1) * mini_size])
-                counts_kw = dict(num_tokens=float(mini.completion_mask.sum()), num_seqs=float(len(mini)),
+                counts_kw = dict(num_tokens=float(mini.loss_mask.sum()), num_seqs=float(len(mini)),
                                  norm_length=float(cfg.rollout.max_new_tokens))
                 self.optimizer.zero_grad(set_to_none=True)
                 total_loss = 0.0
@@ -286,17 +317,18 @@ class RLTrainer:
 
     def _micro_loss(self, micro: Rollouts, loss_fn: Callable, counts_kw: dict, record: Callable):
         alg = self.cfg.algorithm
-        want_entropy = alg.entropy_coef > 0
+        entropy_coef = self.entropy_ctl.value
+        want_entropy = entropy_coef > 0
         logp, entropy = self._logprobs(self.policy, micro, with_entropy=want_entropy)
-        mask = micro.completion_mask.to(logp.device)
+        mask = micro.loss_mask.to(logp.device)
         old = micro.old_logprobs.to(logp.device) if micro.old_logprobs is not None else logp.detach()
         behaviour = micro.behaviour_logprobs.to(logp.device)
         is_weights = None
-        if alg.correction is not None:
-            corr = CORRECTIONS.get(alg.correction)(CorrectionInput(behaviour, old, mask), alg.correction_params)
+        if alg.correction.name is not None:
+            corr = CORRECTIONS.get(alg.correction.name)(CorrectionInput(behaviour, old, mask), alg.correction)
             is_weights, mask = corr.weights, mask * corr.mask
             for k, v in corr.metrics.items():
-                record(f"correction/{k}", float(v))
+                record(k if "/" in k else f"correction/{k}", float(v))
         out = loss_fn(
             PolicyLossInput(logprobs=logp, old_logprobs=old, advantages=micro.advantages.to(logp.device), mask=mask,
                             is_weights=is_weights, behaviour_logprobs=behaviour, entropy=entropy if want_entropy else None),
@@ -307,24 +339,16 @@ class RLTrainer:
         for k, v in out.metrics.items():
             record(f"loss/{k}", float(v))
         # Train-inference mismatch: behaviour (engine) vs old (learner at rollout weights).
-        diff = (old - behaviour) * mask
-        record("mismatch/kl_k1", float(diff.sum() / mask.sum().clamp_min(1)))
-        record("mismatch/kl_k3", float(((torch.exp(-diff) - 1 + diff) * mask).sum() / mask.sum().clamp_min(1)))
-        ratio = torch.exp(diff[mask.bool()])
-        if ratio.numel():
-            q = torch.quantile(ratio.float(), torch.tensor([0.05, 0.5, 0.95]))
-            record("mismatch/ratio_p05", float(q[0]))
-            record("mismatch/ratio_p50", float(q[1]))
-            record("mismatch/ratio_p95", float(q[2]))
+        for k, v in mismatch_metrics(behaviour, old.detach(), micro.completion_mask.to(logp.device)).items():
+            record(k, float(v))
         if micro.ref_logprobs is not None:
-            kl = kl_estimate(logp, micro.ref_logprobs.to(logp.device), alg.kl_estimator)
-            kl_term = aggregate(kl, mask, alg.aggregation, **counts_kw)
-            record("kl/mean", float((kl * mask).sum() / mask.sum().clamp_min(1)))
-            loss = loss + alg.kl_coef * kl_term
+            kl = kl_estimate(logp, micro.ref_logprobs.to(logp.device), alg.kl.estimator)
+            record("kl/mean", float((kl.detach() * mask).sum() / mask.sum().clamp_min(1)))
+            if not alg.kl.in_reward:
+                loss = loss + self.kl_ctl.value * aggregate(kl, mask, alg.aggregation, **counts_kw)
         if want_entropy:
-            ent_term = aggregate(entropy, mask, alg.aggregation, **counts_kw)
-            record("entropy/learner", float((entropy * mask).sum() / mask.sum().clamp_min(1)))
-            loss = loss - alg.entropy_coef * ent_term
+            record("entropy/learner", float((entropy.detach() * mask).sum() / mask.sum().clamp_min(1)))
+            loss = loss - entropy_coef * aggregate(entropy, mask, alg.aggregation, **counts_kw)
         return loss, out
 
     @staticmethod
@@ -377,6 +401,8 @@ class RLTrainer:
             "generator": self.generator.get_state(),
             "torch_rng": torch.random.get_rng_state(),
             "nonfinite_streak": self.nonfinite_streak,
+            "kl_coef": self.kl_ctl.value,
+            "entropy_coef": self.entropy_ctl.value,
             "config": to_dict(self.cfg),
         }
 
@@ -392,6 +418,8 @@ class RLTrainer:
         self.generator.set_state(state["generator"])
         torch.random.set_rng_state(state["torch_rng"])
         self.nonfinite_streak = int(state["nonfinite_streak"])
+        self.kl_ctl.value = float(state["kl_coef"])
+        self.entropy_ctl.value = float(state["entropy_coef"])
 
     def save_checkpoint(self) -> Path:
         return self.run.save_checkpoint(self.step, self.policy, self.tokenizer, self.state_dict(),
@@ -405,7 +433,7 @@ def _trim(batch: Rollouts) -> Rollouts:
     p0 = int(p_keep[0]) if p_keep.numel() else 0
     out = copy.copy(batch)
     out.prompt_ids, out.prompt_mask = batch.prompt_ids[:, p0:], batch.prompt_mask[:, p0:]
-    for name in ("completion_ids", "completion_mask", "behaviour_logprobs", "entropies", "advantages",
+    for name in ("completion_ids", "completion_mask", "loss_mask", "behaviour_logprobs", "entropies", "advantages",
                  "old_logprobs", "ref_logprobs", "values", "returns"):
         value = getattr(batch, name)
         if value is not None:

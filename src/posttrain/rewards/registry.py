@@ -40,6 +40,7 @@ def register_reward(name: str) -> Callable[[RewardBuilder], RewardBuilder]:
 def _builtin() -> None:
     if REWARDS.get("numeric") is not None:
         return
+    import posttrain.rewards.learned  # noqa: F401  (registers reward_model and judge)
     from posttrain.rewards.code_reward import CodeReward
     from posttrain.rewards.majority import MajorityVoteReward
     from posttrain.rewards.math import MathReward, NumericReward

@@ -1,0 +1,605 @@
+"""Bradley–Terry reward model training on preference pairs.
+
+Model: a causal LM backbone (``lm.base_model``) plus a scalar head ``Linear(H, 1)`` read at
+the *last non-pad token* of ``prompt + completion + eos`` (found from the attention mask, so
+tokenizers whose pad token equals eos, like SmolLM2's, are handled).
+
+Loss per pair (Bradley & Terry 1952; Ouyang et al. 2022 "InstructGPT", arXiv:2203.02155)::
+
+    -log σ(r_chosen - r_rejected - m)  +  c · (r_chosen + r_rejected)²
+
+* ``m``: margin. A per-pair ``margin`` field in the data wins over ``RMConfig.margin``
+  (Touvron et al. 2023, "Llama 2", arXiv:2307.09288, §3.2.2; TRL's ``RewardTrainer`` reads the
+  same per-example ``margin`` column).
+* ``c``: ``RMConfig.center_rewards_coefficient``; the auxiliary term that keeps rewards centred
+  at zero, as in Eisenstein et al. 2023, "Helping or Herding? Reward Model Ensembles Mitigate
+  but do not Eliminate Reward Hacking" (arXiv:2312.09244), implemented like TRL's
+  ``center_rewards_coefficient``: ``c * mean((r_c + r_r)**2)`` over the batch.
+
+Data: JSONL, one object per line with ``prompt`` (text, or a list of chat messages),
+``chosen`` and ``rejected`` (text), optional ``margin`` (number). Errors name the file and the
+line. ``data: "synthetic:arithmetic"`` builds pairs from the arithmetic task instead (chosen =
+the right answer, rejected = a nearby wrong one), so ``examples/rm.yaml`` runs out of the box.
+
+Sequences are rendered like the rollout engine renders prompts (``render_prompt``: the
+tokenizer's chat template with the generation prompt), followed by the completion tokens and
+eos; longer ones keep their last ``max_length`` tokens (the reward is read at the end).
+
+Output directory::
+
+    OUT/config.yaml         resolved RMConfig
+    OUT/metrics.jsonl       one row per optimizer step, plus one per evaluation
+    OUT/summary.json        accuracies, losses, reward statistics
+    OUT/model/              backbone (save_pretrained, safetensors) + tokenizer
+    OUT/model/value_head.safetensors   head weights ("weight" [1, H], "bias" [1])
+    OUT/model/reward_model.json        head config: hidden size, chat_template, max_length,
+                                       reward mean/std (for normalisation), base model
+    OUT/model/COMPLETE      written last; the directory is renamed into place atomically
+
+Load it with ``load_reward_model(OUT)`` or score with
+``posttrain.rewards.learned.RewardModelReward(OUT)``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import torch
+
+from posttrain.config import ConfigError
+
+__all__ = [
+    "RMConfig",
+    "PreferencePair",
+    "PreferenceDataError",
+    "RewardModel",
+    "bradley_terry_loss",
+    "pairwise_accuracy",
+    "load_preferences",
+    "synthetic_arithmetic_pairs",
+    "encode_text_pair",
+    "save_reward_model",
+    "load_reward_model",
+    "resolve_reward_model_dir",
+    "train_reward_model",
+]
+
+FORMAT_VERSION = 1
+HEAD_FILE = "value_head.safetensors"
+META_FILE = "reward_model.json"
+
+
+# ------------------------------------------------------------------ config
+@dataclass
+class RMConfig:
+    model: str = "tiny-random"  # directory, .gguf file, run directory, hub id or alias
+    data: str = ""  # JSONL file of {prompt, chosen, rejected[, margin]}, or "synthetic:arithmetic"
+    eval_fraction: float = 0.1  # held-out share of the pairs (0 disables evaluation)
+    lr: float = 1e-5
+    epochs: int = 1
+    batch_size: int = 8  # pairs per optimizer step
+    max_length: int = 512  # tokens per prompt+completion; longer ones keep their end
+    seed: int = 0
+    output_dir: Optional[str] = None  # default: a new folder under runs/
+    margin: float = 0.0  # used for pairs without their own "margin"
+    center_rewards_coefficient: float = 0.0  # 0 disables the centring term
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    warmup_steps: int = 0  # linear warm-up, then constant
+    chat_template: bool = True  # render prompts with the tokenizer's chat template
+    synthetic_size: int = 512  # pairs for data="synthetic:arithmetic"
+    stats_pairs: int = 512  # training pairs scored after training for the reward mean/std
+    threads: int = 0  # torch threads; 0 keeps torch's default
+
+    def __post_init__(self) -> None:
+        def check(ok: bool, key: str, msg: str) -> None:
+            if not ok:
+                raise ConfigError(f"{key} {msg}")
+
+        check(bool(self.data), "data", "must name a JSONL preference file (prompt/chosen/rejected) "
+              "or 'synthetic:arithmetic'")
+        check(not self.data.startswith("synthetic:") or self.data in SYNTHETIC, "data",
+              f"synthetic data must be one of {sorted(SYNTHETIC)}")
+        check(0.0 <= self.eval_fraction < 1.0, "eval_fraction", "must be in [0, 1)")
+        check(self.lr > 0, "lr", "must be > 0")
+        check(self.epochs >= 1, "epochs", "must be >= 1")
+        check(self.batch_size >= 1, "batch_size", "must be >= 1")
+        check(self.max_length >= 8, "max_length", "must be >= 8")
+        check(self.center_rewards_coefficient >= 0, "center_rewards_coefficient", "must be >= 0")
+        check(self.weight_decay >= 0, "weight_decay", "must be >= 0")
+        check(self.max_grad_norm > 0, "max_grad_norm", "must be > 0")
+        check(self.warmup_steps >= 0, "warmup_steps", "must be >= 0")
+        check(self.synthetic_size >= 2, "synthetic_size", "must be >= 2")
+        check(self.stats_pairs >= 1, "stats_pairs", "must be >= 1")
+        check(self.threads >= 0, "threads", "must be >= 0")
+
+
+# ------------------------------------------------------------------ data
+class PreferenceDataError(ValueError):
+    """A preference file is missing or a line of it is malformed (the message names both)."""
+
+
+@dataclass
+class PreferencePair:
+    prompt: Any  # text or a list of {"role", "content"} messages
+    chosen: str
+    rejected: str
+    margin: Optional[float] = None
+    source: str = ""  # "file:line", for messages
+
+
+def _check_prompt(prompt: Any, where: str) -> None:
+    if isinstance(prompt, str):
+        return
+    if isinstance(prompt, list) and prompt and all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in prompt
+    ):
+        return
+    raise PreferenceDataError(
+        f"{where}: 'prompt' must be a string or a non-empty list of {{'role': str, 'content': str}} messages, "
+        f"got {type(prompt).__name__}"
+    )
+
+
+def load_preferences(path: str | Path) -> list[PreferencePair]:
+    """Read a JSONL preference file; blank lines are skipped, anything malformed raises
+    ``PreferenceDataError`` naming ``file:line``."""
+    path = Path(path)
+    if not path.is_file():
+        raise PreferenceDataError(f"preference data file {path} does not exist")
+    pairs: list[PreferencePair] = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise PreferenceDataError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+            if not isinstance(row, dict):
+                raise PreferenceDataError(f"{where}: expected a JSON object, got {type(row).__name__}")
+            missing = [k for k in ("prompt", "chosen", "rejected") if k not in row]
+            if missing:
+                raise PreferenceDataError(f"{where}: missing key(s) {missing}; each line needs prompt, chosen, rejected")
+            _check_prompt(row["prompt"], where)
+            for key in ("chosen", "rejected"):
+                if not isinstance(row[key], str):
+                    raise PreferenceDataError(f"{where}: {key!r} must be a string, got {type(row[key]).__name__}")
+            margin = row.get("margin")
+            if margin is not None and (isinstance(margin, bool) or not isinstance(margin, (int, float))
+                                       or not math.isfinite(margin)):
+                raise PreferenceDataError(f"{where}: 'margin' must be a finite number, got {margin!r}")
+            pairs.append(PreferencePair(row["prompt"], row["chosen"], row["rejected"],
+                                        None if margin is None else float(margin), where))
+    if not pairs:
+        raise PreferenceDataError(f"preference data file {path} holds no pairs")
+    return pairs
+
+
+def synthetic_arithmetic_pairs(n: int = 512, seed: int = 0) -> list[PreferencePair]:
+    """Pairs from the arithmetic task's train split: chosen = the answer, rejected = the answer
+    off by 1..3 (one pair per problem, at most ``n``)."""
+    from posttrain.tasks.arithmetic import ArithmeticTask
+
+    rng = random.Random(seed)
+    problems = list(ArithmeticTask().problems("train"))[:n]
+    pairs = []
+    for p in problems:
+        wrong = int(p.answer) + rng.choice([-3, -2, -1, 1, 2, 3])
+        pairs.append(PreferencePair(p.prompt, p.answer, str(wrong), None, f"synthetic:{p.id}"))
+    return pairs
+
+
+SYNTHETIC = {"synthetic:arithmetic": synthetic_arithmetic_pairs}
+
+
+def _load_data(cfg: RMConfig) -> list[PreferencePair]:
+    if cfg.data in SYNTHETIC:
+        return SYNTHETIC[cfg.data](cfg.synthetic_size, cfg.seed)
+    return load_preferences(cfg.data)
+
+
+def encode_text_pair(tokenizer, prompt: Any, completion: str, *, chat_template: bool,
+                     max_length: int) -> tuple[list[int], bool]:
+    """Token ids of ``prompt`` (rendered as the rollout engine does) + ``completion`` + eos,
+    keeping the last ``max_length``; returns ``(ids, truncated)``."""
+    from posttrain.rollout.engine import render_prompt
+
+    ids = list(render_prompt(tokenizer, prompt, chat_template))
+    ids += tokenizer(completion, add_special_tokens=False).input_ids
+    if tokenizer.eos_token_id is not None:
+        ids.append(int(tokenizer.eos_token_id))
+    if len(ids) > max_length:
+        return ids[-max_length:], True
+    return ids, False
+
+
+# ------------------------------------------------------------------ model and loss
+def bradley_terry_loss(r_chosen, r_rejected, margin=None, center_coef: float = 0.0):
+    """Mean over the batch of ``-log σ(r_c - r_r - margin)`` plus ``center_coef * mean((r_c + r_r)²)``.
+
+    ``margin``: None, a float or a tensor shaped like the rewards.
+    """
+    diff = r_chosen - r_rejected
+    if margin is not None:
+        diff = diff - margin
+    loss = -torch.nn.functional.logsigmoid(diff).mean()
+    if center_coef:
+        loss = loss + center_coef * ((r_chosen + r_rejected) ** 2).mean()
+    return loss
+
+
+def pairwise_accuracy(r_chosen, r_rejected) -> float:
+    """Share of pairs with ``r_c > r_r``; an exact tie counts one half."""
+    r_c, r_r = torch.as_tensor(r_chosen, dtype=torch.float64), torch.as_tensor(r_rejected, dtype=torch.float64)
+    if r_c.numel() == 0:
+        return float("nan")
+    return float(((r_c > r_r).double() + 0.5 * (r_c == r_r).double()).mean())
+
+
+def _hidden_size(config) -> int:
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return int(text.hidden_size)
+
+
+class RewardModel(torch.nn.Module):
+    """``lm`` (a causal LM; only its ``base_model`` runs) + ``value_head`` = Linear(H, 1)."""
+
+    def __init__(self, lm, head: Optional[torch.nn.Linear] = None, seed: int = 0):
+        super().__init__()
+        self.lm = lm
+        hidden = _hidden_size(lm.config)
+        if head is None:
+            head = torch.nn.Linear(hidden, 1)
+            gen = torch.Generator().manual_seed(seed)
+            with torch.no_grad():
+                # std 1/sqrt(H+1), as OpenAI's lm-human-preferences initialises its reward head
+                head.weight.copy_(torch.randn(1, hidden, generator=gen) / math.sqrt(hidden + 1))
+                head.bias.zero_()
+            head = head.to(next(lm.parameters()).device)
+        self.value_head = head
+
+    def forward(self, input_ids, attention_mask):
+        out = self.lm.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+        positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+        last = (positions[None, :] * attention_mask.long()).argmax(-1)  # last position with mask 1
+        h = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+        return self.value_head(h.to(self.value_head.weight.dtype)).squeeze(-1)
+
+    @torch.no_grad()
+    def score_ids(self, sequences: Sequence[Sequence[int]], pad_id: int, batch_size: int = 8) -> list[float]:
+        """Scores of token-id sequences, batched, right-padded."""
+        device = self.value_head.weight.device
+        out: list[float] = []
+        for s in range(0, len(sequences), batch_size):
+            ids, mask = _pad(sequences[s:s + batch_size], pad_id)
+            out += self(ids.to(device), mask.to(device)).float().cpu().tolist()
+        return out
+
+
+def _pad(sequences: Sequence[Sequence[int]], pad_id: int):
+    T = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), T), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), T), dtype=torch.long)
+    for i, s in enumerate(sequences):
+        ids[i, : len(s)] = torch.tensor(list(s), dtype=torch.long)
+        mask[i, : len(s)] = 1
+    return ids, mask
+
+
+# ------------------------------------------------------------------ save / load
+def _fsync_tree(path: Path) -> None:
+    for f in path.iterdir():
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_reward_model(rm, tokenizer, path: str | Path, meta: Optional[dict] = None) -> Path:
+    """Write backbone + tokenizer + head + ``reward_model.json`` to ``path`` atomically
+    (a temporary sibling directory, ``COMPLETE`` written last, then renamed into place)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    try:
+        rm.lm.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        head = rm.value_head
+        save_file({"weight": head.weight.detach().float().cpu().contiguous(),
+                   "bias": head.bias.detach().float().cpu().contiguous()}, str(tmp / HEAD_FILE))
+        info = {"format_version": FORMAT_VERSION, "hidden_size": int(head.in_features), "head_file": HEAD_FILE,
+                "pooling": "last_non_pad_token", **(meta or {})}
+        (tmp / META_FILE).write_text(json.dumps(info, indent=2, default=float) + "\n")
+        _fsync_tree(tmp)
+        (tmp / "COMPLETE").write_text(json.dumps({"time": time.time()}) + "\n")
+        _fsync_tree(tmp)
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def resolve_reward_model_dir(path: str | Path) -> Path:
+    """``path`` itself when it holds ``reward_model.json``, else ``path/model`` (an RM run
+    directory); raises ``ValueError`` naming what is missing."""
+    p = Path(path).expanduser()
+    for cand in (p, p / "model"):
+        if (cand / META_FILE).is_file():
+            if not (cand / "COMPLETE").exists():
+                raise ValueError(f"reward model {cand} is incomplete (no COMPLETE marker): it was not fully written")
+            return cand
+    if not p.exists():
+        raise ValueError(f"reward model path {p} does not exist")
+    raise ValueError(f"{p} is not a reward model: no {META_FILE} in it or in {p / 'model'} "
+                     "(train one with `posttrain rm CONFIG`)")
+
+
+def load_reward_model(path: str | Path, device: str = "cpu"):
+    """Return ``(reward_model, tokenizer, meta)`` in eval mode."""
+    from safetensors.torch import load_file
+
+    from posttrain.models.loading import load_model_and_tokenizer
+
+    d = resolve_reward_model_dir(path)
+    meta = json.loads((d / META_FILE).read_text())
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{d / META_FILE}: unsupported format_version {meta.get('format_version')!r}")
+    lm, tokenizer = load_model_and_tokenizer(str(d))
+    state = load_file(str(d / meta.get("head_file", HEAD_FILE)))
+    hidden = int(meta["hidden_size"])
+    if tuple(state["weight"].shape) != (1, hidden) or _hidden_size(lm.config) != hidden:
+        raise ValueError(f"{d}: value head of shape {tuple(state['weight'].shape)} does not fit a backbone "
+                         f"of hidden size {_hidden_size(lm.config)}")
+    head = torch.nn.Linear(hidden, 1)
+    head.load_state_dict(state)
+    rm = RewardModel(lm, head).to(device).eval()
+    return rm, tokenizer, meta
+
+
+# ------------------------------------------------------------------ training
+def _split(pairs: list[PreferencePair], fraction: float, seed: int):
+    order = list(range(len(pairs)))
+    random.Random(seed).shuffle(order)
+    n_eval = 0 if fraction <= 0 or len(pairs) < 2 else min(len(pairs) - 1, max(1, round(fraction * len(pairs))))
+    return [pairs[i] for i in order[n_eval:]], [pairs[i] for i in order[:n_eval]]
+
+
+def _encode_all(pairs, tokenizer, cfg: RMConfig):
+    rows, truncated = [], 0
+    for p in pairs:
+        c, tc = encode_text_pair(tokenizer, p.prompt, p.chosen, chat_template=cfg.chat_template, max_length=cfg.max_length)
+        r, tr = encode_text_pair(tokenizer, p.prompt, p.rejected, chat_template=cfg.chat_template,
+                                 max_length=cfg.max_length)
+        truncated += int(tc) + int(tr)
+        rows.append((c, r, cfg.margin if p.margin is None else p.margin))
+    return rows, truncated
+
+
+def _batch_rewards(rm, rows, pad_id: int, device):
+    """One forward over chosen+rejected of ``rows``; returns (r_c, r_r, margins)."""
+    seqs = [c for c, _, _ in rows] + [r for _, r, _ in rows]
+    ids, mask = _pad(seqs, pad_id)
+    rewards = rm(ids.to(device), mask.to(device)).float()
+    n = len(rows)
+    margins = torch.tensor([m for _, _, m in rows], dtype=torch.float32, device=rewards.device)
+    return rewards[:n], rewards[n:], margins
+
+
+def _evaluate(rm, rows, pad_id, device, cfg: RMConfig) -> dict:
+    if not rows:
+        return {"accuracy": float("nan"), "loss": float("nan"), "n_pairs": 0}
+    was_training = rm.training
+    rm.eval()
+    rc, rr, losses = [], [], []
+    with torch.no_grad():
+        for s in range(0, len(rows), cfg.batch_size):
+            chunk = rows[s:s + cfg.batch_size]
+            c, r, m = _batch_rewards(rm, chunk, pad_id, device)
+            losses.append(float(bradley_terry_loss(c, r, m, cfg.center_rewards_coefficient)) * len(chunk))
+            rc += c.cpu().tolist()
+            rr += r.cpu().tolist()
+    rm.train(was_training)
+    return {"accuracy": pairwise_accuracy(rc, rr), "loss": sum(losses) / len(rows), "n_pairs": len(rows),
+            "reward_chosen": float(sum(rc) / len(rc)), "reward_rejected": float(sum(rr) / len(rr)),
+            "scores": rc + rr}
+
+
+def _progress(total: int, enabled: bool):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    progress = Progress(TextColumn("[bold]RM[/]"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                        TextColumn("{task.fields[info]}"), disable=not enabled, transient=False)
+    return progress, progress.add_task("rm", total=total, info="")
+
+
+def _prepare_dir(cfg: RMConfig, output_dir: Optional[str]) -> Path:
+    from posttrain.runs import RunDirError, check_writable, new_run_dir
+
+    path = Path(output_dir or cfg.output_dir or new_run_dir(name="rm"))
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise RunDirError(f"output directory {path} already exists and is not empty; choose another --output-dir")
+    check_writable(path)
+    return path
+
+
+def train_reward_model(cfg: RMConfig, output_dir: Optional[str] = None, quiet: bool = False) -> dict:
+    """Train per ``cfg``; returns the summary (also written to ``OUT/summary.json``).
+
+    Cheap checks (data file, model source, output directory) run before any weights load.
+    """
+    from posttrain.config import dump_config
+    from posttrain.models.loading import describe_source, load_model_and_tokenizer
+    from posttrain.runs import RunDir
+
+    pairs = _load_data(cfg)
+    describe_source(cfg.model)
+    path = _prepare_dir(cfg, output_dir)
+    say = (lambda *a: None) if quiet else print
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    created = not path.exists()
+    path.mkdir(parents=True, exist_ok=True)
+    try:
+        torch.manual_seed(cfg.seed)
+        lm, tokenizer = load_model_and_tokenizer(cfg.model)
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        rm = RewardModel(lm.to(device), seed=cfg.seed).to(device)
+        train_pairs, eval_pairs = _split(pairs, cfg.eval_fraction, cfg.seed)
+        train_rows, trunc_train = _encode_all(train_pairs, tokenizer, cfg)
+        eval_rows, trunc_eval = _encode_all(eval_pairs, tokenizer, cfg)
+    except BaseException:
+        if created and path.exists():
+            shutil.rmtree(path)
+        raise
+    tmp_config = path / f"config.yaml.tmp{os.getpid()}"
+    dump_config(cfg, tmp_config)
+    os.replace(tmp_config, path / "config.yaml")
+    run = RunDir(path)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    say(f"reward model: {cfg.model} | {len(train_rows)} train / {len(eval_rows)} eval pairs"
+        f"{f' | {trunc_train + trunc_eval} sequences truncated to {cfg.max_length} tokens' if trunc_train + trunc_eval else ''}"
+        f" | output {path}")
+
+    optimizer = torch.optim.AdamW(rm.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0)
+    steps_per_epoch = math.ceil(len(train_rows) / cfg.batch_size)
+    total = steps_per_epoch * cfg.epochs
+
+    before = _evaluate(rm, eval_rows, pad_id, device, cfg)
+    before.pop("scores", None)
+    run.append("metrics.jsonl", {"step": 0, "epoch": 0, **{f"eval/{k}": v for k, v in before.items()}})
+    if eval_rows:
+        say(f"eval pairwise accuracy before training: {before['accuracy']:.3f}")
+
+    rng = random.Random(cfg.seed + 1)
+    step, t0 = 0, time.perf_counter()
+    epochs: list[dict] = []
+    rm.train()
+    progress, bar = _progress(total, enabled=not quiet and sys.stdout.isatty())
+    with progress:
+        for epoch in range(1, cfg.epochs + 1):
+            order = list(range(len(train_rows)))
+            rng.shuffle(order)
+            ep_correct, ep_loss, ep_n = 0.0, 0.0, 0
+            for s in range(0, len(order), cfg.batch_size):
+                batch = [train_rows[i] for i in order[s:s + cfg.batch_size]]
+                rc, rr, m = _batch_rewards(rm, batch, pad_id, device)
+                loss = bradley_terry_loss(rc, rr, m, cfg.center_rewards_coefficient)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"non-finite reward-model loss at step {step + 1}; lower lr")
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                grad_norm = torch.nn.utils.clip_grad_norm_(rm.parameters(), cfg.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                step += 1
+                acc = pairwise_accuracy(rc.detach().cpu(), rr.detach().cpu())
+                ep_correct += acc * len(batch)
+                ep_loss += float(loss.detach()) * len(batch)
+                ep_n += len(batch)
+                row = {"step": step, "epoch": epoch, "train/loss": float(loss.detach()), "train/accuracy": acc,
+                       "train/reward_chosen": float(rc.detach().mean()), "train/reward_rejected": float(rr.detach().mean()),
+                       "train/margin": float((rc - rr).detach().mean()), "grad_norm": float(grad_norm),
+                       "lr": scheduler.get_last_lr()[0], "time/wall_s": time.perf_counter() - t0}
+                run.append("metrics.jsonl", row)
+                progress.update(bar, completed=step,
+                                info=f"epoch {epoch} loss {ep_loss / ep_n:.4f} acc {ep_correct / ep_n:.3f}")
+            ev = _evaluate(rm, eval_rows, pad_id, device, cfg)
+            ev.pop("scores", None)
+            summary_ep = {"epoch": epoch, "train_accuracy": ep_correct / max(ep_n, 1),
+                          "train_loss": ep_loss / max(ep_n, 1), "eval": ev}
+            epochs.append(summary_ep)
+            run.append("metrics.jsonl", {"step": step, "epoch": epoch, **{f"eval/{k}": v for k, v in ev.items()},
+                                         "train/epoch_accuracy": summary_ep["train_accuracy"],
+                                         "train/epoch_loss": summary_ep["train_loss"]})
+            msg = (f"epoch {epoch}/{cfg.epochs}: train acc {summary_ep['train_accuracy']:.3f} "
+                   f"loss {summary_ep['train_loss']:.4f}")
+            if eval_rows:
+                msg += f" | eval acc {ev['accuracy']:.3f} loss {ev['loss']:.4f}"
+            if progress.live.is_started:
+                progress.console.print(msg)
+            else:
+                say(msg)
+    train_wall = time.perf_counter() - t0
+
+    # Final-weight statistics on (up to stats_pairs) training pairs: accuracy and the score
+    # mean/std that RewardModelReward(normalize=True) uses.
+    stats = _evaluate(rm, train_rows[: cfg.stats_pairs], pad_id, device, cfg)
+    scores = torch.tensor(stats.pop("scores"))
+    reward_mean = float(scores.mean())
+    reward_std = float(scores.std()) if scores.numel() > 1 else 1.0
+    rm.eval()
+    meta = {"base_model": cfg.model, "chat_template": cfg.chat_template, "max_length": cfg.max_length,
+            "reward_mean": reward_mean, "reward_std": reward_std if reward_std > 0 else 1.0,
+            "train_accuracy": stats["accuracy"], "eval_accuracy": epochs[-1]["eval"]["accuracy"]}
+    model_dir = save_reward_model(rm, tokenizer, path / "model", meta)
+    summary = {
+        "model": cfg.model,
+        "n_train_pairs": len(train_rows),
+        "n_eval_pairs": len(eval_rows),
+        "truncated_sequences": trunc_train + trunc_eval,
+        "steps": step,
+        "train_accuracy": stats["accuracy"],  # final weights, first stats_pairs training pairs
+        "train_loss": stats["loss"],
+        "train_accuracy_last_epoch": epochs[-1]["train_accuracy"],  # running, during the last epoch
+        "eval_before": before,
+        "eval_after": epochs[-1]["eval"],
+        "epochs": epochs,
+        "reward_mean": reward_mean,
+        "reward_std": meta["reward_std"],
+        "train_wall_s": train_wall,
+        "output_dir": str(path),
+        "model_dir": str(model_dir),
+    }
+    run.write_json("summary.json", summary)
+    run.close()
+    if not quiet:
+        _print_summary(summary)
+    return summary
+
+
+def _fmt(x: float) -> str:
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.3f}"
+
+
+def _print_summary(s: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="posttrain rm: summary")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    table.add_row("pairs (train / eval)", f"{s['n_train_pairs']} / {s['n_eval_pairs']}")
+    table.add_row("train pairwise accuracy", _fmt(s["train_accuracy"]))
+    table.add_row("eval pairwise accuracy before", _fmt(s["eval_before"]["accuracy"]))
+    table.add_row("eval pairwise accuracy after", _fmt(s["eval_after"]["accuracy"]))
+    table.add_row("eval loss after", _fmt(s["eval_after"]["loss"]))
+    table.add_row("reward mean / std", f"{s['reward_mean']:.3f} / {s['reward_std']:.3f}")
+    table.add_row("steps", str(s["steps"]))
+    table.add_row("training wall-clock (s)", f"{s['train_wall_s']:.1f}")
+    table.add_row("model directory", s["model_dir"])
+    Console().print(table)

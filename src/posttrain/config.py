@@ -139,6 +139,9 @@ class RLConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     task: dict = field(default_factory=lambda: {"name": "arithmetic"})  # validated by the task builder
     reward: dict = field(default_factory=lambda: {"type": "numeric"})  # validated by the reward builder
+    # Held-out evaluation scores with this reward's `correct` component (default: the training
+    # reward). Label-free training rewards such as majority vote need a ground-truth verifier here.
+    eval_reward: Optional[dict] = None
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)

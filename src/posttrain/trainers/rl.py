@@ -47,6 +47,7 @@ from posttrain.algorithms.overlong import dapo_overlong_penalty, mask_truncated
 from posttrain.algorithms.regularizers import AdaptiveEntropyController, AdaptiveKLController, kl_in_reward, \
     top_entropy_mask
 from posttrain.config import RLConfig, to_dict
+from posttrain.evaluation.runner import correct_flags
 from posttrain.models.logprobs import completion_logprobs
 from posttrain.rewards.errors import score_group
 from posttrain.rollout.batch import Rollouts
@@ -111,12 +112,14 @@ class EvalResult:
 
 
 class RLTrainer:
-    def __init__(self, cfg: RLConfig, policy, tokenizer, task, reward, run: RunDir, device: str = "cpu"):
+    def __init__(self, cfg: RLConfig, policy, tokenizer, task, reward, run: RunDir, device: str = "cpu",
+                 eval_reward=None):
         self.cfg = cfg
         self.policy = policy.to(device)
         self.tokenizer = tokenizer
         self.task = task
         self.reward = reward
+        self.eval_reward = eval_reward or reward
         self.run = run
         self.device = torch.device(device)
         tc = cfg.trainer
@@ -141,7 +144,7 @@ class RLTrainer:
         )
         use_bf16 = tc.autocast == "bfloat16" or (tc.autocast == "auto" and self._bf16_ok())
         self.autocast = (lambda: torch.autocast(self.device.type, dtype=torch.bfloat16)) if use_bf16 else nullcontext
-        self.generator = torch.Generator().manual_seed(tc.seed)
+        self.generator = torch.Generator(device=self.device).manual_seed(tc.seed)
         self.step = 0
         self.nonfinite_streak = 0
         self.sampling = SamplingParams(
@@ -153,8 +156,9 @@ class RLTrainer:
         return torch.cuda.is_bf16_supported() if self.device.type == "cuda" else cpu_supports_bf16()
 
     # ------------------------------------------------------------------ rollouts and rewards
-    def score(self, rollouts: Rollouts) -> list[dict]:
+    def score(self, rollouts: Rollouts, reward=None) -> list[dict]:
         """Fill rewards and components group by group; returns reward-error records."""
+        reward = reward or self.reward
         n = len(rollouts)
         rewards = torch.zeros(n)
         components: dict[str, torch.Tensor] = {}
@@ -162,7 +166,7 @@ class RLTrainer:
         for gid in torch.unique(rollouts.group_ids).tolist():
             idx = (rollouts.group_ids == gid).nonzero().squeeze(-1).tolist()
             problem = rollouts.problems[idx[0]]
-            out, errs = score_group(self.reward, problem, [rollouts.texts[i] for i in idx],
+            out, errs = score_group(reward, problem, [rollouts.texts[i] for i in idx],
                                     on_error=self.cfg.trainer.on_reward_error)
             errors += errs
             rewards[idx] = torch.tensor(out.rewards, dtype=torch.float32)
@@ -382,12 +386,13 @@ class RLTrainer:
                                 temperature=self.cfg.trainer.eval_temperature,
                                 top_p=self.cfg.rollout.top_p, top_k=self.cfg.rollout.top_k,
                                 stop=tuple(self.cfg.rollout.stop))
-        gen = torch.Generator().manual_seed(self.cfg.trainer.seed + 7919)
+        gen = torch.Generator(device=self.device).manual_seed(self.cfg.trainer.seed + 7919)
         correct, rewards, lengths = [], [], []
         for s in range(0, len(problems), chunk):
             r = self.engine.generate(problems[s:s + chunk], 1, params, gen)
-            self.score(r)
-            correct += r.reward_components.get("correct", (r.rewards > 0).float()).tolist()
+            self.score(r, self.eval_reward)
+            flags, _ = correct_flags({k: v.tolist() for k, v in r.reward_components.items()}, r.rewards.tolist())
+            correct += [float(f) for f in flags]
             rewards += r.rewards.tolist()
             lengths += r.completion_lengths.tolist()
         return EvalResult(float(np.mean(correct)), len(problems), float(np.mean(rewards)), float(np.mean(lengths)))

@@ -6,6 +6,7 @@ source, task, reward, run directory), so bad input fails in a second with nothin
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 import time
@@ -17,9 +18,9 @@ import torch
 from posttrain.config import RLConfig, dump_config, load_config
 from posttrain.models.loading import describe_source, load_model_and_tokenizer
 from posttrain.rewards.registry import build_reward
-from posttrain.runs import RunDir, RunDirError, check_writable, new_run_dir
+from posttrain.runs import KILL_ENV, RunDir, RunDirError, check_writable, maybe_kill, new_run_dir
 from posttrain.tasks.registry import build_task
-from posttrain.trainers.rl import RLTrainer
+from posttrain.trainers.rl import NonFiniteLossError, RLTrainer
 
 
 def prepare(cfg: RLConfig, output_dir: Optional[str], resume: bool):
@@ -30,6 +31,8 @@ def prepare(cfg: RLConfig, output_dir: Optional[str], resume: bool):
         if not task.problems(split):
             raise ValueError(f"task {cfg.task.get('name')!r} has an empty {split} split; check the task options")
     build_reward(cfg.reward)  # validates the spec; rebuilt with the tokenizer later
+    if cfg.eval_reward is not None:
+        build_reward(cfg.eval_reward)
     path = Path(output_dir or cfg.output_dir or new_run_dir())
     if resume:
         if not (path / "config.yaml").exists():
@@ -70,18 +73,27 @@ def train_rl(cfg: RLConfig, output_dir: Optional[str] = None, resume: bool = Fal
         model, tokenizer = load_model_and_tokenizer(cfg.model.name)
         reward = build_reward(cfg.reward, tokenizer=tokenizer)
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        trainer = RLTrainer(cfg, model, tokenizer, task, reward, run, device=device)
+        eval_reward = build_reward(cfg.eval_reward, tokenizer=tokenizer) if cfg.eval_reward is not None else None
+        trainer = RLTrainer(cfg, model, tokenizer, task, reward, run, device=device, eval_reward=eval_reward)
     except BaseException:
         if created and path.exists():
             shutil.rmtree(path)  # nothing half-written is left behind
         raise
-    dump_config(cfg, path / "config.yaml")  # on resume too: overrides such as trainer.steps are kept
+    # On resume too (overrides such as trainer.steps are kept); atomic, since a torn config.yaml
+    # would silently resume with defaults for the keys it lost.
+    tmp_config = path / f"config.yaml.tmp{os.getpid()}"
+    dump_config(cfg, tmp_config)
+    os.replace(tmp_config, path / "config.yaml")
+    if resume:
+        run.clean_stale()  # half-written checkpoints of a killed process (never loaded)
     checkpoint = run.latest_checkpoint() if resume else None
     if checkpoint is not None:
         trainer.load_state(checkpoint)
+    _install_kill_hooks(trainer)
     # Rows written after the checkpoint belong to steps that will be redone.
-    run.truncate_jsonl("metrics.jsonl", trainer.step)
-    run.truncate_jsonl("eval.jsonl", trainer.step)
+    for name in ("metrics.jsonl", "eval.jsonl", "reward_errors.jsonl"):
+        if name != "reward_errors.jsonl" or (path / name).exists():
+            run.truncate_jsonl(name, trainer.step)
     say = (lambda *a: None) if quiet else print
     tc = cfg.trainer
     evals = {r["step"]: r for r in run.read_jsonl("eval.jsonl")}
@@ -98,7 +110,13 @@ def train_rl(cfg: RLConfig, output_dir: Optional[str] = None, resume: bool = Fal
     end = tc.steps if stop_after is None else min(tc.steps, trainer.step + stop_after)
     with progress:
         while trainer.step < end:
-            metrics = trainer.train_step()
+            try:
+                metrics = trainer.train_step()
+            except NonFiniteLossError as exc:
+                run.close()
+                last = run.latest_checkpoint()
+                where = f"the last good checkpoint is {last}" if last else "no checkpoint was written yet"
+                raise NonFiniteLossError(f"{exc} ({where})") from exc
             metrics["time/train_wall_s"] = prior_wall + time.perf_counter() - wall_start
             run.log_metrics(trainer.step, metrics)
             progress.update(bar, completed=trainer.step, info=_step_info(metrics))
@@ -136,6 +154,41 @@ def train_rl(cfg: RLConfig, output_dir: Optional[str] = None, resume: bool = Fal
     if not quiet:
         _print_summary(summary)
     return summary
+
+
+def _install_kill_hooks(trainer: RLTrainer) -> None:
+    """Crash tests only (``POSTTRAIN_TEST_KILL_AT=generation:N|optimizer_step:N``, see
+    ``posttrain.runs``): SIGKILL this process in the middle of step N's rollout generation (the
+    second generation forward pass of the rollout model), or right after step N's optimizer step
+    has changed the weights in memory. Installs nothing when the variable is unset."""
+    point = os.environ.get(KILL_ENV, "").partition(":")[0]
+    if point == "optimizer_step":
+        optimizer_step = trainer.optimizer.step
+
+        def killing_step(*args, **kwargs):
+            out = optimizer_step(*args, **kwargs)
+            maybe_kill("optimizer_step", trainer.step + 1)
+            return out
+
+        trainer.optimizer.step = killing_step
+    elif point == "generation":
+        train_step, forwards = trainer.train_step, [-1]  # -1: not inside train_step
+
+        def counting_train_step():
+            forwards[0] = 0
+            try:
+                return train_step()
+            finally:
+                forwards[0] = -1
+
+        def pre_forward(module, args):
+            if forwards[0] >= 0 and not module.training:  # generation runs in eval mode
+                forwards[0] += 1
+                if forwards[0] == 2:
+                    maybe_kill("generation", trainer.step + 1)
+
+        trainer.train_step = counting_train_step
+        trainer.engine.model.register_forward_pre_hook(pre_forward)
 
 
 def _peak_rss_mb() -> float:

@@ -103,6 +103,7 @@ class TrainerConfig:
     old_logprobs: Literal["auto", "recompute", "behaviour"] = "auto"
     autocast: Literal["auto", "bfloat16", "none"] = "auto"  # learner compute dtype
     logprob_chunk_tokens: int = 1024  # tokens per chunk of the output projection
+    share_prompt_pass: bool = True  # learner runs each group's prompt once (exact; fewer FLOPs)
     seed: int = 0
     eval_every: int = 0  # 0: only before and after training
     eval_problems: int = 200

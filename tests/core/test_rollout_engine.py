@@ -120,3 +120,30 @@ def test_prompt_longer_than_context_is_rejected():
         assert "long" in str(exc) and "max_new_tokens" in str(exc)
     else:
         raise AssertionError("expected PromptTooLongError")
+
+
+def test_shared_prompt_pass_matches_separate_rows_in_value_and_gradient():
+    model, _, eng = engine()
+    r = eng.generate(PROBLEMS, 3, SamplingParams(max_new_tokens=7), torch.Generator().manual_seed(4))
+    perm = torch.randperm(len(r), generator=torch.Generator().manual_seed(0))  # groups interleaved
+    r = r.select(perm)
+    results = []
+    for share in (True, False):
+        model.zero_grad()
+        lp, ent = completion_logprobs(model, r.prompt_ids, r.prompt_mask, r.completion_ids, r.completion_mask,
+                                      with_entropy=True, share_prompts=share)
+        (lp * torch.arange(1, lp.shape[1] + 1)).sum().backward()
+        results.append((lp.detach(), ent.detach(), torch.cat([p.grad.flatten() for p in model.parameters()])))
+    assert torch.allclose(results[0][0], results[1][0], atol=1e-5)
+    assert torch.allclose(results[0][1], results[1][1], atol=1e-4)
+    assert torch.allclose(results[0][2], results[1][2], atol=1e-5)
+
+
+def test_inverse_cdf_sampler_matches_the_distribution():
+    from posttrain.rollout.engine import _sample
+
+    logits = torch.log(torch.tensor([[0.5, 0.0, 0.3, 0.2]])).expand(20000, 4)  # token 1 has p = 0
+    draws = _sample(logits, torch.Generator().manual_seed(0))
+    freq = torch.bincount(draws, minlength=4).float() / len(draws)
+    assert freq[1] == 0
+    assert torch.allclose(freq, torch.tensor([0.5, 0.0, 0.3, 0.2]), atol=0.015)

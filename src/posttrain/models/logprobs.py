@@ -27,6 +27,46 @@ def _chunk_logprobs(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[t
     return logp, entropy
 
 
+def _hidden_states(model, prompt_ids, prompt_mask, completion_ids, completion_mask, share_prompts: bool):
+    """Decoder states that predict each completion token: [n, T, H].
+
+    With ``share_prompts``, identical prompt rows (the n completions of one prompt) run through
+    the decoder once; their KV cache is then indexed out to every row, so the completion pass
+    attends to it and gradients from all rows flow back into the one shared prompt pass. This
+    is the same computation as running each row separately, with the prompt tokens' share of
+    the FLOPs divided by the group size.
+    """
+    n, P = prompt_ids.shape
+    T = completion_ids.shape[1]
+    decoder = model.get_decoder()
+    prompt_mask = prompt_mask.long()
+    completion_mask = completion_mask.long()
+    keys = torch.cat([prompt_ids, prompt_mask], 1)
+    unique, inverse = torch.unique(keys, dim=0, return_inverse=True)
+    if not share_prompts or unique.shape[0] == n:
+        input_ids = torch.cat([prompt_ids, completion_ids], 1)
+        attention = torch.cat([prompt_mask, completion_mask], 1)
+        # Right padding of completions stays masked; positions count real tokens only.
+        position_ids = (attention.cumsum(-1) - 1).clamp_min(0)
+        hidden = decoder(input_ids=input_ids, attention_mask=attention, position_ids=position_ids).last_hidden_state
+        return hidden[:, P - 1 : P + T - 1]
+    from transformers import DynamicCache
+
+    u_ids, u_mask = unique[:, :P], unique[:, P:]
+    cache = DynamicCache()
+    prompt_out = decoder(input_ids=u_ids, attention_mask=u_mask, position_ids=(u_mask.cumsum(-1) - 1).clamp_min(0),
+                         past_key_values=cache, use_cache=True)
+    cache.batch_select_indices(inverse)
+    first = prompt_out.last_hidden_state[:, -1][inverse]  # predicts the first completion token
+    if T == 1:
+        return first[:, None]
+    positions = prompt_mask.sum(-1, keepdim=True) + torch.arange(T - 1, device=prompt_ids.device)[None]
+    attention = torch.cat([prompt_mask, completion_mask[:, : T - 1]], 1)
+    rest = decoder(input_ids=completion_ids[:, : T - 1], attention_mask=attention, position_ids=positions,
+                   past_key_values=cache, use_cache=True).last_hidden_state
+    return torch.cat([first[:, None], rest], 1)
+
+
 def completion_logprobs(
     model,
     prompt_ids: torch.Tensor,
@@ -37,6 +77,7 @@ def completion_logprobs(
     temperature: float = 1.0,
     chunk_tokens: int = 1024,
     with_entropy: bool = False,
+    share_prompts: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """log pi(o_t | q, o_<t) / temperature-scaled, for every completion token: two [n, T] tensors.
 
@@ -44,15 +85,9 @@ def completion_logprobs(
     Entropies are zeros unless ``with_entropy``.
     """
     device = next(model.parameters()).device
-    n, P = prompt_ids.shape
-    T = completion_ids.shape[1]
-    input_ids = torch.cat([prompt_ids, completion_ids], 1).to(device)
-    attention = torch.cat([prompt_mask.long(), completion_mask.long()], 1).to(device)
-    # Right padding of completions stays masked; positions count real tokens only.
-    position_ids = (attention.cumsum(-1) - 1).clamp_min(0)
-    decoder = model.get_decoder()
-    hidden = decoder(input_ids=input_ids, attention_mask=attention, position_ids=position_ids).last_hidden_state
-    hidden = hidden[:, P - 1 : P + T - 1]  # the state before each completion token predicts it
+    n, T = completion_ids.shape
+    hidden = _hidden_states(model, prompt_ids.to(device), prompt_mask.to(device), completion_ids.to(device),
+                            completion_mask.to(device), share_prompts)
     mask = completion_mask.to(device).bool()
     flat_hidden = hidden[mask]
     flat_targets = completion_ids.to(device)[mask]

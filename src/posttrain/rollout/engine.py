@@ -80,6 +80,15 @@ def _filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tens
     return logits
 
 
+def _sample(logits: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Tensor:
+    """One draw per row from softmax(logits) by inverse CDF: one uniform per row, where
+    ``torch.multinomial`` draws an exponential for every vocabulary entry (~40 ms per step
+    for 64 x 49k on a CPU)."""
+    cdf = torch.softmax(logits, dim=-1).cumsum(-1)
+    u = torch.rand((logits.shape[0], 1), generator=generator, device=logits.device) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp_max(logits.shape[-1] - 1)
+
+
 class HFRolloutEngine:
     def __init__(self, policy, tokenizer, *, dtype: torch.dtype, chat_template: bool = True):
         self.tokenizer = tokenizer
@@ -168,33 +177,32 @@ class HFRolloutEngine:
         active = torch.arange(N)  # sample index of each row still decoding
         eos = torch.tensor(sorted(self.eos_ids), dtype=torch.long) if self.eos_ids else None
         t_first = time.perf_counter()
+        live = torch.ones(N, dtype=torch.bool)  # per cache row: still decoding
         for t in range(T):
             scaled = logits.float() / params.temperature
             logp_all = torch.log_softmax(scaled, dim=-1)
-            filtered = _filter_logits(scaled, params.top_k, params.top_p)
-            probs = torch.softmax(filtered, dim=-1)
-            nxt = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-            rows = active
-            tokens[rows, t] = nxt.cpu()
-            logps[rows, t] = logp_all.gather(-1, nxt[:, None]).squeeze(-1).cpu()
-            ents[rows, t] = -(logp_all.exp() * logp_all).sum(-1).cpu()
+            nxt = _sample(_filter_logits(scaled, params.top_k, params.top_p), generator)
+            rows = active[live]  # finished rows still in the cache are computed but ignored
+            chosen = nxt.cpu()[live]
+            tokens[rows, t] = chosen
+            logps[rows, t] = logp_all.gather(-1, nxt[:, None]).squeeze(-1).cpu()[live]
+            ents[rows, t] = -(logp_all.exp() * logp_all).sum(-1).cpu()[live]
             lengths[rows] = t + 1
-            done = torch.isin(nxt.cpu(), eos) if eos is not None else torch.zeros(len(rows), dtype=torch.bool)
+            done = torch.isin(chosen, eos) if eos is not None else torch.zeros(len(rows), dtype=torch.bool)
             if params.stop:
                 for j, row in enumerate(rows.tolist()):
                     if not done[j] and self._hit_stop(tokens[row, : t + 1], params.stop):
                         done[j] = True
                         finished_by_stop[row] = True
-            if t == T - 1:
+            live[live.clone()] = ~done
+            if t == T - 1 or not live.any():
                 break
-            keep = (~done).nonzero().squeeze(-1)
-            if keep.numel() == 0:
-                break
-            if keep.numel() < len(rows):
+            # Compacting copies the whole KV cache, so do it only once a quarter of it is dead.
+            if (~live).sum() * 4 >= len(live):
+                keep = live.nonzero().squeeze(-1)
                 cache.batch_select_indices(keep.to(self.device))
-                attn = attn[keep.to(self.device)]
-                nxt = nxt[keep.to(nxt.device)]
-                active = rows[keep]
+                attn, nxt, active = attn[keep.to(self.device)], nxt[keep.to(nxt.device)], active[keep]
+                live = torch.ones(len(active), dtype=torch.bool)
             attn = torch.cat([attn, torch.ones((len(active), 1), dtype=attn.dtype, device=attn.device)], dim=1)
             logits = self._forward(nxt[:, None], attn, cache)
         wall = time.perf_counter() - t0

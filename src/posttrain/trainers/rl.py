@@ -143,6 +143,7 @@ class RLTrainer:
             self.policy.parameters(), lr=tc.lr, betas=tuple(tc.adam_betas), weight_decay=tc.weight_decay
         )
         use_bf16 = tc.autocast == "bfloat16" or (tc.autocast == "auto" and self._bf16_ok())
+        self.learner_dtype = torch.bfloat16 if use_bf16 else torch.float32
         self.autocast = (lambda: torch.autocast(self.device.type, dtype=torch.bfloat16)) if use_bf16 else nullcontext
         self.generator = torch.Generator(device=self.device).manual_seed(tc.seed)
         self.step = 0
@@ -189,7 +190,7 @@ class RLTrainer:
             return completion_logprobs(
                 model, batch.prompt_ids, batch.prompt_mask, batch.completion_ids, batch.completion_mask,
                 temperature=self.cfg.rollout.temperature, chunk_tokens=self.cfg.trainer.logprob_chunk_tokens,
-                with_entropy=with_entropy,
+                with_entropy=with_entropy, share_prompts=self.cfg.trainer.share_prompt_pass,
             )
 
     @torch.no_grad()
@@ -266,6 +267,9 @@ class RLTrainer:
             "perf/gen_tok_per_s": gen_stats.get("gen_tok_per_s", 0.0),
             "perf/learn_tok_per_s": float((rollouts.prompt_mask.sum() + mask.sum()) / max(t_end - t_gen, 1e-9)),
             "data/position": float(self.sampler.position),
+            "tokens/completion": float(mask.sum()),
+            "tokens/prompt": float(rollouts.prompt_mask.sum()),
+            "tokens/prompt_unique": float(_unique_prompt_tokens(rollouts)),
         })
         return metrics
 
@@ -429,6 +433,18 @@ class RLTrainer:
     def save_checkpoint(self) -> Path:
         return self.run.save_checkpoint(self.step, self.policy, self.tokenizer, self.state_dict(),
                                         keep=self.cfg.trainer.keep_checkpoints)
+
+
+def _unique_prompt_tokens(r: Rollouts) -> int:
+    """Prompt tokens the learner processes when each group's prompt runs once."""
+    first = torch.unique(r.group_ids, return_inverse=True)[1]
+    seen: set[int] = set()
+    total = 0
+    for i, g in enumerate(first.tolist()):
+        if g not in seen:
+            seen.add(g)
+            total += int(r.prompt_mask[i].sum())
+    return total
 
 
 def _trim(batch: Rollouts) -> Rollouts:

@@ -1,0 +1,309 @@
+"""posttrain vs TRL's GRPOTrainer, side by side on this machine, in one invocation.
+
+Same model (SmolLM2-135M-Instruct), same prompts (the quickstart's arithmetic train split in
+the same order), 8 prompts x 8 completions per step, up to 64 new tokens, temperature 1, the
+same loss (token-mean GRPO with group-std advantages, PPO clip 0.2, one epoch, no KL), the
+same reward, learning rate and seed. Each system runs in its own subprocess so peak RSS is
+its own. TRL runs with its defaults otherwise (notably gradient_checkpointing=True and bf16
+autocast via `bf16=True`, as posttrain's learner uses bf16 autocast with fp32 master weights).
+
+A third subprocess compares sampling alone: transformers' `generate` against posttrain's
+rollout engine, same bf16 weights, batch and length.
+
+    pip install -e '.[bench]'            # TRL is a benchmark-only extra
+    python benchmarks/vs_trl.py --json bench_out/vs_trl.json
+
+Figures: median step time over the measured steps (after warm-up), completion tokens per
+second of sampling, learner tokens (prompt + completion) per second of the update, learner
+MFU against a bf16 matmul peak measured in this run (see posttrain.bench for the FLOP
+count), peak RSS; then the ratios posttrain / TRL.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PROMPTS, COMPLETIONS = 8, 8
+
+
+def base_overrides(args) -> list[str]:
+    return [
+        f"model.name={args.model}",
+        f"rollout.num_prompts={PROMPTS}",
+        f"rollout.num_completions={COMPLETIONS}",
+        f"rollout.max_new_tokens={args.max_new_tokens}",
+        "rollout.temperature=1.0",
+        "algorithm.advantage_estimator=grpo",
+        "algorithm.policy_loss=ppo_clip",
+        "algorithm.aggregation=token-mean",
+        "algorithm.kl.coef=0.0",
+        "trainer.ppo_epochs=1",
+        "trainer.mini_batches=1",
+        "trainer.warmup_steps=0",
+        f"trainer.lr={args.lr}",
+        f"trainer.seed={args.seed}",
+    ]
+
+
+# ---------------------------------------------------------------------------------- workers
+def worker_posttrain(args) -> dict:
+    from posttrain.bench import bench_config
+    from posttrain.config import load_config
+
+    cfg = load_config(ROOT / "examples" / "arithmetic.yaml", base_overrides(args) + args.set)
+    return bench_config(cfg, steps=args.steps, warmup=args.warmup)
+
+
+def _completion_lengths(out, prompt_len: int, eos_ids: set[int]) -> list[int]:
+    lengths = []
+    for row in out[:, prompt_len:].tolist():
+        n = len(row)
+        for i, t in enumerate(row):
+            if t in eos_ids:
+                n = i + 1
+                break
+        lengths.append(n)
+    return lengths
+
+
+def worker_trl(args) -> dict:
+    import torch
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    from posttrain.bench import matmul_peak_gflops, model_dims, peak_rss_mb
+    from posttrain.config import load_config
+    from posttrain.models.loading import load_model_and_tokenizer
+    from posttrain.rewards.registry import build_reward
+    from posttrain.tasks.registry import build_task
+
+    cfg = load_config(ROOT / "examples" / "arithmetic.yaml", base_overrides(args) + args.set)
+    model, tokenizer = load_model_and_tokenizer(cfg.model.name)  # fp32 weights, as posttrain's learner
+    reward = build_reward(cfg.reward, tokenizer=tokenizer)
+    # posttrain's sampler order for the same seed, so both see the same prompts per step
+    from posttrain.trainers.rl import EpochSampler
+
+    sampler = EpochSampler(list(build_task(cfg.task).problems("train")), cfg.trainer.seed)
+    problems = sampler.next(PROMPTS * (args.steps + args.warmup))
+    by_prompt = {p.prompt: p for p in problems}
+    data = Dataset.from_list([{"prompt": [{"role": "user", "content": p.prompt}]} for p in problems])
+
+    def reward_fn(prompts, completions, **kwargs):
+        out = []
+        for prompt, completion in zip(prompts, completions):
+            problem = by_prompt[prompt[-1]["content"]]
+            out.append(float(reward(problem, [completion[-1]["content"]]).rewards[0]))
+        return out
+
+    eos = {tokenizer.eos_token_id}
+    gen = {"s": 0.0, "tokens": 0, "prompt_tokens": 0}
+    cls = type(model)
+    original = cls.generate
+
+    def timed_generate(self, *a, **kw):
+        t = time.perf_counter()
+        out = original(self, *a, **kw)
+        gen["s"] += time.perf_counter() - t
+        ids = kw.get("input_ids", a[0] if a else None)
+        mask = kw.get("attention_mask")
+        gen["tokens"] += sum(_completion_lengths(out, ids.shape[1], eos))
+        gen["prompt_tokens"] += int(mask.sum()) if mask is not None else int(ids.numel())
+        return out
+
+    cls.generate = timed_generate
+    steps = []
+
+    class Timer(TrainerCallback):
+        def on_step_begin(self, *a, **kw):
+            self.t0 = time.perf_counter()
+            self.g0, self.n0, self.p0 = gen["s"], gen["tokens"], gen["prompt_tokens"]
+
+        def on_step_end(self, *a, **kw):
+            total = time.perf_counter() - self.t0
+            g = gen["s"] - self.g0
+            steps.append({"step_s": total, "gen_s": g, "learn_s": total - g,
+                          "completion_tokens": gen["tokens"] - self.n0, "prompt_tokens": gen["prompt_tokens"] - self.p0})
+
+    with tempfile.TemporaryDirectory() as tmp:
+        config = GRPOConfig(
+            output_dir=tmp, per_device_train_batch_size=PROMPTS * COMPLETIONS, gradient_accumulation_steps=1,
+            num_generations=COMPLETIONS, max_completion_length=args.max_new_tokens, temperature=1.0, top_p=1.0,
+            top_k=0, learning_rate=args.lr, lr_scheduler_type="constant", warmup_steps=0, beta=0.0,
+            loss_type="dapo", scale_rewards="group", num_iterations=1, epsilon=0.2, max_grad_norm=1.0,
+            max_steps=args.steps + args.warmup, logging_steps=1, report_to="none", save_strategy="no",
+            seed=args.seed, bf16=True, use_cpu=True, shuffle_dataset=False, disable_tqdm=True,
+            dataloader_num_workers=0,
+        )
+        trainer = GRPOTrainer(model=model, reward_funcs=reward_fn, args=config, train_dataset=data,
+                              processing_class=tokenizer, callbacks=[Timer()])
+        trainer.train()
+    rows = steps[args.warmup:]
+    med = statistics.median
+    nonembed, hidden, vocab = model_dims(model)
+    peak = matmul_peak_gflops(torch.bfloat16)
+    flops = [6.0 * nonembed * (r["prompt_tokens"] + r["completion_tokens"]) + 6.0 * hidden * vocab * r["completion_tokens"]
+             for r in rows]
+    rewards = [h["reward"] for h in trainer.state.log_history if "reward" in h][args.warmup:]
+    return {
+        "steps_measured": len(rows),
+        "step_s": med(r["step_s"] for r in rows),
+        "gen_s": med(r["gen_s"] for r in rows),
+        "learn_s": med(r["learn_s"] for r in rows),
+        "completion_tokens_per_step": med(r["completion_tokens"] for r in rows),
+        "gen_tok_per_s": med(r["completion_tokens"] / r["gen_s"] for r in rows),
+        "learner_tok_per_s": med((r["prompt_tokens"] + r["completion_tokens"]) / r["learn_s"] for r in rows),
+        "learner_gflops": med(f / r["learn_s"] / 1e9 for f, r in zip(flops, rows)),
+        "learner_dtype": "bf16",
+        "matmul_peak_gflops": peak,
+        "learner_mfu": med(f / r["learn_s"] / 1e9 for f, r in zip(flops, rows)) / peak,
+        "peak_rss_mb": peak_rss_mb(),
+        "reward_mean": med(rewards) if rewards else float("nan"),
+        "gradient_checkpointing": config.gradient_checkpointing,
+    }
+
+
+def worker_generate(args) -> dict:
+    """transformers' generate vs posttrain's engine: same bf16 weights, batch and length."""
+    import torch
+
+    from posttrain.config import load_config
+    from posttrain.models.loading import load_model_and_tokenizer
+    from posttrain.rollout.engine import HFRolloutEngine, SamplingParams
+    from posttrain.tasks.registry import build_task
+
+    cfg = load_config(ROOT / "examples" / "arithmetic.yaml", base_overrides(args))
+    model, tokenizer = load_model_and_tokenizer(cfg.model.name)
+    engine = HFRolloutEngine(model, tokenizer, dtype=torch.bfloat16)
+    problems = build_task(cfg.task).problems("train")[:PROMPTS]
+    tokenizer.padding_side = "left"
+    texts = [tokenizer.apply_chat_template([{"role": "user", "content": p.prompt}], tokenize=False,
+                                           add_generation_prompt=True) for p in problems]
+    enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    eos = {tokenizer.eos_token_id}
+    hf, ours = [], []
+    for rep in range(args.gen_reps + 1):  # first round is warm-up
+        torch.manual_seed(rep)
+        t = time.perf_counter()
+        with torch.no_grad():
+            out = engine.model.generate(**enc, do_sample=True, temperature=1.0, top_p=1.0, top_k=0,
+                                        max_new_tokens=args.max_new_tokens, num_return_sequences=COMPLETIONS,
+                                        pad_token_id=tokenizer.pad_token_id)
+        dt = time.perf_counter() - t
+        n_hf = sum(_completion_lengths(out, enc.input_ids.shape[1], eos))
+        t = time.perf_counter()
+        r = engine.generate(problems, COMPLETIONS, SamplingParams(max_new_tokens=args.max_new_tokens),
+                            torch.Generator().manual_seed(rep))
+        dt2 = time.perf_counter() - t
+        if rep:
+            hf.append(n_hf / dt)
+            ours.append(float(r.completion_mask.sum()) / dt2)
+    return {"hf_generate_tok_per_s": statistics.median(hf), "posttrain_tok_per_s": statistics.median(ours),
+            "reps": args.gen_reps}
+
+
+WORKERS = {"posttrain": worker_posttrain, "trl": worker_trl, "generate": worker_generate}
+
+
+# ---------------------------------------------------------------------------------- driver
+def run_worker(name: str, argv: list[str]) -> dict:
+    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
+        out = f.name
+    cmd = [sys.executable, __file__, "--worker", name, "--worker-out", out, *argv]
+    print(f"[vs_trl] running {name} ...", flush=True)
+    t = time.perf_counter()
+    proc = subprocess.run(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    if proc.returncode != 0:
+        raise SystemExit(f"[vs_trl] worker {name} failed with exit code {proc.returncode}")
+    result = json.loads(Path(out).read_text())
+    os.unlink(out)
+    print(f"[vs_trl] {name} done in {time.perf_counter() - t:.0f} s", flush=True)
+    return result
+
+
+def table(results: dict) -> str:
+    p, t, g = results["posttrain"], results["trl"], results["generate"]
+    rows = [
+        ("median step time (s)", f"{p['step_s']:.2f}", f"{t['step_s']:.2f}", f"{t['step_s'] / p['step_s']:.2f}x faster"),
+        ("  generation (s)", f"{p['gen_s']:.2f}", f"{t['gen_s']:.2f}", f"{t['gen_s'] / p['gen_s']:.2f}x"),
+        ("  learner (s)", f"{p['learn_s']:.2f}", f"{t['learn_s']:.2f}", f"{t['learn_s'] / p['learn_s']:.2f}x"),
+        ("completion tokens / step", f"{p['completion_tokens_per_step']:.0f}", f"{t['completion_tokens_per_step']:.0f}", ""),
+        ("completion tok/s (sampling)", f"{p['gen_tok_per_s']:.0f}", f"{t['gen_tok_per_s']:.0f}",
+         f"{p['gen_tok_per_s'] / t['gen_tok_per_s']:.2f}x"),
+        ("learner tok/s", f"{p['learner_tok_per_s']:.0f}", f"{t['learner_tok_per_s']:.0f}",
+         f"{p['learner_tok_per_s'] / t['learner_tok_per_s']:.2f}x"),
+        ("learner GFLOP/s executed", f"{p['learner_gflops']:.0f}", f"{t['learner_gflops']:.0f}", ""),
+        (f"learner MFU (peak {results['peak_bf16_gflops']:.0f} GFLOP/s bf16)", f"{p['learner_mfu']:.1%}",
+         f"{t['learner_mfu']:.1%}", ""),
+        ("peak RSS (MB)", f"{p['peak_rss_mb']:.0f}", f"{t['peak_rss_mb']:.0f}",
+         f"{p['peak_rss_mb'] / t['peak_rss_mb']:.2f} of TRL's"),
+        ("median batch reward", f"{p['reward_mean']:.3f}", f"{t['reward_mean']:.3f}", ""),
+    ]
+    lines = ["| figure | posttrain | TRL GRPOTrainer | ratio |", "|---|---:|---:|---|"]
+    lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows]
+    lines.append("")
+    lines.append(f"Sampling alone, same bf16 weights, batch {PROMPTS * COMPLETIONS}, {results['max_new_tokens']} new tokens: "
+                 f"transformers generate {g['hf_generate_tok_per_s']:.0f} tok/s, posttrain engine "
+                 f"{g['posttrain_tok_per_s']:.0f} tok/s ({g['posttrain_tok_per_s'] / g['hf_generate_tok_per_s']:.2f}x).")
+    lines.append(f"Matmul peak measured in this run: {results['peak_bf16_gflops']:.0f} GFLOP/s bf16, "
+                 f"{results['peak_fp32_gflops']:.0f} GFLOP/s fp32 (2048x2048, all threads).")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--steps", type=int, default=5, help="measured steps")
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--lr", type=float, default=2e-5)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--gen-reps", type=int, default=3)
+    parser.add_argument("--set", action="append", default=[], help="extra posttrain override (repeatable)")
+    parser.add_argument("--only", choices=sorted(WORKERS), action="append", help="run only these parts")
+    parser.add_argument("--json", help="write all figures here")
+    parser.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
+    parser.add_argument("--worker-out", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        result = WORKERS[args.worker](args)
+        Path(args.worker_out).write_text(json.dumps(result))
+        return 0
+
+    import torch
+
+    from posttrain.bench import matmul_peak_gflops
+
+    argv = ["--model", args.model, "--steps", str(args.steps), "--warmup", str(args.warmup),
+            "--max-new-tokens", str(args.max_new_tokens), "--lr", str(args.lr), "--seed", str(args.seed),
+            "--gen-reps", str(args.gen_reps)]
+    for s in args.set:
+        argv += ["--set", s]
+    results = {
+        "peak_bf16_gflops": matmul_peak_gflops(torch.bfloat16),
+        "peak_fp32_gflops": matmul_peak_gflops(torch.float32),
+        "max_new_tokens": args.max_new_tokens,
+        "prompts": PROMPTS, "completions": COMPLETIONS, "steps": args.steps, "warmup": args.warmup,
+    }
+    for name in args.only or ["generate", "posttrain", "trl"]:
+        results[name] = run_worker(name, argv)
+    if all(k in results for k in WORKERS):
+        results["table"] = table(results)
+        print(results["table"])
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

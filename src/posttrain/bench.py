@@ -1,0 +1,118 @@
+"""Throughput and memory of a configured RL run, measured on this machine.
+
+Figures (medians over the measured steps, after warm-up):
+- step time, generation time, learner time;
+- generation throughput: completion tokens per second of sampling;
+- learner throughput: (prompt + completion) tokens of the batch per second of the update;
+- learner MFU: FLOPs the learner actually executes / learner time / measured matmul peak,
+  where FLOPs = 6 * N_nonembed * (prompt tokens processed + completion tokens)
+              + 6 * hidden * vocab * completion tokens        (output projection, chunked)
+  and "prompt tokens processed" counts each group's prompt once when the learner shares the
+  prompt pass (it does by default), once per sample otherwise;
+- peak resident memory of the process.
+"""
+
+from __future__ import annotations
+
+import resource
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+
+def matmul_peak_gflops(dtype: torch.dtype = torch.float32, n: int = 2048, reps: int = 6) -> float:
+    """Best-of-``reps`` GFLOP/s of an n x n matmul in ``dtype`` on this CPU (all torch threads)."""
+    a = torch.randn(n, n).to(dtype)
+    b = torch.randn(n, n).to(dtype)
+    torch.mm(a, b)  # warm-up
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best / 1e9
+
+
+def model_dims(model) -> tuple[int, int, int]:
+    """(non-embedding parameters, hidden size, vocabulary size)."""
+    emb = model.get_input_embeddings().weight
+    total = sum(p.numel() for p in model.parameters())
+    head = model.get_output_embeddings().weight
+    tied = head.data_ptr() == emb.data_ptr()
+    nonembed = total - emb.numel() - (0 if tied else head.numel())
+    return nonembed, emb.shape[1], emb.shape[0]
+
+
+def learner_flops(nonembed: int, hidden: int, vocab: int, prompt_tokens: float, completion_tokens: float,
+                  passes: int = 1) -> float:
+    return passes * (6.0 * nonembed * (prompt_tokens + completion_tokens) + 6.0 * hidden * vocab * completion_tokens)
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def bench_config(cfg, steps: int = 5, warmup: int = 1, peak: dict | None = None) -> dict:
+    """Run ``warmup + steps`` training steps of ``cfg`` (no evaluation, no checkpoints)."""
+    from posttrain.models.loading import load_model_and_tokenizer
+    from posttrain.rewards.registry import build_reward
+    from posttrain.runs import RunDir
+    from posttrain.tasks.registry import build_task
+    from posttrain.trainers.rl import RLTrainer
+
+    if cfg.trainer.threads:
+        torch.set_num_threads(cfg.trainer.threads)
+    model, tokenizer = load_model_and_tokenizer(cfg.model.name)
+    task = build_task(cfg.task)
+    reward = build_reward(cfg.reward, tokenizer=tokenizer)
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = RLTrainer(cfg, model, tokenizer, task, reward, RunDir(Path(tmp)))
+        rows = [trainer.train_step() for _ in range(warmup + steps)][warmup:]
+    learner_dtype = trainer.learner_dtype
+    peak = peak or {}
+    key = "bf16" if learner_dtype == torch.bfloat16 else "fp32"
+    if key not in peak:
+        peak[key] = matmul_peak_gflops(learner_dtype)
+    nonembed, hidden, vocab = model_dims(model)
+    prompt_key = "tokens/prompt_unique" if cfg.trainer.share_prompt_pass else "tokens/prompt"
+    passes = cfg.trainer.ppo_epochs
+    flops = [learner_flops(nonembed, hidden, vocab, r[prompt_key], r["tokens/completion"], passes) for r in rows]
+    med = statistics.median
+    learn_s = med(r["time/learn_s"] for r in rows)
+    gen_s = med(r["time/gen_s"] for r in rows)
+    return {
+        "steps_measured": len(rows),
+        "step_s": med(r["time/step_s"] for r in rows),
+        "gen_s": gen_s,
+        "learn_s": learn_s,
+        "completion_tokens_per_step": med(r["tokens/completion"] for r in rows),
+        "gen_tok_per_s": med(r["tokens/completion"] / r["time/gen_s"] for r in rows),
+        "learner_tok_per_s": med((r["tokens/prompt"] + r["tokens/completion"]) / r["time/learn_s"] for r in rows),
+        "learner_gflops": med(f / r["time/learn_s"] / 1e9 for f, r in zip(flops, rows)),
+        "learner_dtype": key,
+        "matmul_peak_gflops": peak[key],
+        "learner_mfu": med(f / r["time/learn_s"] / 1e9 for f, r in zip(flops, rows)) / peak[key],
+        "peak_rss_mb": peak_rss_mb(),
+        "reward_mean": med(r["reward/mean"] for r in rows),
+    }
+
+
+def print_bench(result: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="posttrain bench")
+    table.add_column("figure")
+    table.add_column("value", justify="right")
+    fmt = {
+        "step_s": "{:.2f} s", "gen_s": "{:.2f} s", "learn_s": "{:.2f} s", "gen_tok_per_s": "{:.0f}",
+        "learner_tok_per_s": "{:.0f}", "learner_gflops": "{:.0f}", "matmul_peak_gflops": "{:.0f}",
+        "learner_mfu": "{:.0%}", "peak_rss_mb": "{:.0f} MB", "completion_tokens_per_step": "{:.0f}",
+    }
+    for key, pattern in fmt.items():
+        table.add_row(key, pattern.format(result[key]))
+    table.add_row("learner dtype", result["learner_dtype"])
+    Console().print(table)

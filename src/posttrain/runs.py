@@ -10,7 +10,14 @@ Layout::
     RUN_DIR/summary.json           written at the end
 
 A checkpoint is written to ``step_N.tmp-PID``, flushed to disk and renamed; ``COMPLETE`` is
-written last inside it, so a directory without ``COMPLETE`` is never loaded.
+written last inside it, so a directory without ``COMPLETE`` is never loaded. Checkpoints are
+deleted by renaming them to ``step_N.tmp-del-PID`` first, so a kill mid-delete never leaves a
+half-deleted ``step_N`` behind; ``clean_stale`` (on resume, and after each save) removes such
+leftovers.
+
+Crash tests set ``POSTTRAIN_TEST_KILL_AT=POINT:STEP`` to SIGKILL the process at a chosen point
+(``maybe_kill``): ``checkpoint_write`` (step STEP's files are on disk, ``COMPLETE`` is not), and,
+hooked in by ``trainers/rl_run.py``, ``generation`` and ``optimizer_step``. Unset, it does nothing.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -29,6 +37,15 @@ from posttrain.models.loading import latest_checkpoint
 
 class RunDirError(ValueError):
     """The run directory cannot be used (exists, unwritable, disk full...)."""
+
+
+KILL_ENV = "POSTTRAIN_TEST_KILL_AT"
+
+
+def maybe_kill(point: str, step: int) -> None:
+    """Crash-test hook: SIGKILL this process when ``$POSTTRAIN_TEST_KILL_AT == f"{point}:{step}"``."""
+    if os.environ.get(KILL_ENV) == f"{point}:{step}":
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def new_run_dir(base: Path = Path("runs"), name: str = "rl") -> Path:
@@ -142,10 +159,14 @@ class RunDir:
         for f in tmp.iterdir():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
-        (tmp / "COMPLETE").write_text(json.dumps(meta) + "\n")
+        maybe_kill("checkpoint_write", step)
+        with open(tmp / "COMPLETE", "w") as fh:
+            fh.write(json.dumps(meta) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
         _fsync_dir(tmp)
         if final.exists():
-            shutil.rmtree(final)
+            _discard(final)
         os.replace(tmp, final)
         _fsync_dir(self.checkpoints)
         self._prune(keep)
@@ -157,12 +178,41 @@ class RunDir:
             key=lambda p: int(p.name[5:]),
         )
         for old in done[:-keep]:
-            shutil.rmtree(old)
-        for stale in self.checkpoints.glob("step_*.tmp-*"):  # left by a killed writer
-            shutil.rmtree(stale, ignore_errors=True)
+            _discard(old)
+        self.clean_stale()
+
+    def clean_stale(self) -> list[Path]:
+        """Remove what a killed process left: ``step_N.tmp-*`` (a writer or a delete killed
+        midway), ``step_N`` without ``COMPLETE`` and torn ``*.tmpPID`` files of atomic writes.
+        None of them is ever loaded. Returns the removed paths."""
+        removed = []
+        if self.checkpoints.is_dir():
+            for p in self.checkpoints.glob("step_*"):
+                if ".tmp-" in p.name or (p.name[5:].isdigit() and not (p / "COMPLETE").exists()):
+                    if p.is_dir():
+                        shutil.rmtree(p, ignore_errors=True)
+                    else:
+                        p.unlink(missing_ok=True)
+                    removed.append(p)
+        if self.path.is_dir():
+            for p in self.path.glob("*.tmp[0-9]*"):
+                if p.is_file():
+                    p.unlink(missing_ok=True)
+                    removed.append(p)
+        return removed
 
     def latest_checkpoint(self) -> Optional[Path]:
         return latest_checkpoint(self.path)
+
+
+def _discard(checkpoint: Path) -> None:
+    """Delete a checkpoint directory; renamed out of the ``step_N`` namespace first, so a kill
+    mid-delete cannot leave a ``step_N`` that still has ``COMPLETE`` but lacks its weights."""
+    doomed = checkpoint.with_name(f"{checkpoint.name}.tmp-del-{os.getpid()}")
+    if doomed.exists():
+        shutil.rmtree(doomed, ignore_errors=True)
+    os.replace(checkpoint, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
 
 
 def load_trainer_state(checkpoint: Path) -> dict[str, Any]:

@@ -295,9 +295,11 @@ class RLTrainer:
                                  norm_length=float(cfg.rollout.max_new_tokens))
                 self.optimizer.zero_grad(set_to_none=True)
                 total_loss = 0.0
+                # Micro-batches of similar completion length waste little compute on padding;
+                # the loss is a sum normalised by mini-batch counts, so the grouping is free.
+                by_length = torch.argsort(mini.completion_lengths, stable=True)
                 for s in range(0, len(mini), tc.micro_batch_size):
-                    micro = mini.select(list(range(s, min(s + tc.micro_batch_size, len(mini)))))
-                    micro = _trim(micro)
+                    micro = _trim(mini.select(by_length[s:s + tc.micro_batch_size]))
                     loss, parts = self._micro_loss(micro, loss_fn, counts_kw, record)
                     loss.backward()
                     total_loss += float(loss.detach())

@@ -96,7 +96,8 @@ def train_rl(cfg: RLConfig, output_dir: Optional[str] = None, resume: bool = Fal
             run.truncate_jsonl(name, trainer.step)
     say = (lambda *a: None) if quiet else print
     tc = cfg.trainer
-    evals = {r["step"]: r for r in run.read_jsonl("eval.jsonl")}
+    # Results of evaluations logged before a restart (without their "step" key, as if fresh).
+    evals = {r["step"]: {k: v for k, v in r.items() if k != "step"} for r in run.read_jsonl("eval.jsonl")}
     if 0 not in evals:
         say(f"run directory: {path}\nevaluating on {len(trainer.eval_problems)} held-out problems before training ...")
         before = trainer.evaluate().as_dict()

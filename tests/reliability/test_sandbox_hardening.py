@@ -1,0 +1,378 @@
+"""Sandbox attacks that tests/rewards/test_reward_sandbox.py does not already try.
+
+That file covers: ctypes setuid/mount/unshare/kill/segfault, fork bombs and fork loops,
+ignoring SIGTERM/SIGALRM/SIGINT/SIGHUP/SIGXCPU, raising rlimits with ``resource.setrlimit``,
+``/proc/<ppid>/environ`` (and PID 1 and the caller's host pid), creating a new file in the
+package directory, deep Python and C recursion, and ``10**10**8``. Added here:
+
+* ctypes: ptrace-attaching the root-owned launcher, remounting the read-only package dir
+  read-write, unmounting ``/``, chroot, setresuid/setgroups, joining PID 1's namespaces;
+* fork: "fork hopping" (each process forks its successor and exits at once, so no pid or
+  process group lives long enough to be killed by id) must not outlive the run;
+* signals: SIGSTOP to itself and to its process group, all signals blocked, and SIGTERM /
+  SIGSTOP / SIGINT / SIGHUP sent to the launcher (PID 1) - the run still ends on time, as a
+  result, not a sandbox error;
+* resources: prlimit on the launcher and on the caller's host pid, negative nice /
+  setpriority, raising RLIMIT_NPROC and RLIMIT_STACK (then deep C recursion);
+* ``/proc/self/environ`` (and of every thread and of a grandchild) holds only the minimal env;
+* existing files of the installed package: append, truncate, unlink, rename, chmod, utime,
+  hard link, a symlink planted in the working directory, ``__pycache__``, site-packages;
+* huge integers with the int-to-str limit switched off, and ``1 << (1 << 40)``.
+
+Each attack: the run ends as a ``SandboxResult`` (contained), the code reward around a correct
+solution is 0 where the attack makes the program fail, and the machine is left as it was.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+import sysconfig
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+import posttrain
+from posttrain.rewards import sandbox
+from posttrain.rewards.code_reward import CodeReward
+from posttrain.rewards.sandbox import detect_capabilities, run_python
+from posttrain.tasks.base import Problem
+
+CAPS = detect_capabilities()
+PKG = Path(posttrain.__file__).resolve().parent
+SOLUTION = "def add(a, b):\n    return a + b\n"
+PROBLEM = Problem(id="add", prompt="Write add(a, b).", tests="assert add(1, 2) == 3\n")
+
+
+def requires(*caps):
+    missing = [c for c in caps if not CAPS.get(c)]
+    return pytest.mark.skipif(bool(missing), reason=f"sandbox cannot enforce {missing} here: {CAPS.get('not_enforced')}")
+
+
+def code_reward(attack: str, timeout_s: float = 3.0, **kw) -> float:
+    return CodeReward(timeout_s=timeout_s, **kw)(PROBLEM, [f"```python\n{attack}\n{SOLUTION}```"]).rewards[0]
+
+
+def _leftover_procs(before: set[int]) -> set[int]:
+    """Host processes of this test process's sandbox runs. With per-run cgroups: anything in
+    one of ours (named after our pid, so concurrent test runs of other people do not count).
+    Without: any sandboxed program or launcher that was not there before."""
+    own = f"{sandbox.CGROUP_PREFIX}{os.getpid()}-"
+    with_cgroups = bool(CAPS.get("pids_cgroup") or CAPS.get("memory_cgroup"))
+    found = set()
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            if with_cgroups:
+                if own in Path(f"/proc/{pid}/cgroup").read_text():
+                    found.add(int(pid))
+                continue
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if argv[1:4] == [b"-I", b"-S", b"main.py"] or any(a.endswith(b"_sandbox_launcher.py") for a in argv):
+            found.add(int(pid))
+    return found - before
+
+
+def _own_cgroups() -> list[str]:
+    prefix = f"{sandbox.CGROUP_PREFIX}{os.getpid()}-"
+    return [n for base in (CAPS.get("pids_cgroup"), CAPS.get("memory_cgroup")) if base and os.path.isdir(base)
+            for n in os.listdir(base) if n.startswith(prefix)]
+
+
+@pytest.fixture
+def contained(record, request):
+    """The machine is left as it was; a contained attack is recorded in the report."""
+    temps = {n for n in os.listdir(tempfile.gettempdir()) if n.startswith("posttrain-sandbox-")}
+    procs, env = _leftover_procs(set()), {k: v for k, v in os.environ.items() if k != "PYTEST_CURRENT_TEST"}
+    failed = request.session.testsfailed
+    yield
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and _leftover_procs(procs):
+        time.sleep(0.05)
+    assert not _leftover_procs(procs), "sandboxed processes outlived their run"
+    assert not _own_cgroups(), "per-run cgroups left behind"
+    assert {n for n in os.listdir(tempfile.gettempdir()) if n.startswith("posttrain-sandbox-")} <= temps
+    assert {k: v for k, v in os.environ.items() if k != "PYTEST_CURRENT_TEST"} == env
+    os.kill(os.getpid(), 0)
+    if request.session.testsfailed == failed:
+        record("sandbox attacks contained", request.node.name.removeprefix("test_"))
+
+
+def _lines(res) -> dict[str, str]:
+    return dict(line.split(" ", 1) if " " in line else (line, "") for line in res.stdout.splitlines())
+
+
+# ----------------------------------------------------------------------------- ctypes
+
+
+@requires("uid_dropped", "mount_namespace", "pid_namespace")
+def test_ctypes_privileged_syscalls(contained):
+    code = f"""
+import ctypes, os
+libc = ctypes.CDLL(None, use_errno=True)
+def show(name, rc):
+    print(name, rc, ctypes.get_errno())
+show("ptrace_attach_launcher", libc.ptrace(16, 1, None, None))        # PTRACE_ATTACH to PID 1 (root)
+show("remount_pkg_rw", libc.mount(None, {str(PKG).encode()!r}, None, 32 | 4096, None))  # MS_REMOUNT|MS_BIND
+show("umount_root", libc.umount2(b"/", 2))                                # MNT_DETACH
+show("chroot", libc.chroot(b"/tmp"))
+show("setresuid0", libc.setresuid(0, 0, 0))
+show("setgroups0", libc.setgroups(0, None))
+try:
+    fd = os.open("/proc/1/ns/mnt", os.O_RDONLY)
+    show("setns_launcher_mnt", libc.setns(fd, 0))
+except OSError as e:
+    print("setns_launcher_mnt", -1, e.errno)
+print("uid", os.getuid(), os.geteuid())
+"""
+    res = run_python(code)
+    assert res.ok, res.stderr
+    out = _lines(res)
+    for name in ("ptrace_attach_launcher", "remount_pkg_rw", "umount_root", "chroot", "setresuid0", "setgroups0",
+                 "setns_launcher_mnt"):
+        assert out[name].split()[0] == "-1", (name, out[name])
+    assert out["uid"] == f"{sandbox.NOBODY} {sandbox.NOBODY}"
+    assert code_reward("import ctypes\nassert ctypes.CDLL(None).setresuid(0, 0, 0) == 0") == 0.0
+
+
+# ----------------------------------------------------------------------------- fork
+
+
+def _procs_in(directory: Path) -> list[int]:
+    found = []
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                if os.readlink(f"/proc/{pid}/cwd") == str(directory):
+                    found.append(int(pid))
+            except OSError:
+                continue
+    return found
+
+
+HOPPER = (
+    "import os, time\n"
+    "for i in range(5000):\n"
+    "    if os.fork():\n"
+    "        os._exit(0)\n"  # the parent exits at once: no pid lives long enough to be killed by id
+    "    os.setsid()\n"  # and every generation leaves the previous session and process group
+    "    time.sleep(0.001)\n"
+)
+
+
+@requires("pid_namespace")
+def test_fork_hopping_does_not_outlive_the_run(contained):
+    t0 = time.monotonic()
+    res = run_python(HOPPER, timeout_s=2)
+    assert time.monotonic() - t0 < 5
+    assert res.exit_code == 0  # the first generation exited 0 at once ...
+    assert code_reward("import os\nif os.fork():\n    os._exit(0)\nimport time\ntime.sleep(30)") == 0.0
+    # ... and the contained fixture checks that no later generation survived the run
+
+
+def test_fork_hopping_without_namespaces_or_cgroups(contained, tmp_path):
+    """The weakest fallback mode (no PID namespace, no cgroups, as on a machine without
+    ``unshare`` or root): only the launcher, a child subreaper, stands between the hoppers and
+    the host. They run in a directory of their own so survivors can be found by their cwd."""
+    plan = sandbox._Plan("none", False, None, None)
+    home = tmp_path / "hop"
+    home.mkdir()
+    os.chmod(home, 0o777)
+    res = sandbox._execute(plan, f"import os\nos.chdir({str(home)!r})\n" + HOPPER, 2.0, 256, "", 65536, 64, 8, 4, 64)
+    assert res.exit_code == 0
+    deadline = time.monotonic() + 2
+    while _procs_in(home) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    survivors = _procs_in(home)
+    for pid in survivors:  # do not leave them running if the assertion fails
+        try:
+            os.kill(pid, 9)
+        except OSError:
+            pass
+    assert not survivors, f"fork hoppers outlived a {plan.mode} run: {survivors}"
+
+
+# ----------------------------------------------------------------------------- signals
+
+
+@pytest.mark.parametrize("attack", [
+    "import os, signal\nos.kill(os.getpid(), signal.SIGSTOP)",
+    "import os, signal\nos.killpg(os.getpgid(0), signal.SIGSTOP)",
+    "import signal\nsignal.pthread_sigmask(signal.SIG_BLOCK, set(signal.Signals))\nwhile True:\n    pass",
+    "import os, signal\nfor s in (signal.SIGTERM, signal.SIGSTOP, signal.SIGINT, signal.SIGHUP):\n"
+    "    try:\n        os.kill(1, s)\n    except OSError:\n        pass\n"
+    "    try:\n        os.kill(os.getppid(), s)\n    except OSError:\n        pass\nwhile True:\n    pass",
+], ids=["stop_self", "stop_group", "block_all", "signal_launcher"])
+def test_signal_games_still_end_on_time(attack, contained, request):
+    t0 = time.monotonic()
+    res = run_python(attack, timeout_s=1.0)  # a SandboxError here would be a failure too
+    assert res.timed_out and not res.ok, (res.exit_code, res.killed_reason, res.stderr[-300:])
+    assert res.wall_s < 3 and time.monotonic() - t0 < 5
+    if "signal_launcher" in request.node.name:  # the reward path: one case is enough
+        assert code_reward(attack, timeout_s=1.0) == 0.0
+
+
+# ----------------------------------------------------------------------------- resources
+
+
+@requires("uid_dropped", "pid_namespace")
+def test_resource_changes_on_others_and_upward_are_denied(contained):
+    me = os.getpid()
+    code = f"""
+import os, resource
+def attempt(name, fn):
+    try:
+        fn(); print(name, "ALLOWED")
+    except (OSError, ValueError) as e:
+        print(name, "denied", type(e).__name__)
+attempt("prlimit_launcher_nofile", lambda: resource.prlimit(1, resource.RLIMIT_NOFILE, (0, 0)))
+attempt("prlimit_launcher_as", lambda: resource.prlimit(1, resource.RLIMIT_AS, (1 << 20, 1 << 20)))
+attempt("prlimit_caller", lambda: resource.prlimit({me}, resource.RLIMIT_NOFILE, (0, 0)))
+attempt("nice_up", lambda: os.nice(-10))
+attempt("renice_launcher", lambda: os.setpriority(os.PRIO_PROCESS, 1, 19))
+attempt("renice_caller", lambda: os.setpriority(os.PRIO_PROCESS, {me}, 19))
+soft, hard = resource.getrlimit(resource.RLIMIT_NPROC)
+attempt("raise_nproc_hard", lambda: resource.setrlimit(resource.RLIMIT_NPROC, (resource.RLIM_INFINITY,) * 2)
+        if hard != resource.RLIM_INFINITY else (_ for _ in ()).throw(ValueError("already unlimited")))
+"""
+    res = run_python(code)
+    assert res.ok, res.stderr
+    out = _lines(res)
+    assert "ALLOWED" not in res.stdout, res.stdout
+    assert len(out) == 7
+    assert os.getpriority(os.PRIO_PROCESS, me) <= 0 and resource_nofile_ok()
+
+
+def resource_nofile_ok() -> bool:
+    import resource
+
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0] > 64
+
+
+def test_raising_the_stack_limit_does_not_escape_the_memory_limit(contained):
+    code = (
+        "import resource, subprocess, sys\n"
+        "soft, hard = resource.getrlimit(resource.RLIMIT_STACK)\n"
+        "resource.setrlimit(resource.RLIMIT_STACK, (hard, hard))\n"
+        "prog = 'import sys\\nsys.setrecursionlimit(10**8)\\nclass A:\\n    def __repr__(self):\\n        return repr(self)\\nrepr(A())'\n"
+        "r = subprocess.run([sys.executable, '-I', '-S', '-c', prog])\n"
+        "print('child', r.returncode)\n"
+        "raise SystemExit(1 if r.returncode else 0)\n"
+    )
+    res = run_python(code, timeout_s=10, memory_mb=256)
+    assert not res.ok
+    assert "child -" in res.stdout or res.killed_reason is not None, (res.stdout, res.stderr[-300:])
+    assert code_reward(code, timeout_s=10, memory_mb=256) == 0.0
+
+
+# ----------------------------------------------------------------------------- environment
+
+
+@requires("pid_namespace")
+def test_proc_self_environ_holds_only_the_minimal_environment(contained, monkeypatch):
+    secret = f"s3cr3t-{uuid.uuid4().hex}"
+    monkeypatch.setenv("POSTTRAIN_TEST_SECRET", secret)
+    code = (
+        "import os, threading\n"
+        "def env(path):\n"
+        "    return sorted(k.split(b'=')[0].decode() for k in open(path, 'rb').read().split(b'\\0') if k)\n"
+        "print('self', env('/proc/self/environ'))\n"
+        "t = threading.Thread(target=lambda: None); t.start(); t.join()\n"
+        "print('tasks', sorted({tuple(env(f'/proc/self/task/{t}/environ')) for t in os.listdir('/proc/self/task')}))\n"
+        "pid = os.fork()\n"
+        "if pid == 0:\n"
+        "    print('grandchild', env('/proc/self/environ'), flush=True); os._exit(0)\n"
+        "os.waitpid(pid, 0)\n"
+        "print('raw', open('/proc/self/environ', 'rb').read())\n"
+    )
+    res = run_python(code)
+    assert res.ok, res.stderr
+    assert secret not in res.stdout and "POSTTRAIN_TEST_SECRET" not in res.stdout
+    allowed = {"PATH", "LANG", "HOME", "TMPDIR"}
+    out = _lines(res)
+    assert set(eval(out["self"])) <= allowed and set(eval(out["grandchild"])) <= allowed
+    assert all(set(t) <= allowed for t in eval(out["tasks"]))
+    leak = f"import os\nassert {secret!r} not in open('/proc/self/environ').read()\nassert 'POSTTRAIN' in open('/proc/self/environ').read()"
+    assert code_reward(leak) == 0.0
+
+
+# ----------------------------------------------------------------------------- the installed package
+
+
+def _snapshot(root: Path) -> dict[str, tuple]:
+    out = {}
+    for p in root.rglob("*"):
+        st = p.lstat()
+        digest = hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() and not p.is_symlink() else ""
+        out[str(p.relative_to(root))] = (st.st_mode, st.st_mtime_ns, st.st_nlink, digest)
+    return out
+
+
+@requires("mount_namespace", "readonly_package_dir")
+def test_existing_package_files_cannot_be_changed(contained, tmp_path):
+    canary = PKG / f"_sandbox_canary_{uuid.uuid4().hex}.txt"
+    canary.write_text("VALUE = 1\n")
+    site = Path(sysconfig.get_paths()["purelib"])
+    init = PKG / "__init__.py"
+    try:
+        before = _snapshot(PKG)
+        site_before = {p.name: p.stat().st_mtime_ns for p in site.iterdir()}
+        code = f"""
+import os
+def attempt(name, fn):
+    try:
+        fn(); print(name, "ALLOWED")
+    except OSError as e:
+        print(name, "denied", e.errno)
+c, init, pkg, site = {str(canary)!r}, {str(init)!r}, {str(PKG)!r}, {str(site)!r}
+attempt("append", lambda: open(c, "a").write("PWNED = 1\\n"))
+attempt("open_init_for_append", lambda: open(init, "a").close())
+attempt("truncate", lambda: os.truncate(c, 0))
+attempt("o_trunc", lambda: os.close(os.open(c, os.O_WRONLY | os.O_TRUNC)))
+attempt("unlink", lambda: os.unlink(c))
+attempt("rename", lambda: os.rename(c, c + ".moved"))
+attempt("chmod", lambda: os.chmod(c, 0o777))
+attempt("utime_init", lambda: os.utime(init, (0, 0)))
+attempt("hardlink", lambda: os.link(c, "/tmp/hl"))
+attempt("pycache", lambda: open(os.path.join(pkg, "__pycache__", "evil.cpython-311.pyc"), "wb").write(b"x"))
+attempt("mkdir_in_pkg", lambda: os.mkdir(os.path.join(pkg, "evil")))
+attempt("site_packages", lambda: open(os.path.join(site, "evil.pth"), "w").write("import os\\n"))
+os.symlink(c, "link.py")
+attempt("through_symlink", lambda: open("link.py", "w").write("PWNED = 1\\n"))
+"""
+        res = run_python(code)
+        assert res.ok, res.stderr
+        assert "ALLOWED" not in res.stdout, res.stdout
+        assert len(_lines(res)) == 13
+        assert _snapshot(PKG) == before, "the sandbox changed the installed package"
+        assert {p.name: p.stat().st_mtime_ns for p in site.iterdir()} == site_before
+        assert code_reward(f"open({str(canary)!r}, 'a').write('x')") == 0.0
+        assert canary.read_text() == "VALUE = 1\n"
+    finally:
+        canary.unlink(missing_ok=True)
+
+
+# ----------------------------------------------------------------------------- huge integers
+
+
+@pytest.mark.parametrize("attack", [
+    "import sys\nsys.set_int_max_str_digits(0)\nprint(len(str(7 ** 3_000_000)))",
+    "x = 1 << (1 << 40)",
+    "import math\nprint(math.factorial(10**8) % 7)",
+], ids=["int_str_limit_off", "giant_shift", "factorial"])
+def test_huge_integers_are_bounded(attack, contained, request):
+    t0 = time.monotonic()
+    res = run_python(attack, timeout_s=1.5, memory_mb=256)
+    assert not res.ok and (res.timed_out or "MemoryError" in res.stderr or "OverflowError" in res.stderr), \
+        (res.exit_code, res.killed_reason, res.stderr[-300:])
+    assert time.monotonic() - t0 < 5
+    assert sys.get_int_max_str_digits() > 0  # nothing leaked into this interpreter
+    if "giant_shift" in request.node.name:
+        assert code_reward(attack, timeout_s=1.5, memory_mb=256) == 0.0

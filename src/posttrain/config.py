@@ -8,6 +8,7 @@ allowed, before any work starts. ``dump_config`` writes the resolved config back
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -53,6 +54,18 @@ class RolloutConfig:
 
 
 @dataclass
+class CriticConfig:
+    """The value model used when ``advantage_estimator`` is ``gae`` (PPO with a critic)."""
+
+    lr: float = 1e-5
+    value_clip: Optional[float] = 0.2  # PPO clipped value loss range (TRL/verl cliprange_value)
+
+    def __post_init__(self) -> None:
+        _check(self.lr > 0, "algorithm.critic.lr", "must be > 0")
+        _check(self.value_clip is None or self.value_clip > 0, "algorithm.critic.value_clip", "must be > 0 or null")
+
+
+@dataclass
 class AlgorithmConfig:
     advantage_estimator: str = "grpo"
     policy_loss: str = "ppo_clip"
@@ -65,6 +78,7 @@ class AlgorithmConfig:
     overlong_buffer: int = 0  # DAPO soft overlong punishment over the last N tokens; 0 disables
     overlong_penalty: float = 1.0  # DAPO penalty factor
     mask_truncated: bool = False  # DAPO overlong filtering: truncated samples get no loss
+    critic: CriticConfig = field(default_factory=CriticConfig)  # used by advantage_estimator: gae
 
     def __post_init__(self) -> None:
         from posttrain.algorithms import ADVANTAGES, AGGREGATIONS, CORRECTIONS, POLICY_LOSSES
@@ -79,6 +93,10 @@ class AlgorithmConfig:
                f"needs an estimator that reads per-token rewards: {list(TOKEN_REWARD_ESTIMATORS)}")
         _check(self.overlong_buffer >= 0, "algorithm.overlong_buffer", "must be >= 0")
         _check(self.overlong_penalty >= 0, "algorithm.overlong_penalty", "must be >= 0")
+
+    @property
+    def uses_critic(self) -> bool:
+        return self.advantage_estimator == "gae"
 
     @property
     def uses_reference(self) -> bool:
@@ -163,6 +181,52 @@ def _check(ok: bool, key: str, message: str) -> None:
 
 # ------------------------------------------------------------------ generic typed loading
 _FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+_MAX_DEPTH = 100  # nesting allowed in free-form sections (task, reward, eval_reward)
+
+
+def _one_line(exc: BaseException) -> str:
+    """PyYAML's messages span several lines (with a caret under the column): one line for the CLI."""
+    return " ".join(str(exc).split())
+
+
+def _short(text: str, limit: int = 120) -> str:
+    """``repr(text)``, cut to ``limit`` characters so that a huge override keeps the message short."""
+    return repr(text if len(text) <= limit else text[: limit - 20] + "...")
+
+
+def _check_tree(value: Any, key: str) -> None:
+    """Reject values of free-form sections that cannot be written back to config.yaml: a
+    self-referential YAML alias (``&a [*a]``) or nesting deeper than ``_MAX_DEPTH``.
+
+    Shared (acyclic) aliases are fine; each node is walked once (heights are memoised), so a
+    value built from many aliases of aliases costs its number of distinct nodes, not its size
+    once expanded.
+    """
+    heights: dict[int, int] = {}  # id -> height of a finished node
+    open_: set[int] = set()  # ids on the current path
+
+    def walk(node: Any, where: str, depth: int) -> int:
+        if not isinstance(node, (dict, list)):
+            return 0
+        ident = id(node)
+        if ident in open_:
+            raise ConfigError(f"{where} refers to itself (a YAML alias inside its own anchor); write the value out")
+        if ident not in heights:
+            if depth >= _MAX_DEPTH:
+                raise ConfigError(f"{where} is nested more than {_MAX_DEPTH} levels deep")
+            open_.add(ident)
+            items = node.items() if isinstance(node, dict) else enumerate(node)
+            height = 0
+            for k, v in items:
+                height = max(height, walk(v, f"{where}.{k}" if isinstance(node, dict) else f"{where}[{k}]", depth + 1))
+            open_.discard(ident)
+            heights[ident] = height + 1
+        if depth + heights[ident] > _MAX_DEPTH:
+            raise ConfigError(f"{where} is nested more than {_MAX_DEPTH} levels deep")
+        return heights[ident]
+
+    walk(value, key, 0)
+
 
 def _type_name(tp: Any) -> str:
     origin = typing.get_origin(tp)
@@ -184,11 +248,16 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if value in typing.get_args(tp):
             return value
     elif origin in (Union, types.UnionType):
+        specific = None  # the reason a branch of the right kind gave (e.g. "must be a finite number")
         for arg in typing.get_args(tp):
             try:
                 return _coerce(value, arg, key)
-            except ConfigError:
+            except ConfigError as exc:
+                if not str(exc).startswith(f"{key} must be {_type_name(arg)}, got "):
+                    specific = specific or exc
                 continue
+        if specific is not None:
+            raise ConfigError(str(specific)) from None
     elif tp is type(None):
         if value is None:
             return None
@@ -198,6 +267,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
     elif tp is dict or origin is dict:
         if isinstance(value, dict):
+            _check_tree(value, key)
             return value
     elif dataclasses.is_dataclass(tp):
         if isinstance(value, dict):
@@ -209,10 +279,19 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
     elif tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
-            return float(value)  # YAML 1.1 reads 3e-5 (no dot) as a string
+            number = value
+        elif isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
+            number = value  # YAML 1.1 reads 3e-5 (no dot) as a string
+        if number is not None:
+            try:
+                number = float(number)
+            except OverflowError:  # an int beyond the float range
+                number = math.inf
+            if not math.isfinite(number):  # .inf, .nan, 1e999
+                raise ConfigError(f"{key} must be a finite number, got {value!r}")
+            return number
     elif tp is str:
         if isinstance(value, str):
             return value
@@ -248,20 +327,22 @@ def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
 def apply_override(data: dict, override: str) -> None:
     """Apply ``a.b.c=value`` (value parsed as YAML) to the nested dict ``data`` in place."""
     if "=" not in override:
-        raise ConfigError(f"override {override!r} must look like key.path=value")
+        raise ConfigError(f"override {_short(override)} must look like key.path=value")
     path, raw = override.split("=", 1)
     keys = path.strip().split(".")
     if not all(keys):
-        raise ConfigError(f"override {override!r} has an empty key")
+        raise ConfigError(f"override {_short(override)} has an empty key")
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError as exc:
-        raise ConfigError(f"override {override!r}: value is not valid YAML ({exc})") from exc
+        raise ConfigError(f"override {_short(override)}: value is not valid YAML ({_one_line(exc)})") from None
+    except RecursionError:
+        raise ConfigError(f"override {_short(override)}: value is nested too deeply") from None
     node = data
     for k in keys[:-1]:
         child = node.setdefault(k, {})
         if not isinstance(child, dict):
-            raise ConfigError(f"override {override!r}: {k} is not a section")
+            raise ConfigError(f"override {_short(override)}: {k} is not a section")
         node = child
     node[keys[-1]] = value
 
@@ -273,9 +354,17 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), cls: 
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
         try:
-            data = yaml.safe_load(path.read_text()) or {}
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"config file {path} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+        except OSError as exc:
+            raise ConfigError(f"config file {path} cannot be read: {exc.strerror or exc}") from None
+        try:
+            data = yaml.safe_load(text) or {}
         except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+            raise ConfigError(f"config file {path} is not valid YAML: {_one_line(exc)}") from None
+        except RecursionError:
+            raise ConfigError(f"config file {path} is nested too deeply to read") from None
         if not isinstance(data, dict):
             raise ConfigError(f"config file {path} must hold a mapping at the top level")
     for override in overrides:

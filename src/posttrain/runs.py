@@ -146,7 +146,9 @@ class RunDir:
             self._tb = None
 
     # ------------------------------------------------------------------ checkpoints
-    def save_checkpoint(self, step: int, model, tokenizer, state: dict[str, Any], keep: int) -> Path:
+    def save_checkpoint(self, step: int, model, tokenizer, state: dict[str, Any], keep: int,
+                        extra_weights: Optional[dict[str, dict[str, torch.Tensor]]] = None) -> Path:
+        """``extra_weights`` maps a file stem to a state dict saved as ``<stem>.safetensors``."""
         self.checkpoints.mkdir(parents=True, exist_ok=True)
         final = self.checkpoints / f"step_{step}"
         tmp = self.checkpoints / f"step_{step}.tmp-{os.getpid()}"
@@ -155,6 +157,11 @@ class RunDir:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         torch.save(state, tmp / "trainer_state.pt")
+        if extra_weights:
+            from safetensors.torch import save_file
+
+            for stem, tensors in extra_weights.items():
+                save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / f"{stem}.safetensors"))
         meta = {"step": step, "torch": torch.__version__, "time": time.time()}
         for f in tmp.iterdir():
             with open(f, "rb") as fh:

@@ -48,7 +48,9 @@ from posttrain.algorithms.regularizers import AdaptiveEntropyController, Adaptiv
     top_entropy_mask
 from posttrain.config import RLConfig, to_dict
 from posttrain.evaluation.runner import correct_flags
+from posttrain.algorithms.advantages_token import gae_returns, value_loss
 from posttrain.models.logprobs import completion_logprobs
+from posttrain.models.value import ValueModel
 from posttrain.rewards.errors import score_group
 from posttrain.rollout.batch import Rollouts
 from posttrain.rollout.engine import HFRolloutEngine, SamplingParams, cpu_supports_bf16, resolve_dtype
@@ -137,6 +139,11 @@ class RLTrainer:
         self.ref = None
         if cfg.algorithm.uses_reference:
             self.ref = copy.deepcopy(policy).eval().requires_grad_(False)
+        self.critic = self.critic_optimizer = None
+        if cfg.algorithm.uses_critic:
+            self.critic = ValueModel(policy).to(device)
+            self.critic_optimizer = torch.optim.AdamW(self.critic.parameters(), lr=cfg.algorithm.critic.lr,
+                                                      betas=tuple(tc.adam_betas), weight_decay=tc.weight_decay)
         self.kl_ctl = AdaptiveKLController(cfg.algorithm.kl)
         self.entropy_ctl = AdaptiveEntropyController(cfg.algorithm.entropy)
         self.optimizer = torch.optim.AdamW(
@@ -193,6 +200,17 @@ class RLTrainer:
                 with_entropy=with_entropy, share_prompts=self.cfg.trainer.share_prompt_pass,
             )
 
+    def _values(self, batch: Rollouts) -> torch.Tensor:
+        with self.autocast():
+            return self.critic(batch.prompt_ids, batch.prompt_mask, batch.completion_ids, batch.completion_mask,
+                               share_prompts=self.cfg.trainer.share_prompt_pass)
+
+    @torch.no_grad()
+    def _batched_values(self, rollouts: Rollouts) -> torch.Tensor:
+        mb = self.cfg.trainer.micro_batch_size
+        return torch.cat([self._values(rollouts.select(list(range(s, min(s + mb, len(rollouts)))))).cpu()
+                          for s in range(0, len(rollouts), mb)])
+
     @torch.no_grad()
     def _batched_logprobs(self, model, rollouts: Rollouts) -> torch.Tensor:
         mb = self.cfg.trainer.micro_batch_size
@@ -239,16 +257,19 @@ class RLTrainer:
             token_rewards = kl_in_reward(None, rollouts.old_logprobs if rollouts.old_logprobs is not None
                                          else rollouts.behaviour_logprobs, rollouts.ref_logprobs, mask,
                                          self.kl_ctl.value, alg.kl.estimator)
-        rollouts.advantages = ADVANTAGES.get(alg.advantage_estimator)(
-            AdvantageInput(
+        if self.critic is not None:
+            rollouts.values = self._batched_values(rollouts)
+        adv_input = AdvantageInput(
                 rewards=rollouts.rewards, group_ids=rollouts.group_ids, mask=mask,
                 reward_components=rollouts.reward_components, token_rewards=token_rewards,
                 logprobs=rollouts.old_logprobs if rollouts.old_logprobs is not None else rollouts.behaviour_logprobs,
                 ref_logprobs=rollouts.ref_logprobs, baseline_rewards=baseline,
                 answers=[str(m.get("canonical", m.get("answer"))) for m in rollouts.metadata],
-            ),
-            alg.advantage,
-        ).float()
+                values=rollouts.values,
+        )
+        rollouts.advantages = ADVANTAGES.get(alg.advantage_estimator)(adv_input, alg.advantage).float()
+        if self.critic is not None:
+            rollouts.returns = gae_returns(adv_input, alg.advantage).float()
         # Which tokens get a loss: DAPO overlong filtering, 80/20 high-entropy tokens.
         loss_mask = mask_truncated(mask, rollouts.truncated) if alg.mask_truncated else mask
         rollouts.loss_mask = top_entropy_mask(rollouts.entropies, loss_mask, alg.entropy.top_quantile)
@@ -294,6 +315,8 @@ class RLTrainer:
                 counts_kw = dict(num_tokens=float(mini.loss_mask.sum()), num_seqs=float(len(mini)),
                                  norm_length=float(cfg.rollout.max_new_tokens))
                 self.optimizer.zero_grad(set_to_none=True)
+                if self.critic is not None:
+                    self.critic_optimizer.zero_grad(set_to_none=True)
                 total_loss = 0.0
                 # Micro-batches of similar completion length waste little compute on padding;
                 # the loss is a sum normalised by mini-batch counts, so the grouping is free.
@@ -303,6 +326,8 @@ class RLTrainer:
                     loss, parts = self._micro_loss(micro, loss_fn, counts_kw, record)
                     loss.backward()
                     total_loss += float(loss.detach())
+                    if self.critic is not None:
+                        self._value_loss(micro, counts_kw, record).backward()
                 grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), tc.max_grad_norm)
                 record("loss/total", total_loss)
                 record("grad_norm", float(grad_norm))
@@ -311,19 +336,40 @@ class RLTrainer:
                     self.nonfinite_streak += 1
                     record("nonfinite_skipped", 1.0)
                     if self.nonfinite_streak >= tc.max_nonfinite_steps:
+                        last = self.run.latest_checkpoint()
                         raise NonFiniteLossError(
                             f"{self.nonfinite_streak} consecutive non-finite loss/gradient steps at step {self.step + 1}; "
-                            f"the last good checkpoint is in {self.run.checkpoints}. Lower trainer.lr or check rewards."
+                            f"last good checkpoint: {last or 'none written yet'}. Lower trainer.lr or check rewards."
                         )
                     continue
                 self.nonfinite_streak = 0
+                factor = lr_factor(self.step, tc.steps, tc.warmup_steps, tc.lr_schedule)
                 for group in self.optimizer.param_groups:
-                    group["lr"] = tc.lr * lr_factor(self.step, tc.steps, tc.warmup_steps, tc.lr_schedule)
+                    group["lr"] = tc.lr * factor
                 self.optimizer.step()
+                if self.critic is not None:
+                    record("critic/grad_norm", float(torch.nn.utils.clip_grad_norm_(self.critic.parameters(),
+                                                                                    tc.max_grad_norm)))
+                    for group in self.critic_optimizer.param_groups:
+                        group["lr"] = alg.critic.lr * factor
+                    self.critic_optimizer.step()
         self.policy.eval()
         out = {k: sums[k] / counts[k] for k in sums}
         out["lr"] = self.optimizer.param_groups[0]["lr"]
         return out
+
+    def _value_loss(self, micro: Rollouts, counts_kw: dict, record: Callable) -> torch.Tensor:
+        """PPO clipped value loss of the critic on one micro-batch, aggregated like the policy loss."""
+        alg = self.cfg.algorithm
+        values = self._values(micro)
+        mask = micro.completion_mask.to(values.device)
+        out = value_loss(values, micro.values.to(values.device), micro.returns.to(values.device), mask,
+                         clip_range=alg.critic.value_clip)
+        loss = aggregate(out.loss, mask, alg.aggregation, **counts_kw)
+        record("critic/loss", float(loss.detach()))
+        for k, v in out.metrics.items():
+            record(f"critic/{k}", float(v))
+        return loss
 
     def _micro_loss(self, micro: Rollouts, loss_fn: Callable, counts_kw: dict, record: Callable):
         alg = self.cfg.algorithm
@@ -413,6 +459,7 @@ class RLTrainer:
             "torch_rng": torch.random.get_rng_state(),
             "nonfinite_streak": self.nonfinite_streak,
             "kl_coef": self.kl_ctl.value,
+            "critic_optimizer": self.critic_optimizer.state_dict() if self.critic is not None else None,
             "entropy_coef": self.entropy_ctl.value,
             "config": to_dict(self.cfg),
         }
@@ -430,11 +477,15 @@ class RLTrainer:
         torch.random.set_rng_state(state["torch_rng"])
         self.nonfinite_streak = int(state["nonfinite_streak"])
         self.kl_ctl.value = float(state["kl_coef"])
+        if self.critic is not None:
+            load_model(self.critic, str(checkpoint / "critic.safetensors"))
+            self.critic_optimizer.load_state_dict(state["critic_optimizer"])
         self.entropy_ctl.value = float(state["entropy_coef"])
 
     def save_checkpoint(self) -> Path:
+        extra = {"critic": self.critic.state_dict()} if self.critic is not None else None
         return self.run.save_checkpoint(self.step, self.policy, self.tokenizer, self.state_dict(),
-                                        keep=self.cfg.trainer.keep_checkpoints)
+                                        keep=self.cfg.trainer.keep_checkpoints, extra_weights=extra)
 
 
 def _unique_prompt_tokens(r: Rollouts) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import sys
 from pathlib import Path
@@ -103,6 +104,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Failures of a run that started well (exit 1, one line, no traceback). Named by module so that
+# the CLI never imports torch to check them: an exception of a class whose module was never
+# imported cannot have been raised.
+_RUN_FAILURES = (("posttrain.trainers.rl", "NonFiniteLossError"), ("posttrain.rewards.errors", "RewardError"))
+_DISK_FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
+
+
+def _is_run_failure(exc: BaseException) -> bool:
+    if isinstance(exc, OSError) and exc.errno in _DISK_FULL:
+        return True
+    for module, name in _RUN_FAILURES:
+        cls = getattr(sys.modules.get(module), name, None)
+        if cls is not None and isinstance(exc, cls):
+            return True
+    return False
+
+
+def _error(exc: BaseException) -> None:
+    print(f"posttrain: error: {' '.join(str(exc).split()) or type(exc).__name__}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -113,8 +135,15 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except (ValueError, FileNotFoundError, PermissionError) as exc:
         # Input errors (config, model, task, run dir): one clear line, no traceback.
-        print(f"posttrain: error: {exc}", file=sys.stderr)
+        _error(exc)
         return 2
+    except Exception as exc:  # noqa: BLE001 - re-raised unless it is a known run failure
+        # Non-finite losses, an aborting reward, a full disk: the run directory keeps its last
+        # checkpoint (the message says which); one line, exit 1. Anything else is a bug: traceback.
+        if not _is_run_failure(exc):
+            raise
+        _error(exc)
+        return 1
 
 
 if __name__ == "__main__":

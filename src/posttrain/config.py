@@ -335,7 +335,7 @@ def apply_override(data: dict, override: str) -> None:
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError as exc:
-        raise ConfigError(f"override {_short(override)}: value is not valid YAML ({_one_line(exc)})") from None
+        raise ConfigError(f"override {_short(override)}: value is not valid YAML ({_one_line(exc)})") from exc
     except RecursionError:
         raise ConfigError(f"override {_short(override)}: value is nested too deeply") from None
     node = data
@@ -362,7 +362,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), cls: 
         try:
             data = yaml.safe_load(text) or {}
         except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {path} is not valid YAML: {_one_line(exc)}") from None
+            raise ConfigError(f"config file {path} is not valid YAML: {_one_line(exc)}") from exc
         except RecursionError:
             raise ConfigError(f"config file {path} is nested too deeply to read") from None
         if not isinstance(data, dict):

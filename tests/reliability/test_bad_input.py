@@ -11,9 +11,9 @@
   TypeError, AttributeError or UnicodeDecodeError from deep inside.
 * ``posttrain.cli.main`` with bad input returns 2 and prints exactly one line.
 
-Triggers of the bugs listed under "known bugs" at the end of this file are kept out of the
-generators (each has its own xfail test there); remove the filter when the bug is fixed.
-Examples tried are counted and printed in the reliability report.
+Bugs these generators found are pinned by the tests under "found bugs" at the end of this
+file (fixed; their triggers are back in the generators). Examples tried are counted and
+printed in the reliability report.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from hypothesis import assume, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from posttrain.cli import main
@@ -98,10 +98,9 @@ NUMBERS = st.one_of(
     st.integers(min_value=-(10**20), max_value=10**20),
     st.floats(allow_nan=True, allow_infinity=True),
 ).map(lambda v: yaml.safe_dump(v).strip().removesuffix("..."))
-# JSON/YAML text of random nested data (no lone surrogates: see the known bugs)
+# JSON/YAML text of random nested data
 DATA = st.recursive(
-    st.one_of(st.none(), st.booleans(), st.integers(-1000, 1000), st.floats(allow_nan=False),
-              st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=8)),
+    st.one_of(st.none(), st.booleans(), st.integers(-1000, 1000), st.floats(allow_nan=False), st.text(max_size=8)),
     lambda kids: st.one_of(st.lists(kids, max_size=3),
                            st.dictionaries(st.text(alphabet="abcdeflnrst_", min_size=1, max_size=6), kids, max_size=3)),
     max_leaves=8,
@@ -156,21 +155,6 @@ def overrides(draw) -> str:
     return f"{key}{form}{value}"
 
 
-def _no_known_bug(values: list[str]) -> bool:
-    # known bug 1: deeply nested YAML raises RecursionError (not generated at this size anyway);
-    # known bug 8: a self-referential value (YAML alias inside itself) is accepted, then
-    # cannot be written to config.yaml
-    return all(v.count("[") + v.count("{") < 500 and "*a" not in v for v in values)
-
-
-def _yaml_ok(text: str) -> bool:
-    try:
-        yaml.safe_load(text)
-        return True
-    except (yaml.YAMLError, RecursionError):
-        return False
-
-
 def _split(override: str) -> tuple[str, str] | None:
     return tuple(override.split("=", 1)) if "=" in override else None
 
@@ -196,7 +180,6 @@ def _roundtrip(cfg, tmp: Path) -> None:
 @settings(max_examples=1000 * SCALE)
 @given(ov=st.lists(overrides(), min_size=1, max_size=4))
 def test_overrides_give_a_config_or_a_config_error_naming_the_key(ov, tmp_path_factory, examples):
-    assume(_no_known_bug(ov))
     examples["config overrides"] += 1
     try:
         cfg = load_config(None, ov)
@@ -211,7 +194,6 @@ def test_overrides_give_a_config_or_a_config_error_naming_the_key(ov, tmp_path_f
 @settings(max_examples=400 * SCALE)
 @given(key=st.sampled_from(LEAVES), value=VALUES)
 def test_one_override_error_names_exactly_that_key(key, value, examples):
-    assume(_no_known_bug([value]))
     examples["single override"] += 1
     try:
         load_config(None, [f"{key}={value}"])
@@ -260,17 +242,9 @@ def test_random_config_files(data, tmp_path_factory, examples):
     assert isinstance(cfg, RLConfig)
 
 
-def _is_utf8(blob: bytes) -> bool:
-    try:
-        blob.decode("utf-8")
-        return True
-    except UnicodeDecodeError:
-        return False
-
-
 @settings(max_examples=200 * SCALE)
-@given(blob=st.one_of(st.binary(max_size=200).filter(_is_utf8),  # known bug 2: non-UTF-8 files
-                      st.text(max_size=200).map(lambda t: t.encode("utf-8", "surrogatepass")).filter(_is_utf8),
+@given(blob=st.one_of(st.binary(max_size=200),
+                      st.text(max_size=200).map(lambda t: t.encode("utf-8", "surrogatepass")),
                       st.text(alphabet="abtrinelos:-[]{}&*!|>'\"#\n\t .019", max_size=200).map(str.encode)))
 def test_random_bytes_as_a_config_file(blob, tmp_path_factory, examples):
     examples["config files (random bytes)"] += 1
@@ -294,20 +268,16 @@ def test_missing_config_file_is_named(tmp_path):
 
 GOOD = {"question": "What is 2 + 2?", "answer": "4"}
 ODD_VALUES = st.one_of(
-    st.none(), st.booleans(), st.integers(), st.floats(), st.text(max_size=10).filter(lambda s: not _has_surrogate(s)),
+    st.none(), st.booleans(), st.integers(), st.floats(), st.text(max_size=10),
     st.lists(st.integers(), max_size=2), st.just([]), st.just({}), st.just([{"role": "user"}]),
     st.just([{"role": "user", "content": 3}]), st.just([{"role": "user", "content": "hi"}]), st.just({"a": {"b": 1}}),
 )
 
 
-def _has_surrogate(s: str) -> bool:
-    return any(0xD800 <= ord(c) <= 0xDFFF for c in s)
-
-
 @st.composite
 def jsonl_lines(draw) -> bytes:
     kind = draw(st.sampled_from(["good", "good", "missing", "wrong_type", "extra", "not_object", "truncated",
-                                 "bytes", "blank", "nan", "bom", "deep_ok", "garbage_text"]))
+                                 "bytes", "blank", "nan", "bom", "deep_ok", "deep", "garbage_text"]))
     n = draw(st.integers(0, 10**6))
     good = {"question": f"q{n}?", "answer": str(n)}
     if kind == "good":
@@ -319,13 +289,12 @@ def jsonl_lines(draw) -> bytes:
     if kind == "extra":
         return json.dumps({**good, "id": draw(ODD_VALUES), "meta": draw(ODD_VALUES)}).encode()
     if kind == "not_object":
-        return json.dumps(draw(st.one_of(st.lists(st.integers(), max_size=3), st.integers(), st.text(max_size=5).filter(
-            lambda s: not _has_surrogate(s)), st.none()))).encode()
+        return json.dumps(draw(st.one_of(st.lists(st.integers(), max_size=3), st.integers(), st.text(max_size=5),
+                                         st.none()))).encode()
     if kind == "truncated":
         text = json.dumps(good).encode()
         return text[: draw(st.integers(1, len(text) - 1))]
     if kind == "bytes":
-        # random bytes; invalid UTF-8 is fine (known bug 3 is only about lone surrogate escapes)
         return draw(st.binary(min_size=1, max_size=30)).replace(b"\n", b" ")
     if kind == "blank":
         return draw(st.sampled_from([b"", b"   ", b"\t"]))
@@ -333,8 +302,10 @@ def jsonl_lines(draw) -> bytes:
         return b'{"question": NaN, "answer": Infinity}'
     if kind == "bom":
         return b"\xef\xbb\xbf" + json.dumps(good).encode()
-    if kind == "deep_ok":  # nesting well within limits (known bug 4: very deep nesting)
+    if kind == "deep_ok":  # nesting well within limits
         return json.dumps({**good, "meta": json.loads("[" * 50 + "]" * 50)}).encode()
+    if kind == "deep":  # nesting too deep for the parser
+        return b"[" * 5_000
     return draw(st.text(alphabet="{}[]\":,abc 01", max_size=20)).encode()
 
 
@@ -454,8 +425,6 @@ def test_cli_bad_inputs_exit_2_with_one_line(tmp_path, capsys):
 def test_cli_random_overrides_never_traceback(ov, tmp_path_factory, examples):
     """Overrides of everything but the task/reward/model (whose builders could start real work):
     with a non-empty --output-dir every start must fail, so each one exits 2 with one line."""
-    assume(_no_known_bug(ov))
-    assume(all(_yaml_ok(o.split("=", 1)[1]) for o in ov if "=" in o))  # known bug 7
     examples["cli overrides"] += 1
     tmp = tmp_path_factory.mktemp("cli")
     cfg = tmp / "c.yaml"
@@ -484,32 +453,34 @@ def test_cli_argparse_errors_exit_2(capsys):
         assert "Traceback" not in capsys.readouterr().err
 
 
-# ----------------------------------------------------------------------------- known bugs
-# Found by the generators above; each is filtered out of them and pinned here. When one is
-# fixed its test XPASSes: drop the xfail and the filter.
+# ----------------------------------------------------------------------------- found bugs
+# Found by the generators above and fixed; each stays pinned here (its trigger is also back in
+# the generators).
 
 
-@pytest.mark.xfail(reason="known bug 1 (config.py apply_override/load_config): deeply nested YAML raises "
-                          "RecursionError; catch it next to yaml.YAMLError and raise ConfigError", strict=False)
-def test_known_bug_deeply_nested_override():
-    with pytest.raises(ConfigError):
+def test_deeply_nested_yaml_is_a_config_error(tmp_path):
+    """Bug 1: deeply nested YAML raised RecursionError (override and file)."""
+    with pytest.raises(ConfigError, match="trainer.lr"):
         load_config(None, ["trainer.lr=" + "[" * 5000])
+    path = tmp_path / "deep.yaml"
+    path.write_text("task: " + "[" * 5000 + "]" * 5000 + "\n")
+    with pytest.raises(ConfigError, match="deep.yaml"):
+        load_config(path)
 
 
-@pytest.mark.xfail(reason="known bug 2 (config.py load_config): a non-UTF-8 config file raises "
-                          "UnicodeDecodeError without the file name; catch it and raise ConfigError", strict=False)
-def test_known_bug_non_utf8_config_file(tmp_path):
+def test_non_utf8_config_file(tmp_path):
+    """Bug 2: a non-UTF-8 config file raised UnicodeDecodeError without the file name."""
     path = tmp_path / "c.yaml"
     path.write_bytes(b"\xff\xfe trainer: 1")
     with pytest.raises(ConfigError, match="c.yaml"):
         load_config(path)
 
 
-@pytest.mark.xfail(reason="known bug 3 (tasks/loaders.py RecordMapper.to_problem): a JSON string with a lone "
-                          "surrogate escape (\\ud800) raises UnicodeEncodeError when hashed", strict=False)
 @pytest.mark.parametrize("line", [b'{"question": "\\ud800", "answer": "1"}',
-                                  b'{"question": [{"role": "user", "content": "\\udfff"}], "answer": "1"}'])
-def test_known_bug_lone_surrogate_in_jsonl(tmp_path, line):
+                                  b'{"question": [{"role": "user", "content": "\\udfff"}], "answer": "1"}',
+                                  b'{"question": "q", "answer": "\\udc80"}'])
+def test_lone_surrogate_in_jsonl(tmp_path, line):
+    """Bug 3: a JSON string with a lone surrogate escape raised UnicodeEncodeError when hashed."""
     path = tmp_path / "t.jsonl"
     path.write_bytes(line + b"\n")
     with pytest.raises(ValueError, match="line 1") as info:
@@ -517,50 +488,118 @@ def test_known_bug_lone_surrogate_in_jsonl(tmp_path, line):
     assert type(info.value) is ValueError
 
 
-@pytest.mark.xfail(reason="known bug 4 (tasks/loaders.py _iter_jsonl): deeply nested JSON raises RecursionError; "
-                          "catch it with JSONDecodeError and name the line", strict=False)
-def test_known_bug_deeply_nested_jsonl(tmp_path):
+def test_deeply_nested_jsonl(tmp_path):
+    """Bug 4: deeply nested JSON raised RecursionError."""
     path = tmp_path / "t.jsonl"
-    path.write_bytes(b"[" * 100_000 + b"\n")
-    with pytest.raises(ValueError, match="line 1"):
+    path.write_bytes(json.dumps(GOOD).encode() + b"\n" + b"[" * 100_000 + b"\n")
+    with pytest.raises(ValueError, match="line 2"):
         JsonlTask(path, test_fraction=0.0)
 
 
-@pytest.mark.xfail(reason="known bug 5 (tasks/loaders.py _iter_jsonl): a damaged .jsonl.gz raises "
-                          "gzip.BadGzipFile / EOFError; catch (OSError, EOFError) and name the file", strict=False)
-@pytest.mark.parametrize("blob", [b"not gzip", gzip.compress(b'{"question": "a", "answer": "1"}\n' * 20)[:25]])
-def test_known_bug_damaged_gzip(tmp_path, blob):
+@pytest.mark.parametrize("blob", [b"not gzip", gzip.compress(b'{"question": "a", "answer": "1"}\n' * 20)[:25],
+                                  gzip.compress(b'{"question": "a", "answer": "1"}\n')[:-4] + b"\0\0\0\0"])
+def test_damaged_gzip(tmp_path, blob):
+    """Bug 5: a damaged .jsonl.gz raised gzip.BadGzipFile / EOFError (or a CRC error)."""
     path = tmp_path / "t.jsonl.gz"
     path.write_bytes(blob)
-    with pytest.raises(ValueError, match="t.jsonl.gz"):
+    with pytest.raises(ValueError, match="t.jsonl.gz") as info:
         JsonlTask(path, test_fraction=0.0)
+    assert type(info.value) is ValueError
 
 
-@pytest.mark.xfail(reason="known bug 6 (config.py / algorithms/regularizers.py range checks): non-finite floats "
-                          "pass (`x > 0` holds for inf, `x < 0` fails for nan); check math.isfinite", strict=False)
 @pytest.mark.parametrize("override", ["trainer.lr=.inf", "rollout.temperature=1e999", "trainer.max_grad_norm=.inf",
-                                      "algorithm.kl.coef=.nan", "algorithm.entropy.coef=.nan"])
-def test_known_bug_non_finite_numbers_accepted(override):
-    with pytest.raises(ConfigError, match=override.split("=")[0]):
+                                      "algorithm.kl.coef=.nan", "algorithm.entropy.coef=.nan",
+                                      "algorithm.kl.target=.inf", "trainer.weight_decay=-.inf",
+                                      "trainer.eval_temperature=" + "9" * 400])
+def test_non_finite_numbers_rejected(override):
+    """Bug 6: non-finite floats passed the range checks (`x > 0` holds for inf, `x < 0` fails for nan)."""
+    with pytest.raises(ConfigError, match=override.split("=")[0] + " must be a finite number"):
         load_config(None, [override])
 
 
-@pytest.mark.xfail(reason="known bug 7 (config.py apply_override / load_config): a YAML syntax error is reported "
-                          "over several lines (PyYAML's multi-line message), so the CLI prints more than one line; "
-                          "flatten it, e.g. ' '.join(str(exc).split())", strict=False)
-def test_known_bug_yaml_error_is_one_line(tmp_path, capsys):
+def test_yaml_error_is_one_line(tmp_path, capsys):
+    """Bug 7: a YAML syntax error was reported over several lines (PyYAML's message)."""
     cfg = tmp_path / "c.yaml"
     cfg.write_text("model:\n  name: tiny-random\n")
     line = _one_line_error(capsys, ["rl", str(cfg), "trainer.adam_betas=[0.9", "--output-dir", str(tmp_path / "o")])
     assert "adam_betas" in line
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("trainer:\n  lr: [1\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(bad)
+    assert "\n" not in str(info.value) and "bad.yaml" in str(info.value)
 
 
-@pytest.mark.xfail(reason="known bug 8 (config.py load_config): a self-referential value (a YAML alias inside "
-                          "its own anchor) is accepted in task/reward, then dataclasses.asdict in dump_config "
-                          "recurses forever (RecursionError) when train_rl writes config.yaml", strict=False)
-def test_known_bug_self_referential_value(tmp_path):
-    try:
-        cfg = load_config(None, ["task.extra=&a [*a]"])
-    except ConfigError:
-        return
+@pytest.mark.parametrize("override", ["task.extra=&a [*a]", "task=&a {name: x, self: *a}",
+                                      "reward.weights=&a {w: [1, *a]}", "eval_reward=&a {type: numeric, x: [*a]}"])
+def test_self_referential_value_is_rejected(tmp_path, override):
+    """Bug 8: a self-referential value (a YAML alias inside its own anchor) was accepted in a
+    free-form section, then dump_config recursed forever writing config.yaml."""
+    with pytest.raises(ConfigError, match="refers to itself") as info:
+        load_config(None, [override])
+    assert names_key(str(info.value), offending(override.split("=")[0]))
+
+
+def test_shared_aliases_are_fine(tmp_path):
+    """Aliases that are not cycles still load and round-trip, and many aliases of aliases are
+    checked in time linear in the distinct nodes (not their expanded size)."""
+    cfg = load_config(None, ["task={name: arithmetic, a: &x [1, 2], b: *x}"])
+    assert cfg.task["b"] == [1, 2]
     _roundtrip(cfg, tmp_path)
+    levels = ["l0: &l0 [1, 2]"] + [f"l{i}: &l{i} [*l{i - 1}, *l{i - 1}]" for i in range(1, 60)]
+    path = tmp_path / "many.yaml"
+    path.write_text("task:\n" + "".join(f"  {line}\n" for line in levels))
+    assert load_config(path).task["l59"][0][0]  # 2**59 leaves once expanded; never walked
+
+
+def test_too_deep_free_form_value_is_rejected():
+    with pytest.raises(ConfigError, match=r"task\.extra.* nested more than"):
+        load_config(None, ["task.extra=" + "[" * 200 + "]" * 200])
+
+
+@pytest.mark.parametrize("kind", ["nonfinite", "reward", "disk_full"])
+def test_cli_run_failures_exit_1_with_one_line(monkeypatch, capsys, kind):
+    """Bug 9: a run that fails after a good start (non-finite loss, an aborting reward, a full
+    disk) printed a full traceback; now one line and exit 1 (input errors keep exit 2)."""
+    import errno
+
+    from posttrain import cli
+
+    def fail(args):
+        if kind == "nonfinite":
+            from posttrain.trainers.rl import NonFiniteLossError
+
+            raise NonFiniteLossError("3 consecutive non-finite loss/gradient steps at step 4;\nlast good: step_3")
+        if kind == "reward":
+            from posttrain.rewards.errors import RewardError
+
+            raise RewardError("reward 'x' failed on problem 'p': ValueError('boom')", problem_id="p", reward_name="x",
+                              completions=["a"], cause=ValueError("boom"))
+        raise OSError(errno.ENOSPC, "No space left on device", "/runs/x/checkpoints/step_2.tmp")
+
+    monkeypatch.setattr(cli, "_rl", fail)
+    rc = cli.main(["rl", "c.yaml"])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert rc == 1 and len(lines) == 1 and lines[0].startswith("posttrain: error:") and "Traceback" not in err, err
+    needle = {"nonfinite": "last good: step_3", "reward": "failed on problem 'p'", "disk_full": "No space left"}[kind]
+    assert needle in lines[0]
+
+
+def test_cli_other_errors_still_raise(monkeypatch):
+    """Bugs keep their traceback: only the known run failures are turned into one line."""
+    from posttrain import cli
+
+    def fail(args):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(cli, "_rl", fail)
+    with pytest.raises(RuntimeError, match="a bug"):
+        cli.main(["rl", "c.yaml"])
+
+    def other_oserror(args):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(cli, "_rl", other_oserror)
+    with pytest.raises(OSError, match="Input/output"):
+        cli.main(["rl", "c.yaml"])

@@ -14,6 +14,7 @@ coefficient is steered toward a target entropy (Skywork-OR1, arXiv:2505.22312; T
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -31,6 +32,10 @@ class KLConfig:
     horizon: int = 10000  # adaptive controller horizon (Ziegler et al.: 10000)
 
     def __post_init__(self) -> None:
+        for name in ("coef", "target"):
+            value = getattr(self, name)
+            if value is not None and not math.isfinite(value):
+                raise ValueError(f"algorithm.kl.{name} must be a finite number, got {value!r}")
         if self.coef < 0:
             raise ValueError("algorithm.kl.coef must be >= 0")
         base = self.estimator[:-1] if self.estimator.endswith("+") else self.estimator
@@ -94,6 +99,10 @@ class EntropyConfig:
     top_quantile: float = 1.0  # train only on tokens above this entropy quantile; 1.0 = all, 0.2 = 80/20
 
     def __post_init__(self) -> None:
+        for name in ("coef", "target", "delta", "coef_min", "coef_max", "top_quantile"):
+            value = getattr(self, name)
+            if not math.isfinite(value):
+                raise ValueError(f"algorithm.entropy.{name} must be a finite number, got {value!r}")
         if self.coef < 0:
             raise ValueError("algorithm.entropy.coef must be >= 0")
         if self.target < 0:

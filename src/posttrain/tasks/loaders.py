@@ -30,6 +30,7 @@ import json
 import os
 import re
 import tempfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Iterable, Iterator, Optional
@@ -72,6 +73,18 @@ def _lookup(record: Any, dotted: str) -> Any:
 
 def _prompt_key(prompt: Any) -> str:
     return prompt if isinstance(prompt, str) else json.dumps(prompt, sort_keys=True, ensure_ascii=False)
+
+
+def _check_unicode(text: Any, where: str, field: str) -> None:
+    """JSON can spell a lone surrogate (``"\\ud800"``), which no UTF-8 writer or tokenizer takes."""
+    if isinstance(text, str):
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise ValueError(
+                f"{where}: field {field!r} is not valid Unicode text "
+                f"(lone surrogate {exc.object[exc.start]!r} at character {exc.start})"
+            ) from None
 
 
 def _difficulty(value: Any) -> float:
@@ -159,6 +172,7 @@ class RecordMapper:
         answer = self._get(record, "answer", where, required=True)
         if answer is not None:
             answer = answer if isinstance(answer, str) else json.dumps(answer) if isinstance(answer, (list, dict)) else str(answer)
+            _check_unicode(answer, where, self.fields["answer"])
             if self.answer_format:
                 metadata["solution"] = answer
                 final = ANSWER_FORMATS[self.answer_format](answer)
@@ -180,6 +194,8 @@ class RecordMapper:
                 raise ValueError(f"{where}: field {self.fields['difficulty']!r} (difficulty): {exc}") from None
         pid = self._get(record, "id", where, required=True)
         key = _prompt_key(raw_prompt)
+        _check_unicode(key, where, self.fields["prompt"])
+        _check_unicode(tests, where, self.fields.get("tests"))
         if pid is None:
             pid = f"{self.id_prefix}:{hashlib.sha256(key.encode()).hexdigest()[:16]}"
         return Problem(
@@ -194,7 +210,8 @@ class RecordMapper:
 
 def _iter_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
     """``(line_number, record)`` for each non-blank line (1-based numbers)."""
-    opener = gzip.open if path.suffix == ".gz" else open
+    gzipped = path.suffix == ".gz"
+    opener = gzip.open if gzipped else open
     with opener(path, "rt", encoding="utf-8") as fh:
         try:
             for lineno, line in enumerate(fh, start=1):
@@ -204,9 +221,16 @@ def _iter_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
                     record = json.loads(line)
                 except json.JSONDecodeError as exc:
                     raise ValueError(f"{path}, line {lineno}: malformed JSON: {exc.msg} (column {exc.colno})") from None
+                except RecursionError:
+                    raise ValueError(f"{path}, line {lineno}: JSON nested too deeply to parse") from None
                 yield lineno, record
         except UnicodeDecodeError as exc:
             raise ValueError(f"{path}: not UTF-8 text ({exc.reason})") from None
+        except (OSError, EOFError, zlib.error) as exc:
+            if not gzipped:
+                raise
+            # gzip.BadGzipFile (an OSError), a truncated stream (EOFError), a corrupt deflate block
+            raise ValueError(f"{path}: not a readable gzip file ({type(exc).__name__}: {exc})") from None
 
 
 def _check_file(path: os.PathLike | str, what: str) -> Path:

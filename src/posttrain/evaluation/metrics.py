@@ -219,6 +219,7 @@ def maj_at_k(
     *,
     num_resamples: int = 256,
     seed: int = 0,
+    weights_per_problem: Sequence[Sequence[float]] | None = None,
 ) -> float:
     """maj@k: accuracy of the majority-voted answer among ``k`` samples, averaged over problems.
 
@@ -235,17 +236,23 @@ def maj_at_k(
     Voting: abstentions (``None``/blank) never win; if every sample in a subset abstains the
     subset scores 0. Ties are broken deterministically in favour of the tied answer whose first
     occurrence has the smallest sample index (subsets keep the original sample order).
+
+    Weighted majority@k: with ``weights_per_problem`` (one non-negative weight per sample) each
+    sample votes with its weight (:func:`weighted_majority`); same subsets and tie rule.
     """
     k = int(k)
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
     if len(answers_per_problem) == 0:
         raise ValueError("maj_at_k needs at least one problem")
+    if weights_per_problem is not None and len(weights_per_problem) != len(answers_per_problem):
+        raise ValueError(f"{len(answers_per_problem)} problems but {len(weights_per_problem)} weight lists")
     judge = _make_judge(truth, len(answers_per_problem))
     rng = np.random.default_rng(seed)
     per_problem = []
     for i, answers in enumerate(answers_per_problem):
         answers = list(answers)
+        weights = None if weights_per_problem is None else weights_per_problem[i]
         n = len(answers)
         if n < k:
             raise ValueError(f"problem {i} has n={n} < k={k} samples")
@@ -253,7 +260,8 @@ def maj_at_k(
         hits = 0
         subsets = _k_subsets(n, k, num_resamples, rng)
         for row in subsets:
-            winner = majority_vote([answers[j] for j in row])
+            picked = [answers[j] for j in row]
+            winner = majority_vote(picked) if weights is None else weighted_majority(picked, [weights[j] for j in row])
             if winner is None:
                 continue
             if winner not in verdict:

@@ -100,36 +100,6 @@ def sample_answer(info: Any) -> Optional[str]:
     return key or None
 
 
-def _subsets(n: int, k: int, num_resamples: int, rng: np.random.Generator) -> list[tuple[int, ...]]:
-    """All k-subsets of range(n) when there are at most ``num_resamples``, else that many random
-    ones (each sorted, so subsets keep the sample order for tie-breaking)."""
-    import itertools
-
-    if math.comb(n, k) <= num_resamples:
-        return list(itertools.combinations(range(n), k))
-    perms = rng.permuted(np.tile(np.arange(n), (num_resamples, 1)), axis=1)
-    return [tuple(row) for row in np.sort(perms[:, :k], axis=1).tolist()]
-
-
-def _weighted_maj_at_k(answers_pp, weights_pp, judge, k: int, num_resamples: int, seed: int) -> float:
-    """Like ``metrics.maj_at_k`` but each sample votes with its weight."""
-    rng = np.random.default_rng(seed)
-    per_problem = []
-    for i, (answers, weights) in enumerate(zip(answers_pp, weights_pp)):
-        subsets = _subsets(len(answers), k, num_resamples, rng)
-        verdict: dict[Any, bool] = {}
-        hits = 0
-        for row in subsets:
-            winner = M.weighted_majority([answers[j] for j in row], [weights[j] for j in row])
-            if winner is None:
-                continue
-            if winner not in verdict:
-                verdict[winner] = judge(i, winner)
-            hits += verdict[winner]
-        per_problem.append(hits / len(subsets))
-    return float(np.mean(per_problem))
-
-
 def _difficulty_table(acc: Sequence[float], difficulty: Sequence[Any]) -> dict[str, dict[str, float]]:
     known = [(a, d) for a, d in zip(acc, difficulty) if d is not None]
     if not known:
@@ -377,7 +347,12 @@ def summarize(
         maj = {str(k): M.maj_at_k(answers, judge, k, num_resamples=num_resamples, seed=seed) for k in grid}
         for s in scorers:
             weights = [vote_weights(s, r["scores"][s]) for r in records]
-            weighted[s] = {str(k): _weighted_maj_at_k(answers, weights, judge, k, num_resamples, seed) for k in grid}
+            weighted[s] = {
+                str(k): M.maj_at_k(
+                    answers, judge, k, num_resamples=num_resamples, seed=seed, weights_per_problem=weights
+                )
+                for k in grid
+            }
     best = {
         s: {str(k): M.best_of_n([r["scores"][s] for r in records], flags, k) for k in grid} for s in scorers
     }

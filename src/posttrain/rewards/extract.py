@@ -15,12 +15,13 @@ True
 from __future__ import annotations
 
 import re
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 __all__ = [
     "EXTRACTORS",
     "answer_phrase",
     "answer_tag",
+    "boxed_arguments",
     "choice_letter",
     "clean_answer",
     "extract_answer",
@@ -51,15 +52,15 @@ def _match_brace(text: str, open_pos: int) -> Optional[int]:
     return None
 
 
-def last_boxed(text: str) -> Optional[str]:
-    r"""Content of the last complete ``\boxed{...}`` (or ``\fbox{...}``), nested braces allowed.
+def boxed_arguments(text: str, gap: str = " *") -> Iterator[str]:
+    r"""The raw arguments of the complete ``\boxed`` / ``\fbox`` commands in ``text``, last first.
 
-    ``\boxed 5`` (argument without braces) is read up to the next space or ``$``. A final box
-    that is never closed (a truncated completion) is skipped and the previous complete one is
-    used.
+    An argument is ``{...}`` (nested braces allowed; one never closed, as in a truncated text,
+    is passed over) or, after a space or tab, a bare token up to the next space or ``$``
+    (``\boxed 5``). ``gap`` (a regex) is what may stand between the command and its argument:
+    spaces by default, ``r"\s*"`` for any white space (it should match the empty string too).
     """
-    if not text:
-        return None
+    gap_re = re.compile(gap)
     candidates = []
     for cmd in _BOX_COMMANDS:
         start = 0
@@ -73,16 +74,30 @@ def last_boxed(text: str) -> Optional[str]:
         j = k + len(cmd)
         if j < len(text) and text[j].isalpha():  # e.g. \boxedfoo: another command
             continue
-        while j < len(text) and text[j] == " ":
-            j += 1
+        m = gap_re.match(text, j)
+        skipped = m.group(0) if m else ""
+        j += len(skipped)
         if j < len(text) and text[j] == "{":
             end = _match_brace(text, j)
-            if end is None:
-                continue
-            got = clean_answer(text[j + 1 : end])
-        else:
+            if end is not None:
+                yield text[j + 1 : end]
+        elif skipped.endswith((" ", "\t")):
             m = re.match(r"[^\s$]+", text[j:])
-            got = clean_answer(m.group(0)) if (m and j > k + len(cmd)) else None
+            if m:
+                yield m.group(0)
+
+
+def last_boxed(text: str) -> Optional[str]:
+    r"""Content of the last complete ``\boxed{...}`` (or ``\fbox{...}``), nested braces allowed.
+
+    ``\boxed 5`` (argument without braces) is read up to the next space or ``$``. A final box
+    that is never closed (a truncated completion) is skipped and the previous complete one is
+    used; so is one that is empty once cleaned (:func:`clean_answer`).
+    """
+    if not text:
+        return None
+    for arg in boxed_arguments(text):
+        got = clean_answer(arg)
         if got is not None:
             return got
     return None

@@ -13,6 +13,8 @@ from __future__ import annotations
 import re
 from typing import Callable, Optional
 
+from posttrain.rewards.extract import boxed_arguments
+
 _NUMBER = re.compile(r"[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|[-+]?\.\d+")
 
 
@@ -29,38 +31,17 @@ def gsm8k_answer(text: str) -> Optional[str]:
     return number[1:] if number.startswith("+") else number
 
 
-def _closing_brace(text: str, open_pos: int) -> Optional[int]:
-    depth = 0
-    i = open_pos
-    while i < len(text):
-        ch = text[i]
-        if ch == "\\" and i + 1 < len(text) and text[i + 1] in "{}":
-            i += 2
-            continue
-        if ch == "{":
-            depth += 1
-        elif ch == "}":
-            depth -= 1
-            if depth == 0:
-                return i
-        i += 1
-    return None
-
-
 def boxed_answer(text: str) -> Optional[str]:
-    r"""Content of the last complete ``\boxed{...}`` / ``\fbox{...}`` (``\boxed 5`` too)."""
-    found: Optional[str] = None
-    for match in re.finditer(r"\\(?:boxed|fbox)\b\s*", text):
-        start = match.end()
-        if start < len(text) and text[start] == "{":
-            end = _closing_brace(text, start)
-            if end is not None:
-                found = text[start + 1 : end].strip()
-        else:  # "\boxed 5": up to the next space or "$"
-            token = re.match(r"[^\s$]+", text[start:])
-            if token and match.group(0).endswith((" ", "\t")):
-                found = token.group(0)
-    return found or None
+    r"""Content of the last complete ``\boxed{...}`` / ``\fbox{...}`` (``\boxed 5`` too).
+
+    The scan is :func:`posttrain.rewards.extract.boxed_arguments` (the one behind the reward's
+    ``last_boxed``), with three differences kept for reference answers: any white space (a
+    line break too) may stand between the command and a ``{`` argument; the content is only
+    stripped, not cleaned (``\boxed{5.}`` gives ``"5."``); and an empty last box gives ``None``
+    (no going back to an earlier box).
+    """
+    last = next(boxed_arguments(text, gap=r"\s*"), None)
+    return (last or "").strip() or None
 
 
 ANSWER_FORMATS: dict[str, Callable[[str], Optional[str]]] = {

@@ -266,20 +266,41 @@ def _check_ids(problems: list[Problem]) -> None:
 
 
 class _FileTask:
-    """Split logic shared by the file loaders (subclasses fill ``self._records``)."""
+    """Set-up and split logic shared by the file loaders (subclasses read the records)."""
 
     name = "data"
+
+    def _setup(
+        self,
+        name: Optional[str],
+        fields: Optional[dict[str, Optional[str]]],
+        *,
+        answer_format: Optional[str],
+        system_prompt: Optional[str],
+        prompt_template: Optional[str],
+    ) -> None:
+        """Name, field mapping and record mapper (set before any file is read: the mapper checks its options)."""
+        if name:
+            self.name = name
+        self.fields = _merge_fields(fields, DEFAULT_FIELDS)
+        self.mapper = RecordMapper(
+            self.fields,
+            answer_format=answer_format,
+            system_prompt=system_prompt,
+            prompt_template=prompt_template,
+            id_prefix=self.name,
+        )
 
     def _finish(
         self,
         train_all: list[Problem],
         test_all: Optional[list[Problem]],
+        source: str,
         *,
         test_fraction: float,
         seed: int,
         max_train: Optional[int],
         max_test: Optional[int],
-        source: str,
     ) -> None:
         if test_all is not None:
             test = _dedupe(test_all)
@@ -329,28 +350,13 @@ class JsonlTask(_FileTask):
         max_test: Optional[int] = None,
         name: Optional[str] = None,
     ):
-        if name:
-            self.name = name
-        self.fields = _merge_fields(fields, DEFAULT_FIELDS)
-        self.mapper = RecordMapper(
-            self.fields,
-            answer_format=answer_format,
-            system_prompt=system_prompt,
-            prompt_template=prompt_template,
-            id_prefix=self.name,
-        )
+        self._setup(name, fields,
+                    answer_format=answer_format, system_prompt=system_prompt, prompt_template=prompt_template)
         train_path = _check_file(path, "task.path")
         train_all = self._load(train_path)
         test_all = self._load(_check_file(test_path, "task.test_path")) if test_path is not None else None
-        self._finish(
-            train_all,
-            test_all,
-            test_fraction=test_fraction,
-            seed=seed,
-            max_train=max_train,
-            max_test=max_test,
-            source=str(train_path),
-        )
+        self._finish(train_all, test_all, str(train_path),
+                     test_fraction=test_fraction, seed=seed, max_train=max_train, max_test=max_test)
 
     def _load(self, path: Path) -> list[Problem]:
         out = []
@@ -404,30 +410,15 @@ class HFDatasetTask(_FileTask):
         max_test: Optional[int] = None,
         name: Optional[str] = None,
     ):
-        if name:
-            self.name = name
-        self.fields = _merge_fields(fields, DEFAULT_FIELDS)
-        self.mapper = RecordMapper(
-            self.fields,
-            answer_format=answer_format,
-            system_prompt=system_prompt,
-            prompt_template=prompt_template,
-            id_prefix=self.name,
-        )
+        self._setup(name, fields,
+                    answer_format=answer_format, system_prompt=system_prompt, prompt_template=prompt_template)
         train_files = self._files(data_files, "task.data_files")
         test_list = self._files(test_files, "task.test_files") if test_files is not None else None
         fmt = _hf_format(train_files + (test_list or []), format)
         train_all = self._load(train_files, fmt)
         test_all = self._load(test_list, fmt) if test_list is not None else None
-        self._finish(
-            train_all,
-            test_all,
-            test_fraction=test_fraction,
-            seed=seed,
-            max_train=max_train,
-            max_test=max_test,
-            source=", ".join(map(str, train_files)),
-        )
+        self._finish(train_all, test_all, ", ".join(map(str, train_files)),
+                     test_fraction=test_fraction, seed=seed, max_train=max_train, max_test=max_test)
 
     @staticmethod
     def _files(files: Any, what: str) -> list[Path]:

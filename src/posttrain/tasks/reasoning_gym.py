@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator, Optional, Sequence
 
 from posttrain.rewards.base import RewardOutput
-from posttrain.tasks.base import Problem, check_split
-from posttrain.tasks.splits import fill_splits
+from posttrain.tasks.base import Problem
+from posttrain.tasks.splits import HashSplitTask
 
 DEFAULT_TEMPLATE = "{prompt}\n\nGive your final answer inside <answer></answer> tags."
 
@@ -77,14 +77,14 @@ class ReasoningGymConfig:
             raise ValueError("task.max_draws must be >= 1")
 
 
-class ReasoningGymTask:
+class ReasoningGymTask(HashSplitTask):
     name = "reasoning_gym"
 
     def __init__(self, cfg: ReasoningGymConfig | None = None, **kwargs: Any):
         self.cfg = cfg or ReasoningGymConfig(**kwargs)
         self.name = f"reasoning_gym:{self.cfg.dataset}"
         self._dataset = _create(self.cfg.dataset, dict(self.cfg.options), self.cfg.seed, self.cfg.max_draws)
-        self._cache: dict[str, list[Problem]] | None = None
+        self._cache = None
 
     @property
     def dataset(self):
@@ -103,7 +103,7 @@ class ReasoningGymTask:
             return text
         return [{"role": "system", "content": c.system_prompt}, {"role": "user", "content": text}]
 
-    def _build(self, question: str, entry: dict) -> Problem:
+    def build(self, question: str, entry: dict) -> Problem:
         c = self.cfg
         digest = hashlib.sha256(question.encode()).hexdigest()[:16]
         value = (entry.get("metadata") or {}).get("difficulty")  # a number in some datasets
@@ -120,22 +120,6 @@ class ReasoningGymTask:
                 "question": question,
             },
         )
-
-    def problems(self, split: str) -> list[Problem]:
-        check_split(split)
-        if self._cache is None:
-            c = self.cfg
-            train, test = fill_splits(
-                self._stream(),
-                self._build,
-                task=self.name,
-                salt=self.name,
-                test_size=c.test_size,
-                train_size=c.train_size,
-                test_fraction=c.test_fraction,
-            )
-            self._cache = {"train": train, "test": test}
-        return list(self._cache[split])
 
 
 _ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL | re.IGNORECASE)

@@ -89,33 +89,22 @@ def fill_splits(
     return train, test
 
 
-class ProceduralTask:
-    """Base for generators: subclasses set ``name`` and ``config_cls`` and implement
-    ``sample(rng) -> (key, payload)`` and ``build(key, payload) -> Problem``.
-
-    ``build`` must derive the prompt from the key alone (the payload may only add metadata),
-    so distinct keys give distinct prompts and the splits are disjoint in prompt text too.
+class HashSplitTask:
+    """Base for task sources split by :func:`fill_splits`: subclasses set ``name`` and ``cfg``
+    (with ``test_size``, ``train_size`` and ``test_fraction``) and implement ``_stream()`` (the
+    ``(key, payload)`` candidates in draw order) and ``build(key, payload) -> Problem``. The
+    splits are drawn once, on the first ``problems()`` call, with the task name as the salt.
     """
 
-    name: str = "procedural"
-    config_cls: type = SplitConfig
+    name: str = "hash_split"
+    cfg: Any
+    _cache: dict[str, list[Problem]] | None = None
 
-    def __init__(self, cfg: Any = None, **kwargs: Any):
-        if cfg is not None and kwargs:
-            raise TypeError("pass either a config object or keyword options, not both")
-        self.cfg = cfg if cfg is not None else self.config_cls(**kwargs)
-        self._cache: dict[str, list[Problem]] | None = None
-
-    def sample(self, rng: random.Random) -> tuple[str, Any]:
+    def _stream(self) -> Iterator[tuple[str, Any]]:
         raise NotImplementedError
 
     def build(self, key: str, payload: Any) -> Problem:
         raise NotImplementedError
-
-    def _stream(self) -> Iterator[tuple[str, Any]]:
-        rng = random.Random(self.cfg.seed)
-        while True:
-            yield self.sample(rng)
 
     def problems(self, split: str) -> list[Problem]:
         check_split(split)
@@ -132,3 +121,29 @@ class ProceduralTask:
             )
             self._cache = {"train": train, "test": test}
         return list(self._cache[split])
+
+
+class ProceduralTask(HashSplitTask):
+    """Base for generators: subclasses set ``name`` and ``config_cls`` and implement
+    ``sample(rng) -> (key, payload)`` and ``build(key, payload) -> Problem``.
+
+    ``build`` must derive the prompt from the key alone (the payload may only add metadata),
+    so distinct keys give distinct prompts and the splits are disjoint in prompt text too.
+    """
+
+    name: str = "procedural"
+    config_cls: type = SplitConfig
+
+    def __init__(self, cfg: Any = None, **kwargs: Any):
+        if cfg is not None and kwargs:
+            raise TypeError("pass either a config object or keyword options, not both")
+        self.cfg = cfg if cfg is not None else self.config_cls(**kwargs)
+        self._cache = None
+
+    def sample(self, rng: random.Random) -> tuple[str, Any]:
+        raise NotImplementedError
+
+    def _stream(self) -> Iterator[tuple[str, Any]]:
+        rng = random.Random(self.cfg.seed)
+        while True:
+            yield self.sample(rng)

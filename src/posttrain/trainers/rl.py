@@ -208,18 +208,17 @@ class RLTrainer:
             return self.critic(batch.prompt_ids, batch.prompt_mask, batch.completion_ids, batch.completion_mask,
                                share_prompts=self.cfg.trainer.share_prompt_pass)
 
+    def _micro_batches(self, rollouts: Rollouts) -> list[Rollouts]:
+        mb = self.cfg.trainer.micro_batch_size
+        return [rollouts.select(list(range(s, min(s + mb, len(rollouts))))) for s in range(0, len(rollouts), mb)]
+
     @torch.no_grad()
     def _batched_values(self, rollouts: Rollouts) -> torch.Tensor:
-        mb = self.cfg.trainer.micro_batch_size
-        return torch.cat([self._values(rollouts.select(list(range(s, min(s + mb, len(rollouts)))))).cpu()
-                          for s in range(0, len(rollouts), mb)])
+        return torch.cat([self._values(micro).cpu() for micro in self._micro_batches(rollouts)])
 
     @torch.no_grad()
     def _batched_logprobs(self, model, rollouts: Rollouts) -> torch.Tensor:
-        mb = self.cfg.trainer.micro_batch_size
-        parts = [self._logprobs(model, rollouts.select(list(range(s, min(s + mb, len(rollouts))))))[0].cpu()
-                 for s in range(0, len(rollouts), mb)]
-        return torch.cat(parts)
+        return torch.cat([self._logprobs(model, micro)[0].cpu() for micro in self._micro_batches(rollouts)])
 
     def _old_logprobs_mode(self) -> str:
         mode = self.cfg.trainer.old_logprobs
@@ -255,20 +254,18 @@ class RLTrainer:
             rollouts.reward_components["overlong_penalty"] = penalty
             rollouts.rewards = rollouts.rewards + penalty
         baseline = self._greedy_baseline(problems, rollouts) if alg.advantage_estimator == "remax" else None
+        logprobs = rollouts.old_logprobs if rollouts.old_logprobs is not None else rollouts.behaviour_logprobs
         token_rewards = None
         if alg.kl.in_reward:
-            token_rewards = kl_in_reward(None, rollouts.old_logprobs if rollouts.old_logprobs is not None
-                                         else rollouts.behaviour_logprobs, rollouts.ref_logprobs, mask,
-                                         self.kl_ctl.value, alg.kl.estimator)
+            token_rewards = kl_in_reward(None, logprobs, rollouts.ref_logprobs, mask, self.kl_ctl.value,
+                                         alg.kl.estimator)
         if self.critic is not None:
             rollouts.values = self._batched_values(rollouts)
         adv_input = AdvantageInput(
-                rewards=rollouts.rewards, group_ids=rollouts.group_ids, mask=mask,
-                reward_components=rollouts.reward_components, token_rewards=token_rewards,
-                logprobs=rollouts.old_logprobs if rollouts.old_logprobs is not None else rollouts.behaviour_logprobs,
-                ref_logprobs=rollouts.ref_logprobs, baseline_rewards=baseline,
-                answers=[str(m.get("canonical", m.get("answer"))) for m in rollouts.metadata],
-                values=rollouts.values,
+            rewards=rollouts.rewards, group_ids=rollouts.group_ids, mask=mask,
+            reward_components=rollouts.reward_components, token_rewards=token_rewards, logprobs=logprobs,
+            ref_logprobs=rollouts.ref_logprobs, baseline_rewards=baseline, values=rollouts.values,
+            answers=[str(m.get("canonical", m.get("answer"))) for m in rollouts.metadata],
         )
         rollouts.advantages = ADVANTAGES.get(alg.advantage_estimator)(adv_input, alg.advantage).float()
         if self.critic is not None:

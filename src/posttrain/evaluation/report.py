@@ -14,53 +14,52 @@ A run directory may contain (every file is optional; the report says what is mis
 The output is ONE html file with the figures embedded as base64 PNG data URIs; the same PNGs are
 also written to ``<name>_figures/`` next to it. Figures are drawn with matplotlib's Agg canvas
 directly (no pyplot, no change to the global backend).
+
+This module assembles the page; reading run directories lives in ``report_data`` and drawing
+the figures in ``report_figures``.
 """
 
 from __future__ import annotations
 
-import base64
 import datetime as _dt
-import html
-import io
 import json
 import math
-import re
-from dataclasses import dataclass, field
 from itertools import combinations
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from posttrain.evaluation.stats import (
-    Interval,
-    aggregate_with_ci,
-    performance_profile,
-    probability_of_improvement_ci,
+from posttrain.evaluation.report_data import (
+    STANDARD_FILES,
+    RunData,
+    _flatten,
+    _get,
+    _is_num,
+    _k_sorted,
+    _problem_matrix,
+    _short,
+    _unique_names,
+    group_seed_runs,
+    load_run,
 )
+from posttrain.evaluation.report_figures import (
+    KNOWN_GROUPS,
+    MAX_KEYS_PER_FIGURE,
+    _color,
+    _e,
+    _eval_over_steps_figure,
+    _Figures,
+    _interval_figure,
+    _ordered_groups,
+    _pass_at_k_figure,
+    _profile_figure,
+    _scaling_figure,
+    _training_figure,
+)
+from posttrain.evaluation.stats import Interval, aggregate_with_ci, probability_of_improvement_ci
 
 __all__ = ["RunData", "load_run", "group_seed_runs", "write_report", "render_pass_at_k_table"]
-
-STANDARD_FILES = ("config.yaml", "metrics.jsonl", "eval.jsonl", "summary.json")
-
-# training-curve groups (prefix before the first "/"), in display order, with titles
-KNOWN_GROUPS: dict[str, str] = {
-    "reward": "Reward",
-    "reward_component": "Reward components",
-    "response_length": "Response length",
-    "entropy": "Entropy",
-    "kl": "KL divergence",
-    "loss": "Loss and clipping",
-    "mismatch": "Training-inference mismatch",
-    "time": "Step time",
-    "lr": "Learning rate",
-}
-# keys shown first inside their group
-KNOWN_KEYS = (
-    "reward/mean", "reward/std", "response_length/mean", "entropy/mean", "kl/mean",
-    "loss/clip_frac", "mismatch/kl_k3", "mismatch/ratio_p95", "time/step_s", "lr",
-)
-MAX_KEYS_PER_FIGURE = 12
 
 # config keys (last dotted component) worth showing in the overview, in priority order
 HIGHLIGHT_KEYS = (
@@ -72,224 +71,7 @@ HIGHLIGHT_KEYS = (
 )
 MAX_HIGHLIGHTS = 16
 
-# config keys that may differ between seeds of "the same config"
-_RUN_SPECIFIC = {
-    "output_dir", "out_dir", "outdir", "output", "run_dir", "save_dir", "log_dir", "logging_dir",
-    "run_name", "wandb_run_name", "checkpoint_dir",
-}
-
 BOOTSTRAP_REPS = 2000
-
-
-# ---------------------------------------------------------------------------------------------
-# loading
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclass
-class RunData:
-    path: Path
-    name: str
-    config: dict[str, Any] | None = None
-    config_text: str | None = None
-    metrics: list[dict[str, float]] = field(default_factory=list)  # flattened numeric rows
-    evals: list[dict[str, Any]] = field(default_factory=list)
-    summary: dict[str, Any] | None = None
-    eval_files: dict[str, dict[str, Any]] = field(default_factory=dict)  # "eval_x" -> content
-    missing: list[str] = field(default_factory=list)
-    warnings: list[str] = field(default_factory=list)
-
-    # ---- derived -------------------------------------------------------------------------
-    def series(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-        """``{key: (steps, values)}`` for every numeric metrics key, sorted by step."""
-        keys: list[str] = []
-        for row in self.metrics:
-            for k in row:
-                if k != "step" and k not in keys:
-                    keys.append(k)
-        out = {}
-        for k in keys:
-            pts = [(row.get("step", i), row[k]) for i, row in enumerate(self.metrics) if k in row]
-            pts.sort(key=lambda p: p[0])
-            s = np.array([p[0] for p in pts], dtype=np.float64)
-            v = np.array([p[1] for p in pts], dtype=np.float64)
-            v[~np.isfinite(v)] = np.nan
-            out[k] = (s, v)
-        return out
-
-    def final_accuracy(self) -> tuple[float, str] | None:
-        """Final accuracy and where it came from: ``summary.eval_after.accuracy``, else the last
-        ``eval.jsonl`` entry."""
-        acc = _get(self.summary, "eval_after", "accuracy")
-        if _is_num(acc):
-            return float(acc), "summary.json eval_after"
-        for e in reversed(self.evals):
-            if _is_num(e.get("accuracy")):
-                return float(e["accuracy"]), f"eval.jsonl step {e.get('step', '?')}"
-        return None
-
-    def flat_config(self) -> dict[str, Any]:
-        return _flatten(self.config) if isinstance(self.config, dict) else {}
-
-
-def _is_num(v: Any) -> bool:
-    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
-
-
-def _get(d: Any, *keys: str) -> Any:
-    for k in keys:
-        if not isinstance(d, dict):
-            return None
-        d = d.get(k)
-    return d
-
-
-def _flatten(d: Mapping[str, Any], prefix: str = "", sep: str = ".") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        key = f"{prefix}{sep}{k}" if prefix else str(k)
-        if isinstance(v, Mapping):
-            out.update(_flatten(v, key, sep))
-        else:
-            out[key] = v
-    return out
-
-
-def _read_jsonl(path: Path, warnings: list[str]) -> list[dict[str, Any]]:
-    rows, bad = [], 0
-    with path.open(encoding="utf-8") as f:
-        for line in f:
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError:
-                bad += 1
-                continue
-            if isinstance(obj, dict):
-                rows.append(obj)
-            else:
-                bad += 1
-    if bad:
-        warnings.append(f"{path.name}: skipped {bad} unreadable line(s)")
-    return rows
-
-
-def _read_json(path: Path, warnings: list[str]) -> dict[str, Any] | None:
-    try:
-        obj = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
-        warnings.append(f"{path.name}: unreadable ({type(e).__name__})")
-        return None
-    if not isinstance(obj, dict):
-        warnings.append(f"{path.name}: expected a JSON object")
-        return None
-    return obj
-
-
-def load_run(path: Path | str, name: str | None = None) -> RunData:
-    """Read whatever a run directory holds; never raises for missing or malformed files."""
-    path = Path(path)
-    run = RunData(path=path, name=name or path.name or str(path))
-    if not path.is_dir():
-        run.missing = ["(run directory does not exist)"]
-        return run
-    cfg = path / "config.yaml"
-    if cfg.is_file():
-        run.config_text = cfg.read_text(encoding="utf-8", errors="replace")
-        try:
-            import yaml
-
-            obj = yaml.safe_load(run.config_text)
-            run.config = obj if isinstance(obj, dict) else {"value": obj}
-        except Exception as e:  # noqa: BLE001 - any parse problem is reported, not raised
-            run.warnings.append(f"config.yaml: could not parse ({type(e).__name__})")
-    else:
-        run.missing.append("config.yaml")
-    met = path / "metrics.jsonl"
-    if met.is_file():
-        for i, row in enumerate(_read_jsonl(met, run.warnings)):
-            flat = {k: float(v) for k, v in _flatten(row, sep="/").items() if _is_num(v)}
-            flat.setdefault("step", float(i))
-            run.metrics.append(flat)
-    else:
-        run.missing.append("metrics.jsonl")
-    ev = path / "eval.jsonl"
-    if ev.is_file():
-        run.evals = _read_jsonl(ev, run.warnings)
-    else:
-        run.missing.append("eval.jsonl")
-    summ = path / "summary.json"
-    if summ.is_file():
-        run.summary = _read_json(summ, run.warnings)
-    else:
-        run.missing.append("summary.json")
-    for p in sorted(path.glob("eval_*.json")):
-        obj = _read_json(p, run.warnings)
-        if obj is not None:
-            run.eval_files[p.stem] = obj
-    return run
-
-
-def _unique_names(paths: Sequence[Path]) -> list[str]:
-    """Shortest trailing path components that tell the runs apart."""
-    parts = [p.resolve().parts for p in paths]
-    for depth in range(1, max((len(p) for p in parts), default=1) + 1):
-        names = ["/".join(p[-depth:]) for p in parts]
-        if len(set(names)) == len(names):
-            return names
-    return [f"{n} #{i}" for i, n in enumerate(names)]
-
-
-# ---------------------------------------------------------------------------------------------
-# seed grouping
-# ---------------------------------------------------------------------------------------------
-
-
-def _is_run_specific(key: str) -> bool:
-    last = key.split(".")[-1].lower()
-    return last in _RUN_SPECIFIC or last == "seed" or last.endswith("_seed")
-
-
-def _config_signature(run: RunData) -> str | None:
-    if run.config is None:
-        return None
-    flat = {k: v for k, v in run.flat_config().items() if not _is_run_specific(k)}
-    return json.dumps(flat, sort_keys=True, default=str)
-
-
-def group_seed_runs(runs: Sequence[RunData]) -> list[tuple[str, list[RunData]]]:
-    """Group runs whose configs are equal once seeds and output paths are ignored (keys named
-    ``seed``, ``*_seed``, ``output_dir``, ``run_name``, ...). A run without a config is a group
-    of its own. Groups are labelled by the config keys that tell them apart."""
-    buckets: dict[str, list[RunData]] = {}
-    for run in runs:
-        sig = _config_signature(run)
-        buckets.setdefault(sig if sig is not None else f"__noconfig__{run.name}", []).append(run)
-    groups = list(buckets.values())
-    if len(groups) == 1:
-        return [("all runs" if len(groups[0]) > 1 else groups[0][0].name, groups[0])]
-    flats = [{k: v for k, v in g[0].flat_config().items() if not _is_run_specific(k)} for g in groups]
-    all_keys = sorted(set().union(*flats))
-    differing = [k for k in all_keys if len({json.dumps(f.get(k, "<unset>"), default=str) for f in flats}) > 1]
-    labels = []
-    for g, f in zip(groups, flats):
-        if g[0].config is None:
-            labels.append(g[0].name)
-            continue
-        parts = [f"{k.split('.')[-1]}={_short(f.get(k, '<unset>'))}" for k in differing[:3]]
-        if len(differing) > 3:
-            parts.append("…")
-        labels.append(", ".join(parts) or g[0].name)
-    if len(set(labels)) < len(labels):
-        labels = [f"{lab} [{g[0].name}]" for lab, g in zip(labels, groups)]
-    return list(zip(labels, groups))
-
-
-def _short(v: Any, n: int = 28) -> str:
-    s = v if isinstance(v, str) else json.dumps(v, default=str)
-    return s if len(s) <= n else s[: n - 1] + "…"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -322,10 +104,6 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
-def _e(v: Any) -> str:
-    return html.escape(str(v), quote=True)
-
-
 def _duration(s: Any) -> str:
     if not _is_num(s):
         return "—"
@@ -354,122 +132,6 @@ def _ci_text(iv: Interval) -> str:
     if iv.low == iv.high == iv.point:
         return f"{_fmt(iv.point)}"
     return f"{_fmt(iv.point)} [{_fmt(iv.low)}, {_fmt(iv.high)}]"
-
-
-def _k_sorted(d: Mapping[Any, Any]) -> list[tuple[int, float]]:
-    """``{"1": .., "8": ..}`` -> ``[(1, ..), (8, ..)]`` sorted by k, numeric values only."""
-    out = []
-    for k, v in d.items():
-        try:
-            kk = int(k)
-        except (TypeError, ValueError):
-            continue
-        if _is_num(v):
-            out.append((kk, float(v)))
-    return sorted(out)
-
-
-# ---------------------------------------------------------------------------------------------
-# figures
-# ---------------------------------------------------------------------------------------------
-
-_COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#7f7f7f", "#bcbd22")
-
-
-def _color(i: int) -> str:
-    return _COLORS[i % len(_COLORS)]
-
-
-class _Figures:
-    """Collects figures: PNG bytes saved to the figures folder and embedded as data URIs."""
-
-    def __init__(self, folder: Path):
-        self.folder = folder
-        self.count = 0
-
-    def new(self, nplots: int = 1, ncols: int = 3, width: float = 11.0, row_height: float = 3.0):
-        from matplotlib.figure import Figure
-
-        ncols = max(1, min(ncols, nplots))
-        nrows = max(1, math.ceil(nplots / ncols))
-        fig = Figure(figsize=(width, row_height * nrows + 0.5), dpi=96, layout="constrained")
-        axes = fig.subplots(nrows, ncols, squeeze=False).reshape(-1)
-        for ax in axes[nplots:]:
-            ax.set_visible(False)
-        for ax in axes[:nplots]:
-            ax.grid(True, alpha=0.3, linewidth=0.6)
-            ax.spines[["top", "right"]].set_visible(False)
-            ax.tick_params(labelsize=8)
-        return fig, list(axes[:nplots])
-
-    def embed(self, fig, slug: str, alt: str, caption: str = "") -> str:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-
-        FigureCanvasAgg(fig)
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png", metadata={"Software": None})
-        data = buf.getvalue()
-        self.count += 1
-        self.folder.mkdir(parents=True, exist_ok=True)
-        fname = f"fig_{self.count:02d}_{re.sub(r'[^A-Za-z0-9_-]+', '_', slug).strip('_')[:60]}.png"
-        (self.folder / fname).write_bytes(data)
-        b64 = base64.b64encode(data).decode("ascii")
-        cap = f"<figcaption>{_e(caption)}</figcaption>" if caption else ""
-        return (
-            f'<figure><img class="fig" src="data:image/png;base64,{b64}" alt="{_e(alt)}" '
-            f'data-file="{_e(self.folder.name + "/" + fname)}">{cap}</figure>'
-        )
-
-
-def _smooth(v: np.ndarray, window: int) -> np.ndarray:
-    """Centred moving average ignoring NaNs (no lag, windows shrink at the edges)."""
-    half = window // 2
-    ok = np.isfinite(v)
-    if not ok.any():
-        return v.copy()
-    center = float(np.mean(v[ok]))  # cumulative sums of centred values keep constants exact-ish
-    csum = np.concatenate([[0.0], np.cumsum(np.where(ok, v - center, 0.0))])
-    ccnt = np.concatenate([[0], np.cumsum(ok)])
-    idx = np.arange(v.size)
-    lo, hi = np.maximum(idx - half, 0), np.minimum(idx + half + 1, v.size)
-    cnt = ccnt[hi] - ccnt[lo]
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(cnt > 0, center + (csum[hi] - csum[lo]) / np.maximum(cnt, 1), np.nan)
-
-
-def _smooth_window(n: int) -> int:
-    return max(5, (n // 25) | 1)
-
-
-def _plot_series(ax, steps: np.ndarray, vals: np.ndarray, color: str, label: str | None) -> None:
-    if vals.size >= 50:
-        ax.plot(steps, vals, color=color, alpha=0.25, linewidth=0.8)
-        ax.plot(steps, _smooth(vals, _smooth_window(vals.size)), color=color, linewidth=1.6, label=label)
-    else:
-        ax.plot(steps, vals, color=color, linewidth=1.4, marker="o" if vals.size <= 20 else None, markersize=3, label=label)
-
-
-def _maybe_log_y(ax, arrays: Sequence[np.ndarray]) -> None:
-    vals = np.concatenate([a[np.isfinite(a)] for a in arrays]) if arrays else np.array([])
-    if vals.size and (vals > 0).all() and vals.max() / vals.min() > 1e3:
-        ax.set_yscale("log")
-    else:
-        ax.ticklabel_format(axis="y", useOffset=False)  # no "1e-12+9e-1" offsets on flat curves
-
-
-def _group_of(key: str) -> str:
-    if "/" in key:
-        return key.split("/", 1)[0]
-    return key if key in KNOWN_GROUPS else "other"
-
-
-def _ordered_groups(keys: Iterable[str]) -> list[tuple[str, list[str]]]:
-    groups: dict[str, list[str]] = {}
-    for k in keys:
-        groups.setdefault(_group_of(k), []).append(k)
-    order = [g for g in KNOWN_GROUPS if g in groups] + sorted(g for g in groups if g not in KNOWN_GROUPS)
-    rank = {k: i for i, k in enumerate(KNOWN_KEYS)}
-    return [(g, sorted(groups[g], key=lambda k: (rank.get(k, len(rank)), k))) for g in order]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -596,26 +258,11 @@ def _training_curves(runs: Sequence[RunData], figs: _Figures) -> str:
     for group, keys in _ordered_groups(all_keys):
         title = KNOWN_GROUPS.get(group, group.replace("_", " ").capitalize())
         shown = keys[:MAX_KEYS_PER_FIGURE]
-        fig, axes = figs.new(len(shown))
-        for ax, key in zip(axes, shown):
-            arrays = []
-            for i, r in enumerate(runs):
-                if key in series[r.name]:
-                    s, v = series[r.name][key]
-                    _plot_series(ax, s, v, _color(i), r.name if multi else None)
-                    arrays.append(v)
-            _maybe_log_y(ax, arrays)
-            ax.set_title(key, fontsize=9)
-            ax.set_xlabel("step", fontsize=8)
-        if multi:
-            handles, labels = axes[0].get_legend_handles_labels()
-            if handles:
-                fig.legend(handles, labels, loc="outside upper center", ncols=min(len(labels), 5), fontsize=8, frameon=False)
         caption = "Faint: raw values; bold: centred moving average (window ≈ 4% of the run, at least 5 steps)." if long_runs else ""
         extra = f" ({len(keys) - len(shown)} more keys not plotted)" if len(keys) > len(shown) else ""
         parts.append(f"<h3>{_e(title)}{_e(extra)}</h3>")
         parts.append('<p class="hint">' + " ".join(f"<code>{_e(k)}</code>" for k in keys) + "</p>")
-        parts.append(figs.embed(fig, f"train_{group}", f"training curves: {', '.join(shown)}", caption))
+        parts.append(_training_figure(figs, runs, series, group, shown, multi, caption))
     missing = [r.name for r in runs if not series[r.name]]
     if missing:
         parts.append(_note("No training metrics for: " + ", ".join(missing) + ".", "warn"))
@@ -646,35 +293,8 @@ def _eval_over_steps(runs: Sequence[RunData], figs: _Figures) -> str:
         parts.append(f"<h3>{_e(r.name)}</h3>")
         parts.append(_table(["step", "accuracy", "n_problems"] + [f"pass@{k}" for k in ks] + extra, rows, cls="evals"))
     # accuracy (and pass@k) over steps
-    panels: list[str] = ["accuracy"]
-    for r in have:
-        for e in r.evals:
-            for k, _ in _k_sorted(e.get("pass_at_k") or {}):
-                if f"pass@{k}" not in panels:
-                    panels.append(f"pass@{k}")
-    panels = panels[:1] + sorted(panels[1:], key=lambda p: int(p[5:]))
-    panels = panels[:6]
-    fig, axes = figs.new(len(panels))
-    multi = len(runs) > 1
-    for ax, panel in zip(axes, panels):
-        for i, r in enumerate(runs):
-            pts = []
-            for j, e in enumerate(r.evals):
-                step = e.get("step", j)
-                v = e.get("accuracy") if panel == "accuracy" else dict(_k_sorted(e.get("pass_at_k") or {})).get(int(panel[5:]))
-                if _is_num(v) and _is_num(step):
-                    pts.append((float(step), float(v)))
-            if pts:
-                pts.sort()
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", markersize=4, color=_color(i), label=r.name if multi else None)
-        ax.set_title(panel, fontsize=9)
-        ax.set_xlabel("step", fontsize=8)
-    if multi:
-        handles, labels = axes[0].get_legend_handles_labels()
-        if handles:
-            fig.legend(handles, labels, loc="outside upper center", ncols=min(len(labels), 5), fontsize=8, frameon=False)
     parts.append("<h3>Evaluation metrics over training steps</h3>")
-    parts.append(figs.embed(fig, "eval_over_steps", "evaluation over steps"))
+    parts.append(_eval_over_steps_figure(figs, runs, have))
     missing = [r.name for r in runs if not r.evals]
     if missing:
         parts.append(_note("No eval.jsonl for: " + ", ".join(missing) + ".", "warn"))
@@ -735,19 +355,8 @@ def _pass_at_k_section(runs: Sequence[RunData], figs: _Figures) -> str:
     if not curves:
         parts.append(_note("No pass@k data (eval.jsonl 'pass_at_k' or eval_*.json) found.", "warn"))
         return "".join(parts)
-    fig, (ax,) = figs.new(1, width=10.0, row_height=4.2)
-    all_k = sorted({k for *_, pts in curves for k, _ in pts})
-    for label, color, ls, pts in curves:
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], linestyle=ls, marker="o", markersize=4, color=color, label=label)
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(all_k, [str(k) for k in all_k])
-    ax.set_xlabel("k (log scale)", fontsize=9)
-    ax.set_ylabel("pass@k", fontsize=9)
-    ax.set_ylim(-0.02, 1.02)
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False)
     parts.append("<h3>pass@k</h3>")
-    parts.append(figs.embed(fig, "pass_at_k", "pass@k curves",
-                            "Solid: last evaluation in eval.jsonl; dotted: first; dashed: eval_*.json files. Unbiased estimator."))
+    parts.append(_pass_at_k_figure(figs, curves))
     return "".join(parts)
 
 
@@ -764,63 +373,13 @@ def _scaling_section(runs: Sequence[RunData], figs: _Figures) -> str:
     if not methods:
         return _note("No test-time scaling data ('scaling' in eval_*.json) found.", "warn")
     names = sorted(methods, key=lambda m: ({"majority": 0, "best_of_n": 1}.get(m, 2), m))
-    fig, axes = figs.new(len(names), ncols=2, width=10.0, row_height=3.6)
-    for ax, m in zip(axes, names):
-        ns = sorted({k for _, _, pts in methods[m] for k, _ in pts})
-        for label, color, pts in methods[m]:
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", markersize=4, color=color, label=label)
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(ns, [str(k) for k in ns])
-        ax.set_title({"majority": "majority vote", "best_of_n": "best-of-N"}.get(m, m), fontsize=9)
-        ax.set_xlabel("N samples (log scale)", fontsize=8)
-        ax.set_ylabel("accuracy", fontsize=8)
-    handles, labels = {}, []
-    for ax in axes:
-        for h, lab in zip(*ax.get_legend_handles_labels()):
-            if lab not in handles:
-                handles[lab] = h
-                labels.append(lab)
-    fig.legend([handles[lab] for lab in labels], labels, loc="outside upper center", ncols=min(len(labels), 4), fontsize=8, frameon=False)
+    figure = _scaling_figure(figs, methods, names)
     rows = []
     for m in names:
         for label, _, pts in methods[m]:
             rows.append([m, label, ", ".join(f"N={k}: {_fmt(v)}" for k, v in pts)])
-    return (figs.embed(fig, "scaling", "test-time scaling curves", "Accuracy against the number of samples N.")
+    return (figure
             + "<details><summary>Scaling numbers</summary>" + _table(["method", "source", "accuracy by N"], rows) + "</details>")
-
-
-def _problem_matrix(group: Sequence[RunData], file: str) -> tuple[np.ndarray, list] | None:
-    """[seeds, problems] per-problem accuracy from ``eval_*.json`` ``problems``, if every run
-    has the file and the problem ids line up (aligned by id)."""
-    per_run = []
-    for r in group:
-        probs = r.eval_files.get(file, {}).get("problems")
-        if not isinstance(probs, list) or not probs:
-            return None
-        acc = {}
-        for j, p in enumerate(probs):
-            if isinstance(p, dict) and _is_num(p.get("n")) and _is_num(p.get("correct")) and p["n"] > 0:
-                acc[str(p.get("id", j))] = float(p["correct"]) / float(p["n"])
-        per_run.append(acc)
-    ids = sorted(set(per_run[0]))
-    if not ids or any(set(a) != set(ids) for a in per_run):
-        return None
-    return np.array([[a[i] for i in ids] for a in per_run]), ids
-
-
-def _interval_figure(figs: _Figures, title: str, results: Sequence[tuple[str, dict[str, Interval]]], metrics=("iqm", "mean")) -> str:
-    fig, axes = figs.new(len(metrics), ncols=len(metrics), width=10.0, row_height=max(1.6, 0.45 * len(results) + 0.9))
-    labels = [lab for lab, _ in results]
-    y = np.arange(len(results))[::-1]
-    for ax, m in zip(axes, metrics):
-        for yi, (i, (_, res)) in zip(y, enumerate(results)):
-            iv = res[m]
-            ax.plot([iv.low, iv.high], [yi, yi], color=_color(i), linewidth=6, alpha=0.45, solid_capstyle="butt")
-            ax.plot([iv.point], [yi], marker="|", color=_color(i), markersize=16, markeredgewidth=2)
-        ax.set_yticks(y, labels if ax is axes[0] else [""] * len(labels), fontsize=8)
-        ax.set_title({"iqm": "IQM", "mean": "mean", "median": "median", "optimality_gap": "optimality gap"}[m], fontsize=9)
-        ax.set_ylim(-0.7, len(results) - 0.3)
-    return figs.embed(fig, f"ci_{title}", f"interval estimates: {title}", "Bars: 95% stratified bootstrap confidence intervals; ticks: point estimates.")
 
 
 def _comparison(runs: Sequence[RunData], figs: _Figures) -> str:
@@ -871,16 +430,7 @@ def _comparison(runs: Sequence[RunData], figs: _Figures) -> str:
         parts.append(f"<h3>Per-problem accuracy: <code>{_e(f)}.json</code></h3>")
         parts.append('<p class="hint">Score matrix [seeds, problems] of per-problem accuracy (correct / n); runs resampled within each problem.</p>')
         parts.append(_table(["group", "seeds", "problems", "IQM [95% CI]", "mean [95% CI]", "optimality gap [95% CI]"], rows, cls="stats"))
-        taus = np.linspace(0.0, 1.0, 51)
-        fig, (ax,) = figs.new(1, width=7.5, row_height=3.8)
-        for i, (label, (mat, _)) in enumerate(per_group.items()):
-            pp = performance_profile(mat, taus, reps=500, seed=0)
-            ax.plot(taus, pp.profile, color=_color(i), label=label)
-            ax.fill_between(taus, pp.low, pp.high, color=_color(i), alpha=0.2, linewidth=0)
-        ax.set_xlabel("per-problem accuracy τ", fontsize=9)
-        ax.set_ylabel("fraction of problems with accuracy > τ", fontsize=9)
-        ax.legend(fontsize=8)
-        parts.append(figs.embed(fig, f"profile_{f}", f"performance profile {f}", "Performance profile with 95% bootstrap bands."))
+        parts.append(_profile_figure(figs, f, per_group))
     # probability of improvement
     if len(groups) < 2:
         parts.append(_note("All runs belong to one configuration: probability of improvement needs two or more groups."))

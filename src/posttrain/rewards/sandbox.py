@@ -30,6 +30,9 @@ Not enforced even in the strongest mode: the program can *read* world-readable h
 outside the hidden directories; it can use several cores until the wall-clock timeout (no CPU
 cgroup; RLIMIT_CPU is per process); there is no seccomp filter, so the kernel's whole syscall
 surface is reachable by the unprivileged user; disk I/O bandwidth is not limited.
+
+This module runs programs and decides the mode; what the host offers (cgroups, ``unshare``,
+exposed paths, the probe program and its interpretation) lives in ``sandbox_host``.
 """
 
 from __future__ import annotations
@@ -37,20 +40,39 @@ from __future__ import annotations
 import itertools
 import json
 import logging
-import math
 import os
 import secrets
 import selectors
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
+
+# host inspection lives in sandbox_host; its constants stay importable from here as before
+from posttrain.rewards.sandbox_host import (  # noqa: F401 - CGROUP_ROOT, STALE_CGROUP_AGE_S re-exported
+    CGROUP_PREFIX,
+    CGROUP_ROOT,
+    HIDDEN_PATHS,
+    NOBODY,
+    STALE_CGROUP_AGE_S,
+    _MINIMAL_ENV,
+    _candidate_plans,
+    _capabilities,
+    _cgroup_kill_all,
+    _cgroup_remove,
+    _expose_paths,
+    _oom_killed,
+    _Plan,
+    _probe_program,
+    _python,
+    _rlimits,
+    _unshare_cmd,
+)
 
 __all__ = [
     "SANDBOX_CAPABILITIES",
@@ -64,11 +86,6 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 LAUNCHER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_sandbox_launcher.py")
-NOBODY = 65534
-HIDDEN_PATHS = ("/root", "/home")
-CGROUP_ROOT = "/sys/fs/cgroup"
-CGROUP_PREFIX = "posttrain-sandbox-"
-_MINIMAL_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8"}
 
 #: What this machine lets the sandbox enforce; filled by ``detect_capabilities()`` (called by
 #: the first ``run_python``). ``not_enforced`` lists the protections that are missing.
@@ -97,168 +114,7 @@ class SandboxResult:
     notes: list[str] = field(default_factory=list)
 
 
-# ---------------------------------------------------------------------------- cgroups
-
-
-def _own_cgroup(controller: str) -> Optional[str]:
-    try:
-        with open("/proc/self/cgroup") as f:
-            for line in f:
-                _, controllers, path = line.rstrip("\n").split(":", 2)
-                if controller in controllers.split(","):
-                    return path
-    except OSError:
-        return None
-    return None
-
-
-def _cgroup_base(controller: str) -> Optional[str]:
-    """Directory under which this process may create per-run cgroups, or None."""
-    mount_dir = os.path.join(CGROUP_ROOT, controller)
-    own = _own_cgroup(controller)
-    if own is None or not os.path.isdir(mount_dir):
-        return None
-    base = os.path.join(mount_dir, own.lstrip("/"))
-    probe = os.path.join(base, f"{CGROUP_PREFIX}probe-{os.getpid()}-{secrets.token_hex(3)}")
-    try:
-        os.mkdir(probe)
-    except OSError:
-        return None
-    try:
-        limit_file = {"pids": "pids.max", "memory": "memory.limit_in_bytes"}[controller]
-        with open(os.path.join(probe, limit_file), "w") as f:
-            f.write("64" if controller == "pids" else str(256 << 20))
-    except OSError:
-        return None
-    finally:
-        try:
-            os.rmdir(probe)
-        except OSError:
-            pass
-    return base
-
-
-def _cgroup_pids(path: str) -> list[int]:
-    try:
-        with open(os.path.join(path, "cgroup.procs")) as f:
-            return [int(x) for x in f.read().split()]
-    except (OSError, ValueError):
-        return []
-
-
-def _cgroup_kill_all(path: str, rounds: int = 200) -> bool:
-    """SIGKILL every process in the cgroup until it is empty."""
-    for _ in range(rounds):
-        pids = _cgroup_pids(path)
-        if not pids:
-            return True
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except OSError:
-                pass
-        time.sleep(0.005)
-    return not _cgroup_pids(path)
-
-
-def _cgroup_remove(path: str) -> None:
-    for _ in range(200):
-        _cgroup_kill_all(path, rounds=5)
-        try:
-            os.rmdir(path)
-            return
-        except FileNotFoundError:
-            return
-        except OSError:
-            time.sleep(0.01)
-    logger.warning("sandbox: could not remove cgroup %s", path)
-
-
-STALE_CGROUP_AGE_S = 3600.0
-
-
-def _remove_stale_cgroups(base: str) -> None:
-    """Remove empty per-run cgroups that an owner which died left behind.
-
-    Conservative on purpose, since the hierarchy may be shared with other PID namespaces
-    (another container running this code): a cgroup is removed only if its owner pid is not
-    alive here, it is older than ``STALE_CGROUP_AGE_S`` and it holds no process. Nothing is
-    killed.
-    """
-    try:
-        names = os.listdir(base)
-    except OSError:
-        return
-    now = time.time()
-    for name in names:
-        if not name.startswith(CGROUP_PREFIX):
-            continue
-        parts = name[len(CGROUP_PREFIX) :].split("-")
-        if parts and parts[0] == "probe":
-            parts = parts[1:]
-        try:
-            owner = int(parts[0])
-        except (IndexError, ValueError):
-            continue
-        try:
-            os.kill(owner, 0)
-            continue  # owner alive
-        except ProcessLookupError:
-            pass
-        except OSError:
-            continue
-        path = os.path.join(base, name)
-        try:
-            if now - os.stat(path).st_mtime < STALE_CGROUP_AGE_S or _cgroup_pids(path):
-                continue
-            os.rmdir(path)
-        except OSError:
-            continue
-
-
-# ---------------------------------------------------------------------------- launching
-
-
-def _python() -> str:
-    return os.path.realpath(sys.executable)
-
-
-def _expose_paths() -> list[str]:
-    paths = [os.path.realpath(sys.base_prefix)]
-    exe_dir = os.path.dirname(_python())
-    if not any(exe_dir == p or exe_dir.startswith(p.rstrip("/") + "/") for p in paths):
-        paths.append(exe_dir)
-    return paths
-
-
-def _unshare_cmd(mode: str) -> list[str]:
-    unshare = shutil.which("unshare", path=_MINIMAL_ENV["PATH"] + ":/usr/sbin:/sbin")
-    base = [unshare or "unshare"]
-    if mode == "user_ns":
-        base += ["--user", "--map-root-user"]
-    return base + ["--net", "--pid", "--ipc", "--uts", "--fork", "--mount-proc", "--mount", "--kill-child", "--"]
-
-
-def _rlimits(timeout_s: float, memory_mb: int, max_file_mb: int, nofile: int, nproc: Optional[int]) -> dict:
-    cpu = int(math.ceil(timeout_s)) + 1
-    limits = {
-        "RLIMIT_CPU": (cpu, cpu + 1),
-        "RLIMIT_AS": (memory_mb << 20, memory_mb << 20),
-        "RLIMIT_FSIZE": (max_file_mb << 20, max_file_mb << 20),
-        "RLIMIT_NOFILE": (nofile, nofile),
-        "RLIMIT_CORE": (0, 0),
-    }
-    if nproc is not None:
-        limits["RLIMIT_NPROC"] = (nproc, nproc)
-    return limits
-
-
-@dataclass
-class _Plan:
-    mode: str  # root_ns | user_ns | none
-    drop_uid: bool
-    pids_base: Optional[str]
-    memory_base: Optional[str]
+# ---------------------------------------------------------------------------- running
 
 
 def _execute(
@@ -413,20 +269,6 @@ def _execute(
         shutil.rmtree(host_dir, ignore_errors=True)
 
 
-def _oom_killed(memory_cgroup: Optional[str]) -> bool:
-    if not memory_cgroup:
-        return False
-    try:
-        with open(os.path.join(memory_cgroup, "memory.oom_control")) as f:
-            for line in f:
-                key, _, value = line.partition(" ")
-                if key == "oom_kill" and int(value) > 0:
-                    return True
-    except (OSError, ValueError):
-        return False
-    return False
-
-
 def _parse_status(buf: bytes) -> dict:
     """The launcher writes its whole status as one JSON line per update; the last full one wins."""
     for line in reversed(bytes(buf).split(b"\n")):
@@ -529,42 +371,9 @@ def _collect(proc, status_fd, status_buf, start, timeout_s, cap, kill):
 
 # ---------------------------------------------------------------------------- detection
 
-_PROBE = r"""
-import json, os, socket, errno
-r = {"uid": os.getuid(), "pid": os.getpid()}
-# read-only mounts, not merely permissions: an unprivileged uid cannot write "/" anyway
-r["root_writable"] = not (os.statvfs("/").f_flag & os.ST_RDONLY)
-r["pkg_writable"] = os.access(PKG, os.W_OK)
-def _hidden(p):
-    # hidden: gone, unreadable, or holding nothing but the path down to the exposed Python
-    try:
-        names = os.listdir(p)
-    except OSError:
-        return True
-    return all(any(e.startswith(os.path.join(p, n) + "/") or e == os.path.join(p, n) for e in EXPOSE) for n in names)
-r["hidden"] = {p: _hidden(p) for p in HIDDEN}
-s = socket.socket()
-s.settimeout(1.0)
-try:
-    s.connect(("127.0.0.1", 9))
-    r["net"] = "connected"
-except OSError as e:
-    r["net"] = errno.errorcode.get(e.errno, str(e.errno))
-finally:
-    s.close()
-try:  # the process that asked for the sandbox, by its host pid
-    open("/proc/%d/environ" % CALLER, "rb").read()
-    r["parent_environ"] = "readable"
-except OSError as e:
-    r["parent_environ"] = type(e).__name__
-print(json.dumps(r))
-"""
-
 
 def _probe(plan: _Plan) -> tuple[Optional[dict], str]:
-    code = _PROBE.replace("PKG", repr(os.path.dirname(os.path.abspath(__file__)))).replace("HIDDEN", repr(list(HIDDEN_PATHS))).replace(
-        "EXPOSE", repr(_expose_paths())
-    ).replace("CALLER", str(os.getpid()))
+    code = _probe_program()
     try:
         res = _execute(plan, code, 10.0, 256, "", 65536, 16, 8, 1, 64)
     except (SandboxError, OSError, subprocess.SubprocessError) as e:
@@ -582,24 +391,9 @@ def detect_capabilities(force: bool = False) -> dict[str, Any]:
     with _detect_lock:
         if SANDBOX_CAPABILITIES.get("detected") and not force:
             return SANDBOX_CAPABILITIES
-        is_root = os.geteuid() == 0
-        pids_base = _cgroup_base("pids")
-        memory_base = _cgroup_base("memory")
-        for base in (pids_base, memory_base):
-            if base:
-                _remove_stale_cgroups(base)
-        has_unshare = shutil.which("unshare", path=_MINIMAL_ENV["PATH"] + ":/usr/sbin:/sbin") is not None
-        candidates = []
-        if has_unshare and is_root:
-            candidates += [_Plan("root_ns", True, pids_base, memory_base), _Plan("root_ns", False, pids_base, memory_base)]
-        if has_unshare:
-            candidates.append(_Plan("user_ns", False, pids_base, memory_base))
-        if is_root:
-            candidates.append(_Plan("none", True, pids_base, memory_base))
-        candidates.append(_Plan("none", False, pids_base, memory_base))
         failures: list[str] = []
         chosen, report = None, None
-        for plan in candidates:
+        for plan in _candidate_plans():
             report, why = _probe(plan)
             if report is not None:
                 chosen = plan
@@ -607,40 +401,8 @@ def detect_capabilities(force: bool = False) -> dict[str, Any]:
             failures.append(f"{plan.mode}{'+uid' if plan.drop_uid else ''}: {why}")
         if chosen is None:
             raise SandboxError("no sandbox mode works on this machine: " + " | ".join(failures))
-        caps: dict[str, Any] = {
-            "detected": True,
-            "mode": chosen.mode,
-            "python": _python(),
-            "uid": report["uid"],
-            "uid_dropped": report["uid"] != 0 and chosen.drop_uid,
-            "net_namespace": report["net"] in ("ENETUNREACH", "EADDRNOTAVAIL"),
-            "pid_namespace": chosen.mode != "none" and report["pid"] <= 3,
-            "mount_namespace": chosen.mode != "none",
-            "readonly_root": not report["root_writable"],
-            "readonly_package_dir": not report["pkg_writable"],
-            "hidden_paths": [p for p, hidden in report["hidden"].items() if hidden],
-            "parent_environ": report["parent_environ"],
-            "pids_cgroup": chosen.pids_base,
-            "memory_cgroup": chosen.memory_base,
-            "rlimits": ["RLIMIT_CPU", "RLIMIT_AS", "RLIMIT_FSIZE", "RLIMIT_NOFILE", "RLIMIT_CORE"],
-            "probe_failures": failures,
-        }
-        missing = []
-        if not caps["net_namespace"]:
-            missing.append(f"network isolation (probe connect gave {report['net']})")
-        if not caps["pid_namespace"]:
-            missing.append("PID namespace (program can see host processes; orphans are killed by reaper scan)")
-        if not caps["readonly_root"] or not caps["readonly_package_dir"]:
-            missing.append("read-only filesystem outside the working directory")
-        if not caps["uid_dropped"]:
-            missing.append("unprivileged uid (program keeps the caller's uid)")
-        if report["parent_environ"] == "readable":
-            missing.append("hiding the calling process's /proc/<pid>/environ")
-        if not chosen.pids_base:
-            missing.append("pids cgroup (fork bombs limited only by RLIMIT_NPROC, which does not bind root)")
-        if not chosen.memory_base:
-            missing.append("memory cgroup (memory limited per process by RLIMIT_AS only)")
-        caps["not_enforced"] = missing
+        caps = _capabilities(chosen, report, failures)
+        missing = caps["not_enforced"]
         SANDBOX_CAPABILITIES.clear()
         SANDBOX_CAPABILITIES.update(caps)
         SANDBOX_CAPABILITIES["_plan"] = chosen

@@ -63,6 +63,3 @@ class Rollouts:
             else:
                 out[f.name] = value
         return replace(self, **out)
-
-    def num_groups(self) -> int:
-        return int(torch.unique(self.group_ids).numel())

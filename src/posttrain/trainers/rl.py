@@ -212,13 +212,18 @@ class RLTrainer:
         mb = self.cfg.trainer.micro_batch_size
         return [rollouts.select(list(range(s, min(s + mb, len(rollouts))))) for s in range(0, len(rollouts), mb)]
 
-    @torch.no_grad()
-    def _batched_values(self, rollouts: Rollouts) -> torch.Tensor:
-        return torch.cat([self._values(micro).cpu() for micro in self._micro_batches(rollouts)])
+    def _no_grad_pass(self, rollouts: Rollouts, fn: Callable[[Rollouts], torch.Tensor]) -> torch.Tensor:
+        """[N, T] from ``fn`` run per micro-batch on padding-trimmed rows, padded back with zeros."""
+        T = rollouts.completion_ids.shape[1]
+        with torch.no_grad():
+            parts = [fn(_trim(micro)).cpu() for micro in self._micro_batches(rollouts)]
+        return torch.cat([torch.nn.functional.pad(p, (0, T - p.shape[1])) for p in parts])
 
-    @torch.no_grad()
+    def _batched_values(self, rollouts: Rollouts) -> torch.Tensor:
+        return self._no_grad_pass(rollouts, self._values)
+
     def _batched_logprobs(self, model, rollouts: Rollouts) -> torch.Tensor:
-        return torch.cat([self._logprobs(model, micro)[0].cpu() for micro in self._micro_batches(rollouts)])
+        return self._no_grad_pass(rollouts, lambda micro: self._logprobs(model, micro)[0])
 
     def _old_logprobs_mode(self) -> str:
         mode = self.cfg.trainer.old_logprobs
@@ -490,14 +495,9 @@ class RLTrainer:
 
 def _unique_prompt_tokens(r: Rollouts) -> int:
     """Prompt tokens the learner processes when each group's prompt runs once."""
-    first = torch.unique(r.group_ids, return_inverse=True)[1]
-    seen: set[int] = set()
-    total = 0
-    for i, g in enumerate(first.tolist()):
-        if g not in seen:
-            seen.add(g)
-            total += int(r.prompt_mask[i].sum())
-    return total
+    per_group = torch.zeros(int(r.group_ids.max()) + 1, dtype=torch.long)
+    per_group[r.group_ids] = r.prompt_mask.sum(-1).long()  # rows of a group share their prompt
+    return int(per_group.sum())
 
 
 def _trim(batch: Rollouts) -> Rollouts:

@@ -105,8 +105,8 @@ def train_rl(cfg: RLConfig, output_dir: Optional[str] = None, resume: bool = Fal
         evals[0] = before
         say(f"  accuracy before: {before['accuracy']:.3f}")
     wall_start = time.perf_counter()
-    prior_wall = float(run.read_jsonl("metrics.jsonl")[-1].get("time/train_wall_s", 0.0)) \
-        if run.read_jsonl("metrics.jsonl") else 0.0
+    done_rows = run.read_jsonl("metrics.jsonl")
+    prior_wall = float(done_rows[-1].get("time/train_wall_s", 0.0)) if done_rows else 0.0
     progress, bar = _progress(tc.steps, trainer.step, enabled=not quiet and sys.stdout.isatty())
     end = tc.steps if stop_after is None else min(tc.steps, trainer.step + stop_after)
     with progress:

@@ -29,6 +29,8 @@ class ConfigError(ValueError):
 @dataclass
 class ModelConfig:
     name: str = "tiny-random"  # directory, .gguf file, run directory, hub id or alias
+    # attention kernel: auto = eager (matmul + softmax) on CPU for short sequences, else the model's own
+    attention: Literal["auto", "eager", "sdpa"] = "auto"
 
 
 @dataclass
@@ -120,7 +122,7 @@ class TrainerConfig:
     micro_batch_size: int = 16  # samples per forward/backward (gradient accumulation)
     old_logprobs: Literal["auto", "recompute", "behaviour"] = "auto"
     autocast: Literal["auto", "bfloat16", "none"] = "auto"  # learner compute dtype
-    logprob_chunk_tokens: int = 1024  # tokens per chunk of the output projection
+    logprob_chunk_tokens: int = 256  # rows of [rows, vocab] fp32 logits alive at once (256 x 49k: 50 MB)
     share_prompt_pass: bool = True  # learner runs each group's prompt once (exact; fewer FLOPs)
     seed: int = 0
     eval_every: int = 0  # 0: only before and after training

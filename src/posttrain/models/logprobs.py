@@ -1,10 +1,11 @@
 """Per-token log-probs (and entropies) of completions, without full-vocabulary logits.
 
-The decoder runs once over prompt + completion; the output projection and log-softmax then
-run over chunks of completion positions only, each chunk under activation checkpointing, so
-at most one chunk of [chunk_tokens, V] logits is alive in the forward *and* the backward
-pass. A batch of 64 x 80 tokens over SmolLM2's 49k vocabulary would otherwise hold ~1 GB
-of fp32 logits (plus as much again for their gradient).
+The decoder runs once over prompt + completion. The output projection and log-softmax then
+run as one fused autograd function (``TokenLogProbs``) over chunks of completion positions:
+the forward keeps only log Z per token, the backward recomputes each chunk's logits and
+turns them into the gradient in place, so at most one ``[chunk, V]`` block of logits is
+alive at a time. A batch of 64 x 80 tokens over SmolLM2's 49k vocabulary would otherwise
+hold ~1 GB of fp32 logits (plus as much again for their gradient).
 """
 
 from __future__ import annotations
@@ -12,23 +13,111 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-from torch.utils.checkpoint import checkpoint
+import torch.nn.functional as F
+
+from posttrain.models.attention import attention_for
+
+def _compute_dtype(hidden: torch.Tensor) -> torch.dtype:
+    device = hidden.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
 
 
-def _chunk_logprobs(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                    targets: torch.Tensor, temperature: float, with_entropy: bool):
-    logits = torch.nn.functional.linear(hidden, weight, bias).float() / temperature
-    logz = torch.logsumexp(logits, dim=-1)
-    logp = logits.gather(-1, targets[:, None]).squeeze(-1) - logz
-    if not with_entropy:
-        return logp, torch.zeros_like(logp)
-    probs = torch.softmax(logits, dim=-1)
-    entropy = logz - (probs * logits).sum(-1)
-    return logp, entropy
+class TokenLogProbs(torch.autograd.Function):
+    """log p(y_i | h_i) = z_{i,y_i} - logsumexp_j z_ij with z_i = W h_i / temperature, and the
+    entropy H_i = -sum_j p_ij log p_ij, for rows of ``hidden`` [M, H] and ``weight`` [V, H].
+
+    Gradients, per row (g = dL/dlogp, e = dL/dH):
+        dL/dz_j = g (1[j = y] - p_j) - e p_j (log p_j + H)
+    then dL/dh = (dL/dz) W / temperature and dL/dW = (dL/dz)^T h / temperature. The logits
+    are recomputed chunk by chunk in the backward (nothing [M, V] is saved), the matmuls run
+    in the autocast dtype (bf16 on CPUs that have it) and the softmax in fp32.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, temperature: float, chunk: int, with_entropy: bool):
+        dtype = _compute_dtype(hidden)
+        w = weight.to(dtype)
+        b = bias.to(dtype) if bias is not None else None
+        h = (hidden / temperature if temperature != 1.0 else hidden).to(dtype)
+        M = h.shape[0]
+        logp = torch.empty(M, dtype=torch.float32, device=h.device)
+        logz = torch.empty(M, dtype=torch.float32, device=h.device)
+        entropy = torch.zeros(M, dtype=torch.float32, device=h.device)
+        rows = max(1, chunk)
+        with torch.autocast(h.device.type, enabled=False):
+            z_buf = torch.empty((min(rows, M), w.shape[0]), dtype=torch.float32, device=h.device)
+            for s in range(0, M, rows):
+                z = z_buf[: min(rows, M - s)]
+                z.copy_(F.linear(h[s : s + rows], w, b / temperature if b is not None else None))
+                target_logit = z.gather(-1, targets[s : s + rows, None]).squeeze(-1)
+                top = z.amax(-1, keepdim=True)
+                z.sub_(top)  # z - max: log-probs up to the log-normaliser
+                if with_entropy:
+                    p = z.exp()
+                    norm = p.sum(-1)
+                    # H = log S - sum_j p_j z_j (z shifted by max; S = sum_j exp z_j)
+                    entropy[s : s + rows] = norm.log() - (p * z).sum(-1) / norm
+                else:
+                    norm = z.exp_().sum(-1)
+                lz = top.squeeze(-1) + norm.log()
+                logz[s : s + rows] = lz
+                logp[s : s + rows] = target_logit - lz
+        ctx.save_for_backward(h, w, b, targets, logz, entropy)
+        ctx.temperature, ctx.rows, ctx.with_entropy = temperature, rows, with_entropy
+        ctx.weight_dtype, ctx.hidden_dtype = weight.dtype, hidden.dtype
+        return logp, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logp, grad_entropy):
+        h, w, b, targets, logz, entropy = ctx.saved_tensors
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        rows, temperature, M = ctx.rows, ctx.temperature, h.shape[0]
+        use_entropy = ctx.with_entropy and grad_entropy is not None
+        grad_h = torch.empty_like(h) if need_h else None
+        grad_w = None
+        grad_b = torch.zeros(w.shape[0], dtype=torch.float32, device=h.device) if need_b else None
+        with torch.autocast(h.device.type, enabled=False):
+            z_buf = torch.empty((min(rows, M), w.shape[0]), dtype=torch.float32, device=h.device)
+            for s in range(0, M, rows):
+                hs = h[s : s + rows]
+                z = z_buf[: hs.shape[0]]
+                z.copy_(F.linear(hs, w, b / temperature if b is not None else None))
+                g = grad_logp[s : s + rows, None].float()
+                z.sub_(logz[s : s + rows, None])  # log p
+                if use_entropy:
+                    p = z.exp()
+                    # -e p (log p + H) - g p
+                    dz = z.add_(entropy[s : s + rows, None]).mul_(p).mul_(-grad_entropy[s : s + rows, None].float())
+                    dz.addcmul_(p, g, value=-1.0)
+                else:
+                    dz = z.exp_().mul_(-g)
+                dz.scatter_add_(1, targets[s : s + rows, None], g)
+                dz_low = dz.to(h.dtype)
+                if need_h:
+                    grad_h[s : s + rows] = dz_low @ w
+                if need_w:
+                    part = dz_low.t() @ hs
+                    grad_w = part.to(torch.promote_types(part.dtype, torch.float32)) if grad_w is None else grad_w.add_(part)
+                if need_b:
+                    grad_b.add_(dz.sum(0))
+        if need_h:
+            grad_h = grad_h.to(ctx.hidden_dtype)
+            if temperature != 1.0:
+                grad_h = grad_h / temperature
+        if need_b:
+            grad_b = (grad_b / temperature).to(ctx.weight_dtype)
+        # dW is already divided by the temperature: h was saved pre-scaled.
+        if need_w:
+            grad_w = torch.zeros(w.shape, dtype=ctx.weight_dtype, device=h.device) if grad_w is None else grad_w
+            grad_w = grad_w.to(ctx.weight_dtype)
+        return grad_h, grad_w, grad_b, None, None, None, None
 
 
-def _hidden_states(model, prompt_ids, prompt_mask, completion_ids, completion_mask, share_prompts: bool):
+def _hidden_states(model, prompt_ids, prompt_mask, completion_ids, completion_mask, share_prompts: bool,
+                   attention: str = "auto"):
     """Decoder states that predict each completion token: [n, T, H].
+
+    ``attention`` picks the attention kernel (see ``posttrain.models.attention``).
 
     With ``share_prompts``, identical prompt rows (the n completions of one prompt) run through
     the decoder once; their KV cache is then indexed out to every row, so the completion pass
@@ -36,9 +125,14 @@ def _hidden_states(model, prompt_ids, prompt_mask, completion_ids, completion_ma
     is the same computation as running each row separately, with the prompt tokens' share of
     the FLOPs divided by the group size.
     """
+    decoder = model.get_decoder()
+    with attention_for(decoder, attention, prompt_ids.shape[1] + completion_ids.shape[1], "learner"):
+        return _decoder_states(decoder, prompt_ids, prompt_mask, completion_ids, completion_mask, share_prompts)
+
+
+def _decoder_states(decoder, prompt_ids, prompt_mask, completion_ids, completion_mask, share_prompts: bool):
     n, P = prompt_ids.shape
     T = completion_ids.shape[1]
-    decoder = model.get_decoder()
     prompt_mask = prompt_mask.long()
     completion_mask = completion_mask.long()
     keys = torch.cat([prompt_ids, prompt_mask], 1)
@@ -75,9 +169,10 @@ def completion_logprobs(
     completion_mask: torch.Tensor,
     *,
     temperature: float = 1.0,
-    chunk_tokens: int = 1024,
+    chunk_tokens: int = 256,
     with_entropy: bool = False,
     share_prompts: bool = True,
+    attention: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """log pi(o_t | q, o_<t) / temperature-scaled, for every completion token: two [n, T] tensors.
 
@@ -87,25 +182,13 @@ def completion_logprobs(
     device = next(model.parameters()).device
     n, T = completion_ids.shape
     hidden = _hidden_states(model, prompt_ids.to(device), prompt_mask.to(device), completion_ids.to(device),
-                            completion_mask.to(device), share_prompts)
+                            completion_mask.to(device), share_prompts, attention)
     mask = completion_mask.to(device).bool()
     flat_hidden = hidden[mask]
     flat_targets = completion_ids.to(device)[mask]
     head = model.get_output_embeddings()
-    pieces_logp, pieces_ent = [], []
-    for start in range(0, flat_hidden.shape[0], chunk_tokens):
-        h = flat_hidden[start : start + chunk_tokens]
-        y = flat_targets[start : start + chunk_tokens]
-        if torch.is_grad_enabled():
-            lp, ent = checkpoint(_chunk_logprobs, h, head.weight, head.bias, y, temperature, with_entropy,
-                                 use_reentrant=False)
-        else:
-            lp, ent = _chunk_logprobs(h, head.weight, head.bias, y, temperature, with_entropy)
-        pieces_logp.append(lp)
-        pieces_ent.append(ent)
-    logp = torch.zeros((n, T), device=device, dtype=torch.float32)
-    ent = torch.zeros((n, T), device=device, dtype=torch.float32)
-    if pieces_logp:
-        logp = logp.masked_scatter(mask, torch.cat(pieces_logp))
-        ent = ent.masked_scatter(mask, torch.cat(pieces_ent))
+    lp, en = TokenLogProbs.apply(flat_hidden, head.weight, head.bias, flat_targets, temperature, chunk_tokens,
+                                 with_entropy)
+    logp = torch.zeros((n, T), device=device, dtype=torch.float32).masked_scatter(mask, lp)
+    ent = torch.zeros((n, T), device=device, dtype=torch.float32).masked_scatter(mask, en)
     return logp, ent

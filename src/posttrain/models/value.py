@@ -26,9 +26,10 @@ class ValueModel(torch.nn.Module):
     def get_decoder(self):
         return self.decoder
 
-    def forward(self, prompt_ids, prompt_mask, completion_ids, completion_mask, share_prompts: bool = True):
+    def forward(self, prompt_ids, prompt_mask, completion_ids, completion_mask, share_prompts: bool = True,
+                attention: str = "auto"):
         """Values [n, T] (0 on padding)."""
         device = self.head.weight.device
         hidden = _hidden_states(self, prompt_ids.to(device), prompt_mask.to(device), completion_ids.to(device),
-                                completion_mask.to(device), share_prompts)
+                                completion_mask.to(device), share_prompts, attention)
         return self.head(hidden).squeeze(-1).float() * completion_mask.to(device)

@@ -21,6 +21,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from posttrain.models.attention import attention_for
 from posttrain.rollout.batch import Rollouts
 from posttrain.tasks.base import Problem
 
@@ -90,9 +91,10 @@ def _sample(logits: torch.Tensor, generator: Optional[torch.Generator]) -> torch
 
 
 class HFRolloutEngine:
-    def __init__(self, policy, tokenizer, *, dtype: torch.dtype, chat_template: bool = True):
+    def __init__(self, policy, tokenizer, *, dtype: torch.dtype, chat_template: bool = True, attention: str = "auto"):
         self.tokenizer = tokenizer
         self.chat_template = chat_template
+        self.attention = attention  # see posttrain.models.attention
         self.dtype = dtype
         self.device = next(policy.parameters()).device
         param_dtype = next(policy.parameters()).dtype
@@ -146,6 +148,11 @@ class HFRolloutEngine:
         """Sample ``n`` completions for each problem; group id = index of the problem."""
         t0 = time.perf_counter()
         prompts = self.encode(problems, params.max_new_tokens)
+        length = max(len(p) for p in prompts) + params.max_new_tokens
+        with attention_for(self.model, self.attention, length, "sampler"):
+            return self._generate(problems, prompts, n, params, generator, share_prefill, t0)
+
+    def _generate(self, problems, prompts, n, params, generator, share_prefill, t0) -> Rollouts:
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         P = max(len(p) for p in prompts)
         B = len(prompts)

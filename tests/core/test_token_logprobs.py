@@ -1,0 +1,92 @@
+"""The fused output-projection + log-softmax autograd function against plain autograd on full logits."""
+
+import pytest
+import torch
+
+from posttrain.models.logprobs import TokenLogProbs
+
+
+def reference(hidden, weight, bias, targets, temperature):
+    logits = torch.nn.functional.linear(hidden, weight, bias) / temperature
+    logp_all = torch.log_softmax(logits, -1)
+    logp = logp_all.gather(-1, targets[:, None]).squeeze(-1)
+    entropy = -(logp_all.exp() * logp_all).sum(-1)
+    return logp, entropy
+
+
+def inputs(seed, M=37, H=12, V=50, bias=False):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(M, H, generator=g, dtype=torch.float64)
+    weight = torch.randn(V, H, generator=g, dtype=torch.float64) * 0.7
+    b = torch.randn(V, generator=g, dtype=torch.float64) if bias else None
+    targets = torch.randint(0, V, (M,), generator=g)
+    return hidden, weight, b, targets
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.6])
+@pytest.mark.parametrize("with_entropy", [False, True])
+@pytest.mark.parametrize("chunk", [1, 8, 1000])
+@pytest.mark.parametrize("bias", [False, True])
+def test_values_and_gradients_match_full_logits(temperature, with_entropy, chunk, bias):
+    hidden, weight, b, targets = inputs(0, bias=bias)
+    g = torch.Generator().manual_seed(1)
+    g_logp = torch.randn(hidden.shape[0], generator=g, dtype=torch.float64)
+    g_ent = torch.randn(hidden.shape[0], generator=g, dtype=torch.float64)
+    leaves = [hidden, weight] + ([b] if bias else [])
+
+    def run(fn):
+        xs = [x.clone().requires_grad_() for x in leaves]
+        lp, ent = fn(xs[0], xs[1], xs[2] if bias else None)
+        loss = (lp * g_logp).sum() + ((ent * g_ent).sum() if with_entropy else 0.0)
+        grads = torch.autograd.grad(loss, xs)
+        return lp.detach(), ent.detach(), grads
+
+    lp, ent, grads = run(lambda h, w, bb: TokenLogProbs.apply(h, w, bb, targets, temperature, chunk, with_entropy))
+    ref_lp, ref_ent, ref_grads = run(lambda h, w, bb: reference(h, w, bb, targets, temperature))
+    # the fused function keeps fp32 logits, so compare at fp32 precision
+    assert torch.allclose(lp.double(), ref_lp, atol=1e-5)
+    if with_entropy:
+        assert torch.allclose(ent.double(), ref_ent, atol=1e-5)
+    else:
+        assert torch.count_nonzero(ent) == 0
+    for got, want in zip(grads, ref_grads):
+        assert torch.allclose(got.double(), want, atol=1e-5), (got - want).abs().max()
+
+
+def test_two_token_example_by_hand():
+    # V = 2, H = 1, W = [[1], [-1]], h = 0.5, target 0: z = (0.5, -0.5), p0 = 1/(1+e^-1)
+    hidden = torch.tensor([[0.5]], dtype=torch.float64, requires_grad=True)
+    weight = torch.tensor([[1.0], [-1.0]], dtype=torch.float64, requires_grad=True)
+    lp, _ = TokenLogProbs.apply(hidden, weight, None, torch.tensor([0]), 1.0, 4, False)
+    p0 = 1 / (1 + torch.exp(torch.tensor(-1.0, dtype=torch.float64)))
+    assert torch.allclose(lp.double(), torch.log(p0)[None], atol=1e-6)
+    lp.sum().backward()
+    # d logp0 / dz = (1 - p0, -p1);  dz/dh = W  ->  dh = (1 - p0) * 1 + (-(1 - p0)) * (-1) = 2 (1 - p0)
+    assert torch.allclose(hidden.grad, 2 * (1 - p0).reshape(1, 1), atol=1e-6)
+    # dW_j = dz_j * h
+    assert torch.allclose(weight.grad, torch.stack([(1 - p0) * 0.5, -(1 - p0) * 0.5]).reshape(2, 1), atol=1e-6)
+
+
+def test_bf16_autocast_stays_close_to_fp32():
+    hidden, weight, _, targets = inputs(3, M=64, H=32, V=300)
+    hidden, weight = hidden.float(), weight.float()
+    w32 = weight.clone().requires_grad_()
+    lp32, _ = TokenLogProbs.apply(hidden, w32, None, targets, 1.0, 16, False)
+    lp32.sum().backward()
+    w16 = weight.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        lp16, _ = TokenLogProbs.apply(hidden, w16, None, targets, 1.0, 16, False)
+    lp16.sum().backward()
+    assert lp16.dtype == torch.float32 and w16.grad.dtype == torch.float32
+    assert (lp16 - lp32).abs().max() < 0.1
+    assert torch.nn.functional.cosine_similarity(w16.grad.flatten(), w32.grad.flatten(), dim=0) > 0.99
+
+
+def test_empty_batch():
+    hidden = torch.zeros(0, 4, requires_grad=True)
+    weight = torch.randn(10, 4, requires_grad=True)
+    lp, ent = TokenLogProbs.apply(hidden, weight, None, torch.zeros(0, dtype=torch.long), 1.0, 8, True)
+    assert lp.shape == (0,) and ent.shape == (0,)
+    lp.sum().backward()
+    assert torch.count_nonzero(weight.grad) == 0
+

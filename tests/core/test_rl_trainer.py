@@ -145,3 +145,28 @@ def test_ppo_with_gae_critic_trains_and_resumes_identically(tmp_path):
         assert all(torch.equal(a[k], b[k]) for k in a), name
     head = load_file(straight / "checkpoints" / "step_4" / "critic.safetensors")["head.weight"]
     assert head.abs().sum() > 0  # the zero-initialised value head has learned something
+
+
+def test_length_buckets_sort_by_length_and_respect_row_and_token_caps():
+    from posttrain.rollout.batch import Rollouts
+    from posttrain.trainers.rl import length_buckets
+
+    lengths = torch.tensor([5, 1, 3, 8, 2, 8, 1])
+    T, P = 8, 2
+    batch = Rollouts(
+        prompt_ids=torch.zeros((7, 3), dtype=torch.long),
+        prompt_mask=torch.tensor([[0, 1, 1]] * 7),  # prompt width 2 after trimming
+        completion_ids=torch.zeros((7, T), dtype=torch.long),
+        completion_mask=(torch.arange(T)[None] < lengths[:, None]).float(),
+        group_ids=torch.zeros(7, dtype=torch.long),
+        behaviour_logprobs=torch.zeros((7, T)), entropies=torch.zeros((7, T)),
+        truncated=torch.zeros(7, dtype=torch.bool), texts=[""] * 7, problems=[None] * 7,
+    )
+    # rows only: sorted lengths 1,1,2,3,5,8,8 -> ids [1,6],[4,2],[0,3],[5]
+    assert [b.tolist() for b in length_buckets(batch, 2, 0)] == [[1, 6], [4, 2], [0, 3], [5]]
+    # token cap 12: (P + longest) x rows <= 12 -> [1,6,4] is 3 x 4 = 12; adding row 2 (len 3) gives 4 x 5
+    buckets = length_buckets(batch, 10, 12)
+    assert [b.tolist() for b in buckets] == [[1, 6, 4], [2], [0], [3], [5]]
+    for b in buckets:
+        assert len(b) == 1 or len(b) * (P + int(lengths[b].max())) <= 12
+    assert sorted(torch.cat(buckets).tolist()) == list(range(7))

@@ -209,16 +209,15 @@ class RLTrainer:
             return self.critic(batch.prompt_ids, batch.prompt_mask, batch.completion_ids, batch.completion_mask,
                                share_prompts=self.cfg.trainer.share_prompt_pass, attention=self.cfg.model.attention)
 
-    def _micro_batches(self, rollouts: Rollouts) -> list[Rollouts]:
-        mb = self.cfg.trainer.micro_batch_size
-        return [rollouts.select(list(range(s, min(s + mb, len(rollouts))))) for s in range(0, len(rollouts), mb)]
-
     def _no_grad_pass(self, rollouts: Rollouts, fn: Callable[[Rollouts], torch.Tensor]) -> torch.Tensor:
-        """[N, T] from ``fn`` run per micro-batch on padding-trimmed rows, padded back with zeros."""
-        T = rollouts.completion_ids.shape[1]
+        """[N, T] from ``fn`` run per length bucket on padding-trimmed rows, zero-padded, in row order."""
+        N, T = rollouts.completion_ids.shape
+        out = torch.zeros((N, T))
         with torch.no_grad():
-            parts = [fn(_trim(micro)).cpu() for micro in self._micro_batches(rollouts)]
-        return torch.cat([torch.nn.functional.pad(p, (0, T - p.shape[1])) for p in parts])
+            for rows in length_buckets(rollouts, self.cfg.trainer.micro_batch_size, self.cfg.trainer.micro_batch_tokens):
+                part = fn(_trim(rollouts.select(rows))).cpu()
+                out[rows, : part.shape[1]] = part
+        return out
 
     def _batched_values(self, rollouts: Rollouts) -> torch.Tensor:
         return self._no_grad_pass(rollouts, self._values)
@@ -326,9 +325,8 @@ class RLTrainer:
                 total_loss = 0.0
                 # Micro-batches of similar completion length waste little compute on padding;
                 # the loss is a sum normalised by mini-batch counts, so the grouping is free.
-                by_length = torch.argsort(mini.completion_lengths, stable=True)
-                for s in range(0, len(mini), tc.micro_batch_size):
-                    micro = _trim(mini.select(by_length[s:s + tc.micro_batch_size]))
+                for rows in length_buckets(mini, tc.micro_batch_size, tc.micro_batch_tokens):
+                    micro = _trim(mini.select(rows))
                     loss, parts = self._micro_loss(micro, loss_fn, counts_kw, record)
                     loss.backward()
                     total_loss += float(loss.detach())
@@ -499,6 +497,27 @@ def _unique_prompt_tokens(r: Rollouts) -> int:
     per_group = torch.zeros(int(r.group_ids.max()) + 1, dtype=torch.long)
     per_group[r.group_ids] = r.prompt_mask.sum(-1).long()  # rows of a group share their prompt
     return int(per_group.sum())
+
+
+def length_buckets(batch: Rollouts, max_rows: int, max_tokens: int) -> list[torch.Tensor]:
+    """Row indices of micro-batches: rows sorted by completion length, cut whenever a bucket
+    would exceed ``max_rows`` rows or ``max_tokens`` padded tokens (rows x (prompt width +
+    longest completion in the bucket); 0 = no token limit). A bucket holds at least one row.
+
+    Sorting keeps padding small; the token cap bounds activation memory when lengths vary a lot.
+    """
+    order = torch.argsort(batch.completion_lengths, stable=True)
+    lengths = batch.completion_lengths[order].tolist()
+    prompt_width = int(batch.prompt_mask.any(0).sum())
+    buckets, start = [], 0
+    for i in range(1, len(lengths) + 1):
+        rows = i - start
+        too_many = rows > max_rows or (max_tokens and rows > 1 and rows * (prompt_width + lengths[i - 1]) > max_tokens)
+        if too_many:
+            buckets.append(order[start:i - 1])
+            start = i - 1
+    buckets.append(order[start:])
+    return [b for b in buckets if len(b)]
 
 
 def _trim(batch: Rollouts) -> Rollouts:

@@ -31,8 +31,11 @@ import tempfile
 import time
 from pathlib import Path
 
+from posttrain.allocator import preload_env
+
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS, COMPLETIONS = 8, 8
+ALLOCATOR = {"library": None}
 
 
 def base_overrides(args) -> list[str]:
@@ -232,7 +235,10 @@ def run_worker(name: str, argv: list[str]) -> dict:
     cmd = [sys.executable, __file__, "--worker", name, "--worker-out", out, *argv]
     print(f"[vs_trl] running {name} ...", flush=True)
     t = time.perf_counter()
-    proc = subprocess.run(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if ALLOCATOR["library"]:  # every worker, TRL included, runs under the same allocator
+        env = preload_env(env, ALLOCATOR["library"])
+    proc = subprocess.run(cmd, env=env)
     if proc.returncode != 0:
         raise SystemExit(f"[vs_trl] worker {name} failed with exit code {proc.returncode}")
     result = json.loads(Path(out).read_text())
@@ -268,6 +274,7 @@ def table(results: dict) -> str:
                  f"({g['posttrain_tok_per_s'] / g['hf_generate_tok_per_s']:.2f}x). transformers generate with the "
                  f"eager attention posttrain uses on CPU: {g['hf_generate_eager_tok_per_s']:.0f} tok/s "
                  f"({g['posttrain_tok_per_s'] / g['hf_generate_eager_tok_per_s']:.2f}x).")
+    lines.append(f"Allocator for every process (posttrain, TRL, generate): {results['allocator']}.")
     lines.append(f"Matmul peak measured in this run: {results['peak_bf16_gflops']:.0f} GFLOP/s bf16, "
                  f"{results['peak_fp32_gflops']:.0f} GFLOP/s fp32 (2048x2048, all threads).")
     return "\n".join(lines)
@@ -284,6 +291,8 @@ def main() -> int:
     parser.add_argument("--gen-reps", type=int, default=3)
     parser.add_argument("--set", action="append", default=[], help="extra posttrain override (repeatable)")
     parser.add_argument("--only", choices=sorted(WORKERS), action="append", help="run only these parts")
+    parser.add_argument("--allocator", choices=["tcmalloc", "system"], default="tcmalloc",
+                        help="malloc for all workers (tcmalloc when installed, as the posttrain command uses)")
     parser.add_argument("--json", help="write all figures here")
     parser.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
     parser.add_argument("--worker-out", help=argparse.SUPPRESS)
@@ -295,8 +304,10 @@ def main() -> int:
 
     import torch
 
+    from posttrain.allocator import find_tcmalloc
     from posttrain.bench import matmul_peak_gflops
 
+    ALLOCATOR["library"] = find_tcmalloc() if args.allocator == "tcmalloc" else None
     argv = ["--model", args.model, "--steps", str(args.steps), "--warmup", str(args.warmup),
             "--max-new-tokens", str(args.max_new_tokens), "--lr", str(args.lr), "--seed", str(args.seed),
             "--gen-reps", str(args.gen_reps)]
@@ -307,6 +318,7 @@ def main() -> int:
         "peak_fp32_gflops": matmul_peak_gflops(torch.float32),
         "max_new_tokens": args.max_new_tokens,
         "prompts": PROMPTS, "completions": COMPLETIONS, "steps": args.steps, "warmup": args.warmup,
+        "allocator": "tcmalloc" if ALLOCATOR["library"] else "system (glibc)",
     }
     for name in args.only or ["generate", "posttrain", "trl"]:
         results[name] = run_worker(name, argv)

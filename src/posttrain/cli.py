@@ -146,5 +146,13 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
+def entry() -> int:
+    """Console entry point: ``main`` under tcmalloc when the system has it (see posttrain.allocator)."""
+    from posttrain.allocator import reexec_with_tcmalloc
+
+    reexec_with_tcmalloc()
+    return main()
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(entry())

@@ -57,6 +57,7 @@ def peak_rss_mb() -> float:
 
 def bench_config(cfg, steps: int = 5, warmup: int = 1, peak: dict | None = None) -> dict:
     """Run ``warmup + steps`` training steps of ``cfg`` (no evaluation, no checkpoints)."""
+    from posttrain.allocator import active_allocator
     from posttrain.models.loading import load_model_and_tokenizer
     from posttrain.rewards.registry import build_reward
     from posttrain.runs import RunDir
@@ -97,6 +98,7 @@ def bench_config(cfg, steps: int = 5, warmup: int = 1, peak: dict | None = None)
         "learner_mfu": med(f / r["time/learn_s"] / 1e9 for f, r in zip(flops, rows)) / peak[key],
         "peak_rss_mb": peak_rss_mb(),
         "reward_mean": med(r["reward/mean"] for r in rows),
+        "allocator": active_allocator(),
     }
 
 
@@ -115,4 +117,5 @@ def print_bench(result: dict) -> None:
     for key, pattern in fmt.items():
         table.add_row(key, pattern.format(result[key]))
     table.add_row("learner dtype", result["learner_dtype"])
+    table.add_row("allocator", result["allocator"])
     Console().print(table)

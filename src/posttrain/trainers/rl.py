@@ -49,7 +49,7 @@ from posttrain.algorithms.regularizers import AdaptiveEntropyController, Adaptiv
 from posttrain.config import RLConfig, to_dict
 from posttrain.evaluation.runner import correct_flags
 from posttrain.algorithms.advantages_token import gae_returns, value_loss
-from posttrain.models.logprobs import completion_logprobs
+from posttrain.models.logprobs import SharedPromptPass, completion_logprobs
 from posttrain.models.value import ValueModel
 from posttrain.rewards.errors import score_group
 from posttrain.rollout.batch import Rollouts
@@ -195,13 +195,13 @@ class RLTrainer:
         self.score(base)
         return base.rewards[rollouts.group_ids]
 
-    def _logprobs(self, model, batch: Rollouts, with_entropy: bool = False):
+    def _logprobs(self, model, batch: Rollouts, with_entropy: bool = False, prompt_states=None):
         with self.autocast():
             return completion_logprobs(
                 model, batch.prompt_ids, batch.prompt_mask, batch.completion_ids, batch.completion_mask,
                 temperature=self.cfg.rollout.temperature, chunk_tokens=self.cfg.trainer.logprob_chunk_tokens,
                 with_entropy=with_entropy, share_prompts=self.cfg.trainer.share_prompt_pass,
-                attention=self.cfg.model.attention,
+                attention=self.cfg.model.attention, prompt_states=prompt_states,
             )
 
     def _values(self, batch: Rollouts) -> torch.Tensor:
@@ -325,13 +325,22 @@ class RLTrainer:
                 total_loss = 0.0
                 # Micro-batches of similar completion length waste little compute on padding;
                 # the loss is a sum normalised by mini-batch counts, so the grouping is free.
+                # Their prompts run through the decoder once per mini-batch (SharedPromptPass).
+                shared = None
+                if tc.share_prompt_pass:
+                    with self.autocast():
+                        shared = SharedPromptPass(self.policy, mini.prompt_ids, mini.prompt_mask,
+                                                  cfg.model.attention, mini.prompt_ids.shape[1] + mini.completion_ids.shape[1])
                 for rows in length_buckets(mini, tc.micro_batch_size, tc.micro_batch_tokens):
-                    micro = _trim(mini.select(rows))
-                    loss, parts = self._micro_loss(micro, loss_fn, counts_kw, record)
+                    micro = _trim(mini.select(rows), trim_prompt=shared is None)
+                    loss, parts = self._micro_loss(micro, loss_fn, counts_kw, record,
+                                                   shared.rows(rows) if shared is not None else None)
                     loss.backward()
                     total_loss += float(loss.detach())
                     if self.critic is not None:
                         self._value_loss(micro, counts_kw, record).backward()
+                if shared is not None:
+                    shared.backward()
                 grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), tc.max_grad_norm)
                 record("loss/total", total_loss)
                 record("grad_norm", float(grad_norm))
@@ -375,11 +384,11 @@ class RLTrainer:
             record(f"critic/{k}", float(v))
         return loss
 
-    def _micro_loss(self, micro: Rollouts, loss_fn: Callable, counts_kw: dict, record: Callable):
+    def _micro_loss(self, micro: Rollouts, loss_fn: Callable, counts_kw: dict, record: Callable, prompt_states=None):
         alg = self.cfg.algorithm
         entropy_coef = self.entropy_ctl.value
         want_entropy = entropy_coef > 0
-        logp, entropy = self._logprobs(self.policy, micro, with_entropy=want_entropy)
+        logp, entropy = self._logprobs(self.policy, micro, with_entropy=want_entropy, prompt_states=prompt_states)
         mask = micro.loss_mask.to(logp.device)
         old = micro.old_logprobs.to(logp.device) if micro.old_logprobs is not None else logp.detach()
         behaviour = micro.behaviour_logprobs.to(logp.device)
@@ -520,11 +529,11 @@ def length_buckets(batch: Rollouts, max_rows: int, max_tokens: int) -> list[torc
     return [b for b in buckets if len(b)]
 
 
-def _trim(batch: Rollouts) -> Rollouts:
-    """Drop prompt left-padding and completion right-padding shared by the whole micro-batch."""
+def _trim(batch: Rollouts, trim_prompt: bool = True) -> Rollouts:
+    """Drop completion right-padding (and prompt left-padding) shared by the whole micro-batch."""
     p_keep = batch.prompt_mask.any(0).nonzero()
     c_len = int(batch.completion_mask.sum(-1).max())
-    p0 = int(p_keep[0]) if p_keep.numel() else 0
+    p0 = int(p_keep[0]) if p_keep.numel() and trim_prompt else 0
     out = copy.copy(batch)
     out.prompt_ids, out.prompt_mask = batch.prompt_ids[:, p0:], batch.prompt_mask[:, p0:]
     for name in ("completion_ids", "completion_mask", "loss_mask", "behaviour_logprobs", "entropies", "advantages",

@@ -170,3 +170,36 @@ def test_length_buckets_sort_by_length_and_respect_row_and_token_caps():
     for b in buckets:
         assert len(b) == 1 or len(b) * (P + int(lengths[b].max())) <= 12
     assert sorted(torch.cat(buckets).tolist()) == list(range(7))
+
+
+@pytest.mark.skipif(not __import__("posttrain.rollout.engine", fromlist=["x"]).cpu_supports_bf16(),
+                    reason="this CPU has no bf16: the learner uses fp32 autocast-free compute")
+def test_bf16_learner_routes_gradients_into_fp32_master(tmp_path):
+    import tempfile
+    from pathlib import Path
+
+    from posttrain.models.loading import load_model_and_tokenizer
+    from posttrain.rewards.registry import build_reward
+    from posttrain.runs import RunDir
+    from posttrain.tasks.registry import build_task
+    from posttrain.trainers.rl import RLTrainer
+
+    cfg = load_config(None, LEARNABLE + ["trainer.micro_batch_size=8", "trainer.max_grad_norm=1e9"])
+    model, tok = load_model_and_tokenizer(cfg.model.name)
+    trainer = RLTrainer(cfg, model, tok, build_task(cfg.task), build_reward(cfg.reward, tokenizer=tok),
+                        RunDir(Path(tempfile.mkdtemp(dir=tmp_path)) / "r"))
+    assert trainer.learner is trainer.engine.model
+    assert next(trainer.learner.parameters()).dtype == torch.bfloat16
+    assert next(trainer.policy.parameters()).dtype == torch.float32
+    before = [p.detach().clone() for p in trainer.policy.parameters()]
+    metrics = trainer.train_step()
+    masters = list(trainer.policy.parameters())
+    # every gradient landed on the fp32 master (accumulated over 8 micro-batches), none on the copy
+    assert all(p.grad is None for p in trainer.learner.parameters())
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in masters)
+    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in masters]))
+    assert norm > 0 and abs(float(norm) - metrics["grad_norm"]) < 1e-4 * max(1.0, float(norm))
+    assert any(not torch.equal(a, b) for a, b in zip(before, masters))
+    # the sampler/learner copy is the master rounded to bf16 after the step
+    for low, master in zip(trainer.learner.parameters(), masters):
+        assert torch.equal(low, master.detach().to(torch.bfloat16))

@@ -249,6 +249,9 @@ def run_worker(name: str, argv: list[str]) -> dict:
 
 def table(results: dict) -> str:
     p, t, g = results["posttrain"], results["trl"], results["generate"]
+    # The matmul peak is measured three times (driver and each worker) and varies by ~10% on a
+    # shared VM; MFU uses the highest, so neither system is flattered by a slow measurement.
+    peak = max(results["peak_bf16_gflops"], p["matmul_peak_gflops"], t["matmul_peak_gflops"])
     rows = [
         ("median step time (s)", f"{p['step_s']:.2f}", f"{t['step_s']:.2f}", f"{t['step_s'] / p['step_s']:.2f}x faster"),
         ("  generation (s)", f"{p['gen_s']:.2f}", f"{t['gen_s']:.2f}", f"{t['gen_s'] / p['gen_s']:.2f}x"),
@@ -259,8 +262,8 @@ def table(results: dict) -> str:
         ("learner tok/s", f"{p['learner_tok_per_s']:.0f}", f"{t['learner_tok_per_s']:.0f}",
          f"{p['learner_tok_per_s'] / t['learner_tok_per_s']:.2f}x"),
         ("learner GFLOP/s executed", f"{p['learner_gflops']:.0f}", f"{t['learner_gflops']:.0f}", ""),
-        (f"learner MFU (peak {results['peak_bf16_gflops']:.0f} GFLOP/s bf16)", f"{p['learner_mfu']:.1%}",
-         f"{t['learner_mfu']:.1%}", ""),
+        (f"learner MFU (peak {peak:.0f} GFLOP/s bf16)", f"{p['learner_gflops'] / peak:.1%}",
+         f"{t['learner_gflops'] / peak:.1%}", ""),
         ("peak RSS (MB)", f"{p['peak_rss_mb']:.0f}", f"{t['peak_rss_mb']:.0f}",
          f"{p['peak_rss_mb'] / t['peak_rss_mb']:.2f} of TRL's"),
         ("median batch reward", f"{p['reward_mean']:.3f}", f"{t['reward_mean']:.3f}", ""),
@@ -275,8 +278,10 @@ def table(results: dict) -> str:
                  f"eager attention posttrain uses on CPU: {g['hf_generate_eager_tok_per_s']:.0f} tok/s "
                  f"({g['posttrain_tok_per_s'] / g['hf_generate_eager_tok_per_s']:.2f}x).")
     lines.append(f"Allocator for every process (posttrain, TRL, generate): {results['allocator']}.")
-    lines.append(f"Matmul peak measured in this run: {results['peak_bf16_gflops']:.0f} GFLOP/s bf16, "
-                 f"{results['peak_fp32_gflops']:.0f} GFLOP/s fp32 (2048x2048, all threads).")
+    lines.append(f"Matmul peak (2048x2048, all threads, best of 6), measured by the driver / posttrain worker / TRL "
+                 f"worker: {results['peak_bf16_gflops']:.0f} / {p['matmul_peak_gflops']:.0f} / "
+                 f"{t['matmul_peak_gflops']:.0f} GFLOP/s bf16 ({results['peak_fp32_gflops']:.0f} fp32); MFU uses "
+                 f"the highest.")
     return "\n".join(lines)
 
 
@@ -294,9 +299,13 @@ def main() -> int:
     parser.add_argument("--allocator", choices=["tcmalloc", "system"], default="tcmalloc",
                         help="malloc for all workers (tcmalloc when installed, as the posttrain command uses)")
     parser.add_argument("--json", help="write all figures here")
+    parser.add_argument("--table-from", help="print the table of a --json file written earlier, run nothing")
     parser.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
     parser.add_argument("--worker-out", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.table_from:
+        print(table(json.loads(Path(args.table_from).read_text())))
+        return 0
     if args.worker:
         result = WORKERS[args.worker](args)
         Path(args.worker_out).write_text(json.dumps(result))

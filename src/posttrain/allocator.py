@@ -13,6 +13,7 @@ itself once with LD_PRELOAD set. Library use (``import posttrain``) is never aff
 
 from __future__ import annotations
 
+import ctypes.util
 import os
 import sys
 from pathlib import Path
@@ -26,11 +27,14 @@ CANDIDATES = (
 )
 
 
+MALLOC_LIBRARIES = ("tcmalloc", "jemalloc", "mimalloc")
+
+
 def find_tcmalloc() -> str | None:
     for path in CANDIDATES:
         if Path(path).is_file():
             return path
-    return None
+    return ctypes.util.find_library("tcmalloc_minimal")  # a soname the dynamic loader resolves
 
 
 def preload_env(env: dict[str, str], library: str) -> dict[str, str]:
@@ -42,12 +46,14 @@ def preload_env(env: dict[str, str], library: str) -> dict[str, str]:
 
 
 def active_allocator() -> str:
-    return "tcmalloc" if "tcmalloc" in os.environ.get("LD_PRELOAD", "") else "system"
+    preload = os.environ.get("LD_PRELOAD", "")
+    return next((name for name in MALLOC_LIBRARIES if name in preload), "system")
 
 
 def reexec_with_tcmalloc() -> None:
     """Replace this process by the same command under tcmalloc, if available and not yet done."""
-    if sys.platform != "linux" or os.environ.get(ENV, "auto") != "auto" or active_allocator() == "tcmalloc":
+    # Respect an allocator the user preloaded already (tcmalloc, jemalloc, mimalloc).
+    if sys.platform != "linux" or os.environ.get(ENV, "auto") != "auto" or active_allocator() != "system":
         return
     library = find_tcmalloc()
     if library is None:

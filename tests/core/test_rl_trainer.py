@@ -203,3 +203,22 @@ def test_bf16_learner_routes_gradients_into_fp32_master(tmp_path):
     # the sampler/learner copy is the master rounded to bf16 after the step
     for low, master in zip(trainer.learner.parameters(), masters):
         assert torch.equal(low, master.detach().to(torch.bfloat16))
+
+
+def test_prompt_pass_is_shared_across_micro_batches_only_when_it_pays():
+    from posttrain.rollout.batch import Rollouts
+    from posttrain.trainers.rl import share_prompts_across_micro_batches
+
+    def batch(groups, n, P=10, T=6):
+        ids = torch.arange(groups).repeat_interleave(n)[:, None].expand(groups * n, P).clone()
+        N = groups * n
+        return Rollouts(prompt_ids=ids, prompt_mask=torch.ones((N, P), dtype=torch.long),
+                        completion_ids=torch.zeros((N, T), dtype=torch.long), completion_mask=torch.ones((N, T)),
+                        group_ids=torch.arange(groups).repeat_interleave(n), behaviour_logprobs=torch.zeros((N, T)),
+                        entropies=torch.zeros((N, T)), truncated=torch.zeros(N, dtype=torch.bool), texts=[""] * N,
+                        problems=[None] * N)
+
+    assert share_prompts_across_micro_batches(batch(8, 8), micro_batch_size=16)  # 80 <= 16 x 16 tokens
+    assert not share_prompts_across_micro_batches(batch(64, 1), micro_batch_size=16)  # nothing repeats
+    # 40 distinct prompts x 10 tokens > one micro-batch of 4 x 16 tokens: per-micro-batch passes bound memory
+    assert not share_prompts_across_micro_batches(batch(40, 2), micro_batch_size=4)

@@ -350,7 +350,7 @@ class RLTrainer:
                 # the loss is a sum normalised by mini-batch counts, so the grouping is free.
                 # Their prompts run through the decoder once per mini-batch (SharedPromptPass).
                 shared = None
-                if tc.share_prompt_pass:
+                if tc.share_prompt_pass and share_prompts_across_micro_batches(mini, tc.micro_batch_size):
                     with self.learner_autocast():
                         shared = SharedPromptPass(self.learner, mini.prompt_ids, mini.prompt_mask,
                                                   cfg.model.attention, mini.prompt_ids.shape[1] + mini.completion_ids.shape[1])
@@ -530,6 +530,15 @@ def _unique_prompt_tokens(r: Rollouts) -> int:
     per_group = torch.zeros(int(r.group_ids.max()) + 1, dtype=torch.long)
     per_group[r.group_ids] = r.prompt_mask.sum(-1).long()  # rows of a group share their prompt
     return int(per_group.sum())
+
+
+def share_prompts_across_micro_batches(batch: Rollouts, micro_batch_size: int) -> bool:
+    """Whether one prompt pass for the whole mini-batch pays: some prompt repeats, and the pass
+    (distinct prompts x prompt width) is no larger than one micro-batch's forward, since its
+    activations stay alive until the mini-batch's last backward."""
+    distinct = torch.unique(torch.cat([batch.prompt_ids, batch.prompt_mask.long()], 1), dim=0).shape[0]
+    width, longest = batch.prompt_ids.shape[1], int(batch.completion_lengths.max())
+    return distinct < len(batch) and distinct * width <= micro_batch_size * (width + longest)
 
 
 def length_buckets(batch: Rollouts, max_rows: int, max_tokens: int) -> list[torch.Tensor]:

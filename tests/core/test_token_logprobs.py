@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+import posttrain.models.logprobs as logprobs_module
 from posttrain.models.logprobs import TokenLogProbs
 
 
@@ -27,7 +28,10 @@ def inputs(seed, M=37, H=12, V=50, bias=False):
 @pytest.mark.parametrize("with_entropy", [False, True])
 @pytest.mark.parametrize("chunk", [1, 8, 1000])
 @pytest.mark.parametrize("bias", [False, True])
-def test_values_and_gradients_match_full_logits(temperature, with_entropy, chunk, bias):
+@pytest.mark.parametrize("save_logits", [True, False])
+def test_values_and_gradients_match_full_logits(temperature, with_entropy, chunk, bias, save_logits, monkeypatch):
+    if not save_logits:  # the backward recomputes the logits instead of reading saved ones
+        monkeypatch.setattr("posttrain.models.logprobs.SAVED_LOGITS_MAX_BYTES", 0)
     hidden, weight, b, targets = inputs(0, bias=bias)
     g = torch.Generator().manual_seed(1)
     g_logp = torch.randn(hidden.shape[0], generator=g, dtype=torch.float64)
@@ -90,3 +94,15 @@ def test_empty_batch():
     lp.sum().backward()
     assert torch.count_nonzero(weight.grad) == 0
 
+
+
+def test_logits_are_saved_only_when_a_gradient_is_needed_and_they_fit(monkeypatch):
+    hidden, weight, _, targets = inputs(5, M=6, H=4, V=10)
+    w = weight.clone().requires_grad_()
+    lp, _ = TokenLogProbs.apply(hidden, w, None, targets, 1.0, 4, False)
+    assert lp.grad_fn.saved_tensors[-1].shape == (6, 10)
+    lp, _ = TokenLogProbs.apply(hidden, weight, None, targets, 1.0, 4, False)  # no gradient wanted
+    assert lp.grad_fn is None
+    monkeypatch.setattr(logprobs_module, "SAVED_LOGITS_MAX_BYTES", 6 * 10 * 8 - 1)
+    lp, _ = TokenLogProbs.apply(hidden, w, None, targets, 1.0, 4, False)
+    assert lp.grad_fn.saved_tensors[-1] is None

@@ -17,6 +17,9 @@ import torch.nn.functional as F
 
 from posttrain.models.attention import attention_for
 
+SAVED_LOGITS_MAX_BYTES = 256 * 2**20
+
+
 def _compute_dtype(hidden: torch.Tensor) -> torch.dtype:
     device = hidden.device.type
     return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
@@ -28,9 +31,11 @@ class TokenLogProbs(torch.autograd.Function):
 
     Gradients, per row (g = dL/dlogp, e = dL/dH):
         dL/dz_j = g (1[j = y] - p_j) - e p_j (log p_j + H)
-    then dL/dh = (dL/dz) W / temperature and dL/dW = (dL/dz)^T h / temperature. The logits
-    are recomputed chunk by chunk in the backward (nothing [M, V] is saved), the matmuls run
-    in the autocast dtype (bf16 on CPUs that have it) and the softmax in fp32.
+    then dL/dh = (dL/dz) W / temperature and dL/dW = (dL/dz)^T h / temperature. The matmuls
+    run in the autocast dtype (bf16 on CPUs that have it) and the softmax in fp32. The forward
+    keeps the low-precision logits for the backward when they take at most
+    ``SAVED_LOGITS_MAX_BYTES`` (a micro-batch of 1000 tokens over 49k: 100 MB in bf16), which
+    spares one of the head's four matmuls; otherwise the backward recomputes them chunk by chunk.
     """
 
     @staticmethod
@@ -44,11 +49,16 @@ class TokenLogProbs(torch.autograd.Function):
         logz = torch.empty(M, dtype=torch.float32, device=h.device)
         entropy = torch.zeros(M, dtype=torch.float32, device=h.device)
         rows = max(1, chunk)
+        keep = any(ctx.needs_input_grad[:3]) and M * w.shape[0] * w.element_size() <= SAVED_LOGITS_MAX_BYTES
+        saved = torch.empty((M, w.shape[0]), dtype=dtype, device=h.device) if keep else None
         with torch.autocast(h.device.type, enabled=False):
             z_buf = torch.empty((min(rows, M), w.shape[0]), dtype=torch.float32, device=h.device)
             for s in range(0, M, rows):
                 z = z_buf[: min(rows, M - s)]
-                z.copy_(F.linear(h[s : s + rows], w, b / temperature if b is not None else None))
+                logits = F.linear(h[s : s + rows], w, b / temperature if b is not None else None)
+                if saved is not None:
+                    saved[s : s + rows] = logits
+                z.copy_(logits)
                 target_logit = z.gather(-1, targets[s : s + rows, None]).squeeze(-1)
                 top = z.amax(-1, keepdim=True)
                 z.sub_(top)  # z - max: log-probs up to the log-normaliser
@@ -62,14 +72,14 @@ class TokenLogProbs(torch.autograd.Function):
                 lz = top.squeeze(-1) + norm.log()
                 logz[s : s + rows] = lz
                 logp[s : s + rows] = target_logit - lz
-        ctx.save_for_backward(h, w, b, targets, logz, entropy)
+        ctx.save_for_backward(h, w, b, targets, logz, entropy, saved)
         ctx.temperature, ctx.rows, ctx.with_entropy = temperature, rows, with_entropy
         ctx.weight_dtype, ctx.hidden_dtype = weight.dtype, hidden.dtype
         return logp, entropy
 
     @staticmethod
     def backward(ctx, grad_logp, grad_entropy):
-        h, w, b, targets, logz, entropy = ctx.saved_tensors
+        h, w, b, targets, logz, entropy, saved = ctx.saved_tensors
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         rows, temperature, M = ctx.rows, ctx.temperature, h.shape[0]
         use_entropy = ctx.with_entropy and grad_entropy is not None
@@ -81,7 +91,7 @@ class TokenLogProbs(torch.autograd.Function):
             for s in range(0, M, rows):
                 hs = h[s : s + rows]
                 z = z_buf[: hs.shape[0]]
-                z.copy_(F.linear(hs, w, b / temperature if b is not None else None))
+                z.copy_(saved[s : s + rows] if saved is not None else F.linear(hs, w, b / temperature if b is not None else None))
                 g = grad_logp[s : s + rows, None].float()
                 z.sub_(logz[s : s + rows, None])  # log p
                 if use_entropy:

@@ -169,10 +169,15 @@ def _training_figure(figs: _Figures, runs: Sequence[RunData], series: dict, grou
         ax.set_title(key, fontsize=9)
         ax.set_xlabel("step", fontsize=8)
     if multi:
-        handles, labels = axes[0].get_legend_handles_labels()
-        if handles:
-            fig.legend(handles, labels, loc="outside upper center", ncols=min(len(labels), 5), fontsize=8, frameon=False)
+        _run_legend(fig, axes[0])
     return figs.embed(fig, f"train_{group}", f"training curves: {', '.join(shown)}", caption)
+
+
+def _run_legend(fig, ax) -> None:
+    """One legend above the figure naming the runs (taken from the first panel)."""
+    handles, labels = ax.get_legend_handles_labels()
+    if handles:
+        fig.legend(handles, labels, loc="outside upper center", ncols=min(len(labels), 5), fontsize=8, frameon=False)
 
 
 def _eval_over_steps_figure(figs: _Figures, runs: Sequence[RunData], have: Sequence[RunData]) -> str:
@@ -201,9 +206,7 @@ def _eval_over_steps_figure(figs: _Figures, runs: Sequence[RunData], have: Seque
         ax.set_title(panel, fontsize=9)
         ax.set_xlabel("step", fontsize=8)
     if multi:
-        handles, labels = axes[0].get_legend_handles_labels()
-        if handles:
-            fig.legend(handles, labels, loc="outside upper center", ncols=min(len(labels), 5), fontsize=8, frameon=False)
+        _run_legend(fig, axes[0])
     return figs.embed(fig, "eval_over_steps", "evaluation over steps")
 
 

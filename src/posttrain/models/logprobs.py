@@ -2,10 +2,10 @@
 
 The decoder runs once over prompt + completion. The output projection and log-softmax then
 run as one fused autograd function (``TokenLogProbs``) over chunks of completion positions:
-the forward keeps only log Z per token, the backward recomputes each chunk's logits and
-turns them into the gradient in place, so at most one ``[chunk, V]`` block of logits is
-alive at a time. A batch of 64 x 80 tokens over SmolLM2's 49k vocabulary would otherwise
-hold ~1 GB of fp32 logits (plus as much again for their gradient).
+the softmax and its gradient are formed in place one ``[chunk, V]`` fp32 block at a time, and
+only log Z per token (plus, when they fit, the low-precision logits) is kept for the backward.
+A batch of 64 x 80 tokens over SmolLM2's 49k vocabulary would otherwise hold ~1 GB of fp32
+logits (plus as much again for their gradient).
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ class TokenLogProbs(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, targets, temperature: float, chunk: int, with_entropy: bool):
         dtype = _compute_dtype(hidden)
         w = weight.to(dtype)
-        b = bias.to(dtype) if bias is not None else None
+        b = (bias / temperature).to(dtype) if bias is not None else None  # z = W (h / T) + b / T
         h = (hidden / temperature if temperature != 1.0 else hidden).to(dtype)
         M = h.shape[0]
         logp = torch.empty(M, dtype=torch.float32, device=h.device)
@@ -55,7 +55,7 @@ class TokenLogProbs(torch.autograd.Function):
             z_buf = torch.empty((min(rows, M), w.shape[0]), dtype=torch.float32, device=h.device)
             for s in range(0, M, rows):
                 z = z_buf[: min(rows, M - s)]
-                logits = F.linear(h[s : s + rows], w, b / temperature if b is not None else None)
+                logits = F.linear(h[s : s + rows], w, b)
                 if saved is not None:
                     saved[s : s + rows] = logits
                 z.copy_(logits)
@@ -91,7 +91,7 @@ class TokenLogProbs(torch.autograd.Function):
             for s in range(0, M, rows):
                 hs = h[s : s + rows]
                 z = z_buf[: hs.shape[0]]
-                z.copy_(saved[s : s + rows] if saved is not None else F.linear(hs, w, b / temperature if b is not None else None))
+                z.copy_(saved[s : s + rows] if saved is not None else F.linear(hs, w, b))
                 g = grad_logp[s : s + rows, None].float()
                 z.sub_(logz[s : s + rows, None])  # log p
                 if use_entropy:

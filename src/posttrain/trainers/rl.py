@@ -218,7 +218,7 @@ class RLTrainer:
         return base.rewards[rollouts.group_ids]
 
     def _logprobs(self, model, batch: Rollouts, with_entropy: bool = False, prompt_states=None):
-        with (self.learner_autocast if model is self.learner or model is self.ref else self.autocast)():
+        with self.learner_autocast():  # the learner or the reference, which shares its precision
             return completion_logprobs(
                 model, batch.prompt_ids, batch.prompt_mask, batch.completion_ids, batch.completion_mask,
                 temperature=self.cfg.rollout.temperature, chunk_tokens=self.cfg.trainer.logprob_chunk_tokens,
@@ -323,7 +323,6 @@ class RLTrainer:
 
     def update(self, rollouts: Rollouts) -> dict[str, float]:
         cfg, tc, alg = self.cfg, self.cfg.trainer, self.cfg.algorithm
-        self.policy.train()
         self.learner.train()
         loss_fn = POLICY_LOSSES.get(alg.policy_loss)
         n = len(rollouts)
@@ -389,7 +388,6 @@ class RLTrainer:
                     for group in self.critic_optimizer.param_groups:
                         group["lr"] = alg.critic.lr * factor
                     self.critic_optimizer.step()
-        self.policy.eval()
         self.learner.eval()
         out = {k: sums[k] / counts[k] for k in sums}
         out["lr"] = self.optimizer.param_groups[0]["lr"]

@@ -31,6 +31,9 @@ class ModelConfig:
     name: str = "tiny-random"  # directory, .gguf file, run directory, hub id or alias
     # attention kernel: auto = eager (matmul + softmax) on CPU for short sequences, else the model's own
     attention: Literal["auto", "eager", "sdpa"] = "auto"
+    # forward pass: auto = posttrain's lean decoder (models/fast_decoder.py) for Llama/Qwen2
+    # architectures, transformers' forward for the rest; hf = always transformers'
+    decoder: Literal["auto", "hf"] = "auto"
 
 
 @dataclass
@@ -127,6 +130,9 @@ class TrainerConfig:
     autocast: Literal["auto", "bfloat16", "none"] = "auto"  # learner compute dtype
     logprob_chunk_tokens: int = 256  # rows of [rows, vocab] fp32 logits alive at once (256 x 49k: 50 MB)
     share_prompt_pass: bool = True  # learner runs each group's prompt once (exact; fewer FLOPs)
+    # recompute each decoder layer in the backward: less activation memory, ~+25% learner time
+    # (lean decoder only, see model.decoder)
+    activation_checkpointing: bool = False
     seed: int = 0
     eval_every: int = 0  # 0: only before and after training
     eval_problems: int = 200

@@ -15,14 +15,12 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from posttrain.models import fast_decoder
 from posttrain.models.attention import attention_for
 
+DECODER_CHOICES = ("auto", "hf")
+
 SAVED_LOGITS_MAX_BYTES = 256 * 2**20
-
-
-def _compute_dtype(hidden: torch.Tensor) -> torch.dtype:
-    device = hidden.device.type
-    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
 
 
 class TokenLogProbs(torch.autograd.Function):
@@ -40,7 +38,7 @@ class TokenLogProbs(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, temperature: float, chunk: int, with_entropy: bool):
-        dtype = _compute_dtype(hidden)
+        dtype = fast_decoder.compute_dtype(hidden)
         w = weight.to(dtype)
         b = (bias / temperature).to(dtype) if bias is not None else None  # z = W (h / T) + b / T
         h = (hidden / temperature if temperature != 1.0 else hidden).to(dtype)
@@ -123,25 +121,83 @@ class TokenLogProbs(torch.autograd.Function):
         return grad_h, grad_w, grad_b, None, None, None, None
 
 
+def uses_fast_decoder(decoder, mode: str) -> bool:
+    """``mode`` auto: posttrain's lean decoder (``fast_decoder``) when the architecture allows."""
+    if mode not in DECODER_CHOICES:
+        raise ValueError(f"decoder must be one of {DECODER_CHOICES}, got {mode!r}")
+    return mode == "auto" and fast_decoder.supports(decoder)
+
+
 def _hidden_states(model, prompt_ids, prompt_mask, completion_ids, completion_mask, share_prompts: bool,
-                   attention: str = "auto", prompt_states: Optional["PromptStates"] = None):
+                   attention: str = "auto", prompt_states: Optional["PromptStates"] = None,
+                   decoder_mode: str = "auto", checkpoint_layers: bool = False):
     """Decoder states that predict each completion token: [n, T, H].
 
-    ``attention`` picks the attention kernel (see ``posttrain.models.attention``).
+    ``attention`` picks the attention kernel (see ``posttrain.models.attention``);
+    ``decoder_mode`` picks posttrain's lean decoder ("auto", when supported) or transformers'
+    ("hf"); ``checkpoint_layers`` recomputes each layer in the backward (lean decoder only).
 
     With ``share_prompts``, identical prompt rows (the n completions of one prompt) run through
-    the decoder once; their KV cache is then indexed out to every row, so the completion pass
-    attends to it and gradients from all rows flow back into the one shared prompt pass. This
-    is the same computation as running each row separately, with the prompt tokens' share of
-    the FLOPs divided by the group size. ``prompt_states`` (from ``SharedPromptPass``) supplies
-    that prompt pass from outside, shared across micro-batches.
+    the decoder once; their keys/values are then indexed out to every row, so the completion
+    pass attends to them and gradients from all rows flow back into the one shared prompt pass.
+    This is the same computation as running each row separately, with the prompt tokens' share
+    of the FLOPs divided by the group size. ``prompt_states`` (from ``SharedPromptPass``)
+    supplies that prompt pass from outside, shared across micro-batches.
     """
     decoder = model.get_decoder()
-    with attention_for(decoder, attention, prompt_ids.shape[1] + completion_ids.shape[1], "learner"):
+    fast = uses_fast_decoder(decoder, decoder_mode)
+    prompt_mask, completion_mask = prompt_mask.long(), completion_mask.long()
+    with attention_for(decoder, attention, prompt_ids.shape[1] + completion_ids.shape[1], "learner") as kernel:
+        if fast:
+            lean = _LeanDecoder(decoder, use_sdpa=kernel != "eager", checkpoint_layers=checkpoint_layers)
+            if prompt_states is not None:
+                return lean.completion_pass(prompt_states.kv, prompt_states.last, prompt_mask, completion_ids,
+                                            completion_mask)
+            return lean.states(prompt_ids, prompt_mask, completion_ids, completion_mask, share_prompts)
         if prompt_states is not None:
-            return _completion_pass(decoder, prompt_states.cache(), prompt_states.last, prompt_mask.long(),
-                                    completion_ids, completion_mask.long())
+            return _completion_pass(decoder, prompt_states.cache(), prompt_states.last, prompt_mask,
+                                    completion_ids, completion_mask)
         return _decoder_states(decoder, prompt_ids, prompt_mask, completion_ids, completion_mask, share_prompts)
+
+
+class _LeanDecoder:
+    """The learner's passes on ``fast_decoder``: the same three cases as the transformers path."""
+
+    def __init__(self, decoder, use_sdpa: bool, checkpoint_layers: bool):
+        self.decoder, self.options = decoder, dict(use_sdpa=use_sdpa, checkpoint_layers=checkpoint_layers)
+
+    def prompt_pass(self, prompt_ids, prompt_mask):
+        """(per-layer keys/values, last hidden state) of left-padded prompts."""
+        kv = fast_decoder.PrefixKV(record=True)
+        hidden = fast_decoder.decoder_forward(self.decoder, prompt_ids, (prompt_mask.cumsum(-1) - 1).clamp_min(0),
+                                              prompt_mask, kv, **self.options)
+        return kv.recorded, hidden[:, -1]
+
+    def completion_pass(self, prefix, last_prompt_state, prompt_mask, completion_ids, completion_mask):
+        T = completion_ids.shape[1]
+        first = last_prompt_state[:, None]  # predicts the first completion token
+        if T == 1:
+            return first
+        positions = prompt_mask.sum(-1, keepdim=True) + torch.arange(T - 1, device=completion_ids.device)[None]
+        keys = torch.cat([prompt_mask, completion_mask[:, : T - 1]], 1)
+        rest = fast_decoder.decoder_forward(self.decoder, completion_ids[:, : T - 1], positions, keys,
+                                            fast_decoder.PrefixKV(prefix), **self.options)
+        return torch.cat([first, rest], 1)
+
+    def states(self, prompt_ids, prompt_mask, completion_ids, completion_mask, share_prompts: bool):
+        n, P = prompt_ids.shape
+        T = completion_ids.shape[1]
+        unique, inverse = torch.unique(torch.cat([prompt_ids, prompt_mask], 1), dim=0, return_inverse=True)
+        if not share_prompts or unique.shape[0] == n:
+            # The last completion token predicts nothing, so it is not an input.
+            inputs = torch.cat([prompt_ids, completion_ids[:, : T - 1]], 1)
+            keys = torch.cat([prompt_mask, completion_mask[:, : T - 1]], 1)
+            hidden = fast_decoder.decoder_forward(self.decoder, inputs, (keys.cumsum(-1) - 1).clamp_min(0), keys,
+                                                  **self.options)
+            return hidden[:, P - 1:]
+        kv, last = self.prompt_pass(unique[:, :P], unique[:, P:])
+        prefix = [(k[inverse], v[inverse]) for k, v in kv]
+        return self.completion_pass(prefix, last[inverse], prompt_mask, completion_ids, completion_mask)
 
 
 def _prompt_pass(decoder, prompt_ids, prompt_mask):
@@ -212,15 +268,21 @@ class SharedPromptPass:
     prompt pass once. The parameter gradients equal those of a prompt pass per micro-batch.
     """
 
-    def __init__(self, model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, attention: str, length: int):
+    def __init__(self, model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, attention: str, length: int,
+                 decoder_mode: str = "auto", checkpoint_layers: bool = False):
         device = next(model.parameters()).device
         prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device).long()
         unique, self.inverse = torch.unique(torch.cat([prompt_ids, prompt_mask], 1), dim=0, return_inverse=True)
         P = prompt_ids.shape[1]
         decoder = model.get_decoder()
-        with attention_for(decoder, attention, length, "learner"):
-            cache, last = _prompt_pass(decoder, unique[:, :P], unique[:, P:])
-        self.roots = [t for layer in cache.layers for t in (layer.keys, layer.values)] + [last]
+        with attention_for(decoder, attention, length, "learner") as kernel:
+            if uses_fast_decoder(decoder, decoder_mode):
+                lean = _LeanDecoder(decoder, use_sdpa=kernel != "eager", checkpoint_layers=checkpoint_layers)
+                kv, last = lean.prompt_pass(unique[:, :P], unique[:, P:])
+            else:
+                cache, last = _prompt_pass(decoder, unique[:, :P], unique[:, P:])
+                kv = [(layer.keys, layer.values) for layer in cache.layers]
+        self.roots = [t for pair in kv for t in pair] + [last]
         self.leaves = [r.detach().requires_grad_(r.requires_grad) for r in self.roots]
 
     def rows(self, rows: torch.Tensor) -> PromptStates:
@@ -248,6 +310,8 @@ def completion_logprobs(
     share_prompts: bool = True,
     attention: str = "auto",
     prompt_states: Optional[PromptStates] = None,
+    decoder_mode: str = "auto",
+    checkpoint_layers: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """log pi(o_t | q, o_<t) / temperature-scaled, for every completion token: two [n, T] tensors.
 
@@ -257,7 +321,8 @@ def completion_logprobs(
     device = next(model.parameters()).device
     n, T = completion_ids.shape
     hidden = _hidden_states(model, prompt_ids.to(device), prompt_mask.to(device), completion_ids.to(device),
-                            completion_mask.to(device), share_prompts, attention, prompt_states)
+                            completion_mask.to(device), share_prompts, attention, prompt_states, decoder_mode,
+                            checkpoint_layers)
     mask = completion_mask.to(device).bool()
     flat_hidden = hidden[mask]
     flat_targets = completion_ids.to(device)[mask]

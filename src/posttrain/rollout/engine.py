@@ -22,6 +22,8 @@ from typing import Optional, Sequence
 import torch
 
 from posttrain.models.attention import attention_for
+from posttrain.models.fast_decoder import StaticKV, decoder_forward
+from posttrain.models.logprobs import uses_fast_decoder
 from posttrain.rollout.batch import Rollouts
 from posttrain.tasks.base import Problem
 
@@ -91,10 +93,12 @@ def _sample(logits: torch.Tensor, generator: Optional[torch.Generator]) -> torch
 
 
 class HFRolloutEngine:
-    def __init__(self, policy, tokenizer, *, dtype: torch.dtype, chat_template: bool = True, attention: str = "auto"):
+    def __init__(self, policy, tokenizer, *, dtype: torch.dtype, chat_template: bool = True, attention: str = "auto",
+                 decoder: str = "auto"):
         self.tokenizer = tokenizer
         self.chat_template = chat_template
         self.attention = attention  # see posttrain.models.attention
+        self.decoder_mode = decoder  # auto: posttrain's lean decoder when supported (models.fast_decoder)
         self.dtype = dtype
         self.device = next(policy.parameters()).device
         param_dtype = next(policy.parameters()).dtype
@@ -163,9 +167,7 @@ class HFRolloutEngine:
             prompt_mask[i, P - len(ids):] = 1
         prompt_ids, prompt_mask = prompt_ids.to(self.device), prompt_mask.to(self.device)
 
-        from transformers import DynamicCache
-
-        cache = DynamicCache()
+        cache = self._new_cache(B if share_prefill else B * n, P + params.max_new_tokens)
         if share_prefill:
             logits = self._forward(prompt_ids, prompt_mask, cache)
             cache.batch_repeat_interleave(n)
@@ -238,8 +240,23 @@ class HFRolloutEngine:
             problems=[p for p in problems for _ in range(n)],
         )
 
+    def _new_cache(self, rows: int, capacity: int):
+        from transformers import DynamicCache
+
+        if not uses_fast_decoder(self.model.get_decoder(), self.decoder_mode):
+            return DynamicCache()
+        config = self.model.config
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        return _LeanCache(config.num_hidden_layers, rows, config.num_key_value_heads, capacity, head_dim,
+                          self.dtype, self.device)
+
     def _forward(self, input_ids, attention_mask, cache) -> torch.Tensor:
         position_ids = (attention_mask.cumsum(-1) - 1).clamp_min(0)[:, -input_ids.shape[1]:]
+        if isinstance(cache, _LeanCache):
+            hidden = decoder_forward(self.model.get_decoder(), input_ids, position_ids, attention_mask, cache,
+                                     use_sdpa=self.model.config._attn_implementation != "eager", last_only=True)
+            cache.advance(input_ids.shape[1])
+            return self.model.get_output_embeddings()(hidden)
         out = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -258,3 +275,13 @@ class HFRolloutEngine:
         text = self.tokenizer.decode(ids, skip_special_tokens=True)
         cut = min((text.find(s) for s in stops if s in text), default=-1)
         return text[:cut] if cut >= 0 else text
+
+
+class _LeanCache(StaticKV):
+    """``StaticKV`` with the two batch operations the sampling loop calls on a transformers cache."""
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self.select_rows(torch.arange(self.k.shape[1], device=self.k.device).repeat_interleave(repeats))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self.select_rows(indices)

@@ -133,7 +133,8 @@ class RLTrainer:
         if not self.eval_problems:
             raise ValueError("the task's test split is empty: nothing to evaluate on")
         self.engine = HFRolloutEngine(policy, tokenizer, dtype=resolve_dtype(cfg.rollout.dtype, self.device),
-                                      chat_template=cfg.rollout.chat_template, attention=cfg.model.attention)
+                                      chat_template=cfg.rollout.chat_template, attention=cfg.model.attention,
+                                      decoder=cfg.model.decoder)
         # Check every prompt fits the context before any work starts.
         self.engine.encode(self.sampler.problems + self.eval_problems, cfg.rollout.max_new_tokens)
         use_bf16 = tc.autocast == "bfloat16" or (tc.autocast == "auto" and self._bf16_ok())
@@ -223,7 +224,8 @@ class RLTrainer:
                 model, batch.prompt_ids, batch.prompt_mask, batch.completion_ids, batch.completion_mask,
                 temperature=self.cfg.rollout.temperature, chunk_tokens=self.cfg.trainer.logprob_chunk_tokens,
                 with_entropy=with_entropy, share_prompts=self.cfg.trainer.share_prompt_pass,
-                attention=self.cfg.model.attention, prompt_states=prompt_states,
+                attention=self.cfg.model.attention, prompt_states=prompt_states, decoder_mode=self.cfg.model.decoder,
+                checkpoint_layers=self.cfg.trainer.activation_checkpointing and torch.is_grad_enabled(),
             )
 
     def _values(self, batch: Rollouts) -> torch.Tensor:
@@ -352,7 +354,8 @@ class RLTrainer:
                 if tc.share_prompt_pass and share_prompts_across_micro_batches(mini, tc.micro_batch_size):
                     with self.learner_autocast():
                         shared = SharedPromptPass(self.learner, mini.prompt_ids, mini.prompt_mask,
-                                                  cfg.model.attention, mini.prompt_ids.shape[1] + mini.completion_ids.shape[1])
+                                                  cfg.model.attention, mini.prompt_ids.shape[1] + mini.completion_ids.shape[1],
+                                                  cfg.model.decoder, tc.activation_checkpointing)
                 for rows in length_buckets(mini, tc.micro_batch_size, tc.micro_batch_tokens):
                     micro = _trim(mini.select(rows), trim_prompt=shared is None)
                     loss, parts = self._micro_loss(micro, loss_fn, counts_kw, record,

@@ -182,14 +182,17 @@ def _install_kill_hooks(trainer: RLTrainer) -> None:
             finally:
                 forwards[0] = -1
 
-        def pre_forward(module, args):
-            if forwards[0] >= 0 and not module.training:  # generation runs in eval mode
+        engine_forward = trainer.engine._forward
+
+        def counting_forward(*args, **kwargs):
+            if forwards[0] >= 0:
                 forwards[0] += 1
                 if forwards[0] == 2:
                     maybe_kill("generation", trainer.step + 1)
+            return engine_forward(*args, **kwargs)
 
         trainer.train_step = counting_train_step
-        trainer.engine.model.register_forward_pre_hook(pre_forward)
+        trainer.engine._forward = counting_forward
 
 
 def _peak_rss_mb() -> float:

@@ -130,8 +130,8 @@ class TrainerConfig:
     autocast: Literal["auto", "bfloat16", "none"] = "auto"  # learner compute dtype
     logprob_chunk_tokens: int = 256  # rows of [rows, vocab] fp32 logits alive at once (256 x 49k: 50 MB)
     share_prompt_pass: bool = True  # learner runs each group's prompt once (exact; fewer FLOPs)
-    # recompute each decoder layer in the backward: less activation memory, ~+25% learner time
-    # (lean decoder only, see model.decoder)
+    # recompute each decoder layer in the backward (lean decoder only, see model.decoder): for
+    # SmolLM2-135M on 2 cores, peak RSS 4.5 -> 3.9 GB for ~45% more learner time
     activation_checkpointing: bool = False
     seed: int = 0
     eval_every: int = 0  # 0: only before and after training

@@ -222,3 +222,40 @@ def test_prompt_pass_is_shared_across_micro_batches_only_when_it_pays():
     assert not share_prompts_across_micro_batches(batch(64, 1), micro_batch_size=16)  # nothing repeats
     # 40 distinct prompts x 10 tokens > one micro-batch of 4 x 16 tokens: per-micro-batch passes bound memory
     assert not share_prompts_across_micro_batches(batch(40, 2), micro_batch_size=4)
+
+
+def _trainer(tmp_path, overrides):
+    import tempfile
+    from pathlib import Path
+
+    from posttrain.models.loading import load_model_and_tokenizer
+    from posttrain.rewards.registry import build_reward
+    from posttrain.runs import RunDir
+    from posttrain.tasks.registry import build_task
+    from posttrain.trainers.rl import RLTrainer
+
+    cfg = load_config(None, LEARNABLE + overrides)
+    model, tok = load_model_and_tokenizer(cfg.model.name)
+    return RLTrainer(cfg, model, tok, build_task(cfg.task), build_reward(cfg.reward, tokenizer=tok),
+                     RunDir(Path(tempfile.mkdtemp(dir=tmp_path)) / "r"))
+
+
+def test_activation_checkpointing_gives_the_same_gradients(tmp_path):
+    """Same rollouts through update() with and without per-layer recomputation: equal gradients."""
+    common = ["trainer.micro_batch_size=16", "trainer.max_grad_norm=1e9", "trainer.autocast=none",
+              "rollout.dtype=float32"]
+    plain = _trainer(tmp_path, common)
+    rollouts = {}
+    update = plain.update
+    plain.update = lambda r: (rollouts.setdefault("r", r), update(r))[1]
+    plain.train_step()
+    grads = [p.grad.clone() for p in plain.policy.parameters()]
+    ckpt = _trainer(tmp_path, common + ["trainer.activation_checkpointing=true"])
+    ckpt.update(rollouts["r"])
+    for g, p in zip(grads, ckpt.policy.parameters(), strict=True):
+        assert torch.allclose(p.grad, g, atol=1e-6, rtol=1e-5)
+
+
+def test_activation_checkpointing_needs_the_lean_decoder(tmp_path):
+    with pytest.raises(ValueError, match="activation_checkpointing needs posttrain's lean decoder.*model.decoder=hf"):
+        _trainer(tmp_path, ["model.decoder=hf", "trainer.activation_checkpointing=true"])

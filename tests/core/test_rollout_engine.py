@@ -147,3 +147,18 @@ def test_inverse_cdf_sampler_matches_the_distribution():
     freq = torch.bincount(draws, minlength=4).float() / len(draws)
     assert freq[1] == 0
     assert torch.allclose(freq, torch.tensor([0.5, 0.0, 0.3, 0.2]), atol=0.015)
+
+
+def test_low_precision_copy_casts_every_weight_and_keeps_tied_ones_tied():
+    from posttrain.models.tiny import tiny_model_and_tokenizer
+    from posttrain.rollout.engine import low_precision_copy
+
+    model, _ = tiny_model_and_tokenizer()
+    model.lm_head.weight = model.model.embed_tokens.weight  # tie, as SmolLM2 does
+    copy = low_precision_copy(model, torch.bfloat16)
+    assert copy.lm_head.weight is copy.model.embed_tokens.weight
+    assert all(p.dtype == torch.bfloat16 for p in copy.parameters())
+    for (name, a), (_, b) in zip(model.named_parameters(), copy.named_parameters(), strict=True):
+        assert torch.equal(b, a.detach().to(torch.bfloat16)), name
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # the original is untouched
+    assert copy.model.embed_tokens.weight.data_ptr() != model.model.embed_tokens.weight.data_ptr()

@@ -27,9 +27,9 @@ class ValueModel(torch.nn.Module):
         return self.decoder
 
     def forward(self, prompt_ids, prompt_mask, completion_ids, completion_mask, share_prompts: bool = True,
-                attention: str = "auto"):
+                attention: str = "auto", decoder_mode: str = "auto"):
         """Values [n, T] (0 on padding)."""
         device = self.head.weight.device
         hidden = _hidden_states(self, prompt_ids.to(device), prompt_mask.to(device), completion_ids.to(device),
-                                completion_mask.to(device), share_prompts, attention)
+                                completion_mask.to(device), share_prompts, attention, decoder_mode=decoder_mode)
         return self.head(hidden).squeeze(-1).float() * completion_mask.to(device)

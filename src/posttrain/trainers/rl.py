@@ -49,7 +49,8 @@ from posttrain.algorithms.regularizers import AdaptiveEntropyController, Adaptiv
 from posttrain.config import RLConfig, to_dict
 from posttrain.evaluation.runner import correct_flags
 from posttrain.algorithms.advantages_token import gae_returns, value_loss
-from posttrain.models.logprobs import SharedPromptPass, completion_logprobs
+from posttrain.models import fast_decoder
+from posttrain.models.logprobs import SharedPromptPass, completion_logprobs, uses_fast_decoder
 from posttrain.models.value import ValueModel
 from posttrain.rewards.errors import score_group
 from posttrain.rollout.batch import Rollouts
@@ -137,6 +138,10 @@ class RLTrainer:
                                       decoder=cfg.model.decoder)
         # Check every prompt fits the context before any work starts.
         self.engine.encode(self.sampler.problems + self.eval_problems, cfg.rollout.max_new_tokens)
+        if tc.activation_checkpointing and not uses_fast_decoder(policy.get_decoder(), cfg.model.decoder):
+            why = "model.decoder=hf" if cfg.model.decoder == "hf" else fast_decoder.unsupported_reason(policy.get_decoder())
+            raise ValueError(f"trainer.activation_checkpointing needs posttrain's lean decoder (model.decoder=auto and a "
+                             f"Llama/Qwen2-architecture model), but here: {why}. Set it to false.")
         use_bf16 = tc.autocast == "bfloat16" or (tc.autocast == "auto" and self._bf16_ok())
         self.learner_dtype = torch.bfloat16 if use_bf16 else torch.float32
         self.autocast = (lambda: torch.autocast(self.device.type, dtype=torch.bfloat16)) if use_bf16 else nullcontext
@@ -231,7 +236,8 @@ class RLTrainer:
     def _values(self, batch: Rollouts) -> torch.Tensor:
         with self.autocast():
             return self.critic(batch.prompt_ids, batch.prompt_mask, batch.completion_ids, batch.completion_mask,
-                               share_prompts=self.cfg.trainer.share_prompt_pass, attention=self.cfg.model.attention)
+                               share_prompts=self.cfg.trainer.share_prompt_pass, attention=self.cfg.model.attention,
+                               decoder_mode=self.cfg.model.decoder)
 
     def _no_grad_pass(self, rollouts: Rollouts, fn: Callable[[Rollouts], torch.Tensor]) -> torch.Tensor:
         """[N, T] from ``fn`` run per length bucket on padding-trimmed rows, zero-padded, in row order."""

@@ -233,3 +233,32 @@ def test_bad_decoder_mode_is_refused():
 
     with pytest.raises(ValueError, match="decoder must be one of"):
         uses_fast_decoder(_gqa_model().get_decoder(), "fast")
+
+
+def test_qwen2_with_attention_biases_matches_transformers():
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    config = Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                         attn_implementation="eager")
+    model = Qwen2ForCausalLM(config).eval()
+    decoder = model.get_decoder()
+    assert decoder.layers[0].self_attn.q_proj.bias is not None and fd.unsupported_reason(decoder) is None
+    for layer in decoder.layers:  # non-zero biases, so a dropped bias would show
+        for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+            torch.nn.init.normal_(proj.bias, std=0.5)
+    ids, mask, pos = _batch()
+    valid = mask.bool()[..., None]
+    ref = decoder(input_ids=ids, attention_mask=mask, position_ids=pos).last_hidden_state
+    weights = torch.randn(*ids.shape, 32, generator=torch.Generator().manual_seed(2))
+    (ref * weights * valid).sum().backward()
+    ref_grads = _grads(model)
+    model.zero_grad()
+    out = fd.decoder_forward(decoder, ids, pos, mask)
+    assert torch.allclose(out * valid, ref * valid, atol=1e-5)
+    (out * weights * valid).sum().backward()
+    grads = _grads(model)
+    assert "model.layers.0.self_attn.q_proj.bias" in grads
+    for name, g in grads.items():  # fp32 rounding differs (transformers' RMSNorm), relative to the scale
+        assert torch.allclose(g, ref_grads[name], atol=1e-4 * ref_grads[name].abs().max().item()), name

@@ -65,11 +65,6 @@ def supports(decoder) -> bool:
 
 
 # ------------------------------------------------------------------------ autograd functions
-def _wide(t: torch.Tensor) -> torch.Tensor:
-    """At least fp32 (fp64 stays fp64, for exact tests)."""
-    return t.to(torch.promote_types(t.dtype, torch.float32))
-
-
 def compute_dtype(t: torch.Tensor) -> torch.dtype:
     """The dtype a matmul on ``t`` runs in here: autocast's when it is on, else ``t``'s own."""
     device = t.device.type
@@ -197,9 +192,6 @@ class KVStore:
     def attend(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 
-    def prefix_length(self) -> int:
-        return 0
-
 
 class PrefixKV(KVStore):
     """Attend to a fixed per-layer prefix (e.g. shared prompt keys/values) plus the new tokens.
@@ -219,9 +211,6 @@ class PrefixKV(KVStore):
             return k, v
         pk, pv = self.prefix[layer]
         return torch.cat([pk, k], 2), torch.cat([pv, v], 2)
-
-    def prefix_length(self) -> int:
-        return self.prefix[0][0].shape[2] if self.prefix else 0
 
 
 class StaticKV(KVStore):
@@ -243,9 +232,6 @@ class StaticKV(KVStore):
         self.k[layer, :, :, self.length:end] = k
         self.v[layer, :, :, self.length:end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
-
-    def prefix_length(self) -> int:
-        return self.length
 
     def advance(self, steps: int) -> None:
         self.length += steps

@@ -145,43 +145,57 @@ def _hidden_states(model, prompt_ids, prompt_mask, completion_ids, completion_ma
     supplies that prompt pass from outside, shared across micro-batches.
     """
     decoder = model.get_decoder()
-    fast = uses_fast_decoder(decoder, decoder_mode)
     prompt_mask, completion_mask = prompt_mask.long(), completion_mask.long()
     with attention_for(decoder, attention, prompt_ids.shape[1] + completion_ids.shape[1], "learner") as kernel:
-        if fast:
-            lean = _LeanDecoder(decoder, use_sdpa=kernel != "eager", checkpoint_layers=checkpoint_layers)
-            if prompt_states is not None:
-                return lean.completion_pass(prompt_states.kv, prompt_states.last, prompt_mask, completion_ids,
-                                            completion_mask)
-            return lean.states(prompt_ids, prompt_mask, completion_ids, completion_mask, share_prompts)
+        passes = _DecoderPasses(decoder, uses_fast_decoder(decoder, decoder_mode), kernel, checkpoint_layers)
         if prompt_states is not None:
-            return _completion_pass(decoder, prompt_states.cache(), prompt_states.last, prompt_mask,
-                                    completion_ids, completion_mask)
-        return _decoder_states(decoder, prompt_ids, prompt_mask, completion_ids, completion_mask, share_prompts)
+            return passes.completion_pass(prompt_states.kv, prompt_states.last, prompt_mask, completion_ids,
+                                          completion_mask)
+        return passes.states(prompt_ids, prompt_mask, completion_ids, completion_mask, share_prompts)
 
 
-class _LeanDecoder:
-    """The learner's passes on ``fast_decoder``: the same three cases as the transformers path."""
+class _DecoderPasses:
+    """The learner's three decoder passes, on posttrain's lean decoder or on transformers' forward.
 
-    def __init__(self, decoder, use_sdpa: bool, checkpoint_layers: bool):
-        self.decoder, self.options = decoder, dict(use_sdpa=use_sdpa, checkpoint_layers=checkpoint_layers)
+    Keys/values travel as a per-layer list of (K, V) [rows, KV heads, length, head dim] on both
+    backends; transformers' forward receives them as a ``DynamicCache``.
+    """
+
+    def __init__(self, decoder, lean: bool, kernel: str, checkpoint_layers: bool):
+        self.decoder, self.lean = decoder, lean
+        self.options = dict(use_sdpa=kernel != "eager", checkpoint_layers=checkpoint_layers)
+
+    def _forward(self, input_ids, positions, key_mask, prefix=None, record: bool = False):
+        """(hidden states, the inputs' per-layer keys/values when ``record``) after ``prefix``."""
+        if self.lean:
+            kv = fast_decoder.PrefixKV(prefix, record=record)
+            return fast_decoder.decoder_forward(self.decoder, input_ids, positions, key_mask, kv, **self.options), \
+                kv.recorded
+        from transformers import DynamicCache
+
+        cache = None
+        if prefix is not None or record:
+            cache = DynamicCache()
+            for layer, (k, v) in enumerate(prefix or []):
+                cache.update(k, v, layer)
+        hidden = self.decoder(input_ids=input_ids, attention_mask=key_mask, position_ids=positions,
+                              past_key_values=cache, use_cache=cache is not None).last_hidden_state
+        return hidden, [(layer.keys, layer.values) for layer in cache.layers] if record else None
 
     def prompt_pass(self, prompt_ids, prompt_mask):
         """(per-layer keys/values, last hidden state) of left-padded prompts."""
-        kv = fast_decoder.PrefixKV(record=True)
-        hidden = fast_decoder.decoder_forward(self.decoder, prompt_ids, (prompt_mask.cumsum(-1) - 1).clamp_min(0),
-                                              prompt_mask, kv, **self.options)
-        return kv.recorded, hidden[:, -1]
+        hidden, kv = self._forward(prompt_ids, (prompt_mask.cumsum(-1) - 1).clamp_min(0), prompt_mask, record=True)
+        return kv, hidden[:, -1]
 
     def completion_pass(self, prefix, last_prompt_state, prompt_mask, completion_ids, completion_mask):
+        """States predicting each completion token, given the prompts' keys/values (one row per sample)."""
         T = completion_ids.shape[1]
         first = last_prompt_state[:, None]  # predicts the first completion token
         if T == 1:
             return first
         positions = prompt_mask.sum(-1, keepdim=True) + torch.arange(T - 1, device=completion_ids.device)[None]
         keys = torch.cat([prompt_mask, completion_mask[:, : T - 1]], 1)
-        rest = fast_decoder.decoder_forward(self.decoder, completion_ids[:, : T - 1], positions, keys,
-                                            fast_decoder.PrefixKV(prefix), **self.options)
+        rest, _ = self._forward(completion_ids[:, : T - 1], positions, keys, prefix)
         return torch.cat([first, rest], 1)
 
     def states(self, prompt_ids, prompt_mask, completion_ids, completion_mask, share_prompts: bool):
@@ -189,57 +203,15 @@ class _LeanDecoder:
         T = completion_ids.shape[1]
         unique, inverse = torch.unique(torch.cat([prompt_ids, prompt_mask], 1), dim=0, return_inverse=True)
         if not share_prompts or unique.shape[0] == n:
-            # The last completion token predicts nothing, so it is not an input.
+            # The last completion token predicts nothing, so it is not an input. Right padding
+            # of completions stays masked; positions count real tokens only.
             inputs = torch.cat([prompt_ids, completion_ids[:, : T - 1]], 1)
             keys = torch.cat([prompt_mask, completion_mask[:, : T - 1]], 1)
-            hidden = fast_decoder.decoder_forward(self.decoder, inputs, (keys.cumsum(-1) - 1).clamp_min(0), keys,
-                                                  **self.options)
+            hidden, _ = self._forward(inputs, (keys.cumsum(-1) - 1).clamp_min(0), keys)
             return hidden[:, P - 1:]
         kv, last = self.prompt_pass(unique[:, :P], unique[:, P:])
         prefix = [(k[inverse], v[inverse]) for k, v in kv]
         return self.completion_pass(prefix, last[inverse], prompt_mask, completion_ids, completion_mask)
-
-
-def _prompt_pass(decoder, prompt_ids, prompt_mask):
-    """(KV cache, last hidden state) of left-padded prompts."""
-    from transformers import DynamicCache
-
-    cache = DynamicCache()
-    out = decoder(input_ids=prompt_ids, attention_mask=prompt_mask,
-                  position_ids=(prompt_mask.cumsum(-1) - 1).clamp_min(0), past_key_values=cache, use_cache=True)
-    return cache, out.last_hidden_state[:, -1]
-
-
-def _completion_pass(decoder, cache, last_prompt_state, prompt_mask, completion_ids, completion_mask):
-    """States predicting each completion token, given the prompts' cache (one row per sample)."""
-    T = completion_ids.shape[1]
-    first = last_prompt_state[:, None]  # predicts the first completion token
-    if T == 1:
-        return first
-    positions = prompt_mask.sum(-1, keepdim=True) + torch.arange(T - 1, device=completion_ids.device)[None]
-    attention = torch.cat([prompt_mask, completion_mask[:, : T - 1]], 1)
-    rest = decoder(input_ids=completion_ids[:, : T - 1], attention_mask=attention, position_ids=positions,
-                   past_key_values=cache, use_cache=True).last_hidden_state
-    return torch.cat([first, rest], 1)
-
-
-def _decoder_states(decoder, prompt_ids, prompt_mask, completion_ids, completion_mask, share_prompts: bool):
-    n, P = prompt_ids.shape
-    T = completion_ids.shape[1]
-    prompt_mask = prompt_mask.long()
-    completion_mask = completion_mask.long()
-    keys = torch.cat([prompt_ids, prompt_mask], 1)
-    unique, inverse = torch.unique(keys, dim=0, return_inverse=True)
-    if not share_prompts or unique.shape[0] == n:
-        input_ids = torch.cat([prompt_ids, completion_ids], 1)
-        attention = torch.cat([prompt_mask, completion_mask], 1)
-        # Right padding of completions stays masked; positions count real tokens only.
-        position_ids = (attention.cumsum(-1) - 1).clamp_min(0)
-        hidden = decoder(input_ids=input_ids, attention_mask=attention, position_ids=position_ids).last_hidden_state
-        return hidden[:, P - 1 : P + T - 1]
-    cache, last = _prompt_pass(decoder, unique[:, :P], unique[:, P:])
-    cache.batch_select_indices(inverse)
-    return _completion_pass(decoder, cache, last[inverse], prompt_mask, completion_ids, completion_mask)
 
 
 class PromptStates:
@@ -247,14 +219,6 @@ class PromptStates:
 
     def __init__(self, kv: list[tuple[torch.Tensor, torch.Tensor]], last: torch.Tensor):
         self.kv, self.last = kv, last
-
-    def cache(self):
-        from transformers import DynamicCache
-
-        cache = DynamicCache()
-        for layer, (k, v) in enumerate(self.kv):
-            cache.update(k, v, layer)
-        return cache
 
 
 class SharedPromptPass:
@@ -276,12 +240,8 @@ class SharedPromptPass:
         P = prompt_ids.shape[1]
         decoder = model.get_decoder()
         with attention_for(decoder, attention, length, "learner") as kernel:
-            if uses_fast_decoder(decoder, decoder_mode):
-                lean = _LeanDecoder(decoder, use_sdpa=kernel != "eager", checkpoint_layers=checkpoint_layers)
-                kv, last = lean.prompt_pass(unique[:, :P], unique[:, P:])
-            else:
-                cache, last = _prompt_pass(decoder, unique[:, :P], unique[:, P:])
-                kv = [(layer.keys, layer.values) for layer in cache.layers]
+            passes = _DecoderPasses(decoder, uses_fast_decoder(decoder, decoder_mode), kernel, checkpoint_layers)
+            kv, last = passes.prompt_pass(unique[:, :P], unique[:, P:])
         self.roots = [t for pair in kv for t in pair] + [last]
         self.leaves = [r.detach().requires_grad_(r.requires_grad) for r in self.roots]
 

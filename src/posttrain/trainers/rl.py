@@ -230,7 +230,7 @@ class RLTrainer:
                 temperature=self.cfg.rollout.temperature, chunk_tokens=self.cfg.trainer.logprob_chunk_tokens,
                 with_entropy=with_entropy, share_prompts=self.cfg.trainer.share_prompt_pass,
                 attention=self.cfg.model.attention, prompt_states=prompt_states, decoder_mode=self.cfg.model.decoder,
-                checkpoint_layers=self.cfg.trainer.activation_checkpointing and torch.is_grad_enabled(),
+                checkpoint_layers=self.cfg.trainer.activation_checkpointing,  # a no-op under no_grad
             )
 
     def _values(self, batch: Rollouts) -> torch.Tensor:

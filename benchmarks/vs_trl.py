@@ -277,7 +277,9 @@ def table(results: dict) -> str:
                  f"({g['posttrain_tok_per_s'] / g['hf_generate_tok_per_s']:.2f}x). transformers generate with the "
                  f"eager attention posttrain uses on CPU: {g['hf_generate_eager_tok_per_s']:.0f} tok/s "
                  f"({g['posttrain_tok_per_s'] / g['hf_generate_eager_tok_per_s']:.2f}x).")
-    lines.append(f"Allocator for every process (posttrain, TRL, generate): {results['allocator']}.")
+    lines.append(f"Allocator for every process (posttrain, TRL, generate): {results['allocator']}; oneDNN primitive "
+                 f"cache capacity: {results.get('onednn_cache', 'default')} (importing posttrain sets it, so TRL's "
+                 f"worker runs with it too).")
     lines.append(f"Matmul peak (2048x2048, all threads, best of 6), measured by the driver / posttrain worker / TRL "
                  f"worker: {results['peak_bf16_gflops']:.0f} / {p['matmul_peak_gflops']:.0f} / "
                  f"{t['matmul_peak_gflops']:.0f} GFLOP/s bf16 ({results['peak_fp32_gflops']:.0f} fp32); MFU uses "
@@ -328,6 +330,7 @@ def main() -> int:
         "max_new_tokens": args.max_new_tokens,
         "prompts": PROMPTS, "completions": COMPLETIONS, "steps": args.steps, "warmup": args.warmup,
         "allocator": "tcmalloc" if ALLOCATOR["library"] else "system (glibc)",
+        "onednn_cache": os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"],
     }
     for name in args.only or ["generate", "posttrain", "trl"]:
         results[name] = run_worker(name, argv)

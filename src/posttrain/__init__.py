@@ -1,3 +1,11 @@
 """posttrain: RL post-training of language models, small and readable, from a laptop CPU up."""
 
+import os as _os
+
+# oneDNN, torch's CPU matmul library, keeps a compiled kernel per matmul shape (1024 by default).
+# RL batches have ragged shapes (each micro-batch's token count is new), so the cache fills with
+# one-off kernels: ~260 MB of resident memory in a SmolLM2-135M run, for no speed. 128 keeps the
+# sampler's recurring shapes. oneDNN reads the variable at its first matmul; set it to override.
+_os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "128")
+
 __version__ = "0.1.0"

@@ -148,6 +148,58 @@ def test_prefix_and_static_caches_equal_the_full_pass():
         fd.decoder_forward(decoder, ids[keep, :1], pos[keep, :1], mask[keep, :8].repeat(1, 1), cache)
 
 
+def test_packing_by_hand():
+    packing = fd.Packing(torch.tensor([[0, 1, 1], [1, 0, 0]], dtype=torch.bool))
+    assert packing.index.tolist() == [1, 2, 3]
+    grid = torch.arange(6.0).view(2, 3, 1)
+    assert packing.pack(grid).flatten().tolist() == [1.0, 2.0, 3.0]
+    assert packing.unpack(torch.tensor([[7.0], [8.0], [9.0]])).flatten().tolist() == [0, 7, 8, 9, 0, 0]
+
+
+@pytest.mark.parametrize("use_sdpa, checkpoint_layers", [(False, False), (True, False), (False, True)])
+def test_packed_tokens_give_the_padded_results_at_the_computed_positions(use_sdpa, checkpoint_layers):
+    """Skipping left/right padding (``tokens``) changes nothing at the real positions, values or grads."""
+    model = _gqa_model()
+    decoder = model.get_decoder()
+    ids, mask, pos = _batch()
+    valid = mask.bool()[..., None]
+    weights = torch.randn(*ids.shape, 32, generator=torch.Generator().manual_seed(2))
+    results = []
+    for tokens in (None, mask):
+        model.zero_grad()
+        out = fd.decoder_forward(decoder, ids, pos, mask, use_sdpa=use_sdpa, checkpoint_layers=checkpoint_layers,
+                                 tokens=tokens)
+        (out * weights * valid).sum().backward()
+        results.append((out.detach(), _grads(model)))
+    (full, full_grads), (packed, packed_grads) = results
+    assert torch.allclose(packed * valid, full * valid, atol=1e-5)
+    assert torch.count_nonzero(packed * ~valid) == 0  # skipped positions are zeros, not computed
+    for name, g in packed_grads.items():
+        assert torch.allclose(g, full_grads[name], atol=1e-5, rtol=1e-4), name
+
+
+@pytest.mark.parametrize("one_prompt", [False, True])  # True: the shared prompt pass
+def test_empty_and_one_token_completions_on_the_packed_path_equal_transformers(one_prompt):
+    model = _gqa_model()
+    g = torch.Generator().manual_seed(4)
+    prompts = torch.randint(0, 64, (3, 4), generator=g)
+    prompt_mask = torch.ones_like(prompts)
+    prompt_mask[1, 0] = 0
+    if one_prompt:
+        prompts, prompt_mask = prompts[:1].repeat(3, 1), prompt_mask[1:2].repeat(3, 1)
+    completions = torch.randint(0, 64, (3, 5), generator=g)
+    completion_mask = (torch.arange(5)[None] < torch.tensor([[0], [1], [4]])).float()
+    results = []
+    for mode in ("hf", "auto"):
+        model.zero_grad()
+        lp, _ = completion_logprobs(model, prompts, prompt_mask, completions, completion_mask, decoder_mode=mode)
+        lp.sum().backward()
+        results.append((lp.detach(), torch.cat([p.grad.flatten() for p in model.parameters()])))
+    assert torch.count_nonzero(results[1][0][0]) == 0 and torch.count_nonzero(results[1][0][1]) == 1
+    for a, b in zip(*results):
+        assert torch.allclose(a, b, atol=1e-5)
+
+
 def test_bf16_autocast_gives_fp32_gradients_close_to_transformers():
     model = _gqa_model()
     decoder = model.get_decoder()

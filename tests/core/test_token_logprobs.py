@@ -106,3 +106,12 @@ def test_logits_are_saved_only_when_a_gradient_is_needed_and_they_fit(monkeypatc
     monkeypatch.setattr(logprobs_module, "SAVED_LOGITS_MAX_BYTES", 6 * 10 * 8 - 1)
     lp, _ = TokenLogProbs.apply(hidden, w, None, targets, 1.0, 4, False)
     assert lp.grad_fn.saved_tensors[-1] is None
+
+
+def test_the_saved_logits_buffer_takes_the_logit_gradient_so_a_second_backward_refuses():
+    hidden, weight, _, targets = inputs(6, M=6, H=4, V=10)
+    w = weight.clone().requires_grad_()
+    lp, _ = TokenLogProbs.apply(hidden, w, None, targets, 1.0, 4, False)
+    lp.sum().backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        lp.sum().backward()

@@ -100,14 +100,23 @@ class TokenLogProbs(torch.autograd.Function):
                 else:
                     dz = z.exp_().mul_(-g)
                 dz.scatter_add_(1, targets[s : s + rows, None], g)
-                dz_low = dz.to(h.dtype)
-                if need_h:
+                if saved is not None:  # the logits are read: their buffer takes dz for one dW matmul
+                    dz_low = saved[s : s + rows]
+                    dz_low.copy_(dz)
+                else:
+                    dz_low = dz.to(h.dtype)
+                if need_h and saved is None:
                     grad_h[s : s + rows] = dz_low @ w
-                if need_w:
+                if need_w and saved is None:
                     part = dz_low.t() @ hs
                     grad_w = part.to(torch.promote_types(part.dtype, torch.float32)) if grad_w is None else grad_w.add_(part)
                 if need_b:
                     grad_b.add_(dz.sum(0))
+            if saved is not None and M:  # one matmul each over all rows (no fp32 [V, H] accumulator)
+                if need_h:
+                    torch.mm(saved, w, out=grad_h)
+                if need_w:
+                    grad_w = saved.t() @ h
         if need_h:
             grad_h = grad_h.to(ctx.hidden_dtype)
             if temperature != 1.0:
@@ -165,12 +174,16 @@ class _DecoderPasses:
         self.decoder, self.lean = decoder, lean
         self.options = dict(use_sdpa=kernel != "eager", checkpoint_layers=checkpoint_layers)
 
-    def _forward(self, input_ids, positions, key_mask, prefix=None, record: bool = False):
-        """(hidden states, the inputs' per-layer keys/values when ``record``) after ``prefix``."""
+    def _forward(self, input_ids, positions, key_mask, tokens, prefix=None, record: bool = False):
+        """(hidden states, the inputs' per-layer keys/values when ``record``) after ``prefix``.
+
+        Only the states at ``tokens`` are needed (and nothing needed attends to the others): the
+        lean decoder skips the rest; transformers' forward computes them too.
+        """
         if self.lean:
             kv = fast_decoder.PrefixKV(prefix, record=record)
-            return fast_decoder.decoder_forward(self.decoder, input_ids, positions, key_mask, kv, **self.options), \
-                kv.recorded
+            return fast_decoder.decoder_forward(self.decoder, input_ids, positions, key_mask, kv, tokens=tokens,
+                                                **self.options), kv.recorded
         from transformers import DynamicCache
 
         cache = None
@@ -184,7 +197,8 @@ class _DecoderPasses:
 
     def prompt_pass(self, prompt_ids, prompt_mask):
         """(per-layer keys/values, last hidden state) of left-padded prompts."""
-        hidden, kv = self._forward(prompt_ids, (prompt_mask.cumsum(-1) - 1).clamp_min(0), prompt_mask, record=True)
+        hidden, kv = self._forward(prompt_ids, (prompt_mask.cumsum(-1) - 1).clamp_min(0), prompt_mask, prompt_mask,
+                                   record=True)
         return kv, hidden[:, -1]
 
     def completion_pass(self, prefix, last_prompt_state, prompt_mask, completion_ids, completion_mask):
@@ -195,7 +209,8 @@ class _DecoderPasses:
             return first
         positions = prompt_mask.sum(-1, keepdim=True) + torch.arange(T - 1, device=completion_ids.device)[None]
         keys = torch.cat([prompt_mask, completion_mask[:, : T - 1]], 1)
-        rest, _ = self._forward(completion_ids[:, : T - 1], positions, keys, prefix)
+        # input j predicts token j + 1: needed while that token is real
+        rest, _ = self._forward(completion_ids[:, : T - 1], positions, keys, completion_mask[:, 1:], prefix)
         return torch.cat([first, rest], 1)
 
     def states(self, prompt_ids, prompt_mask, completion_ids, completion_mask, share_prompts: bool):
@@ -207,7 +222,8 @@ class _DecoderPasses:
             # of completions stays masked; positions count real tokens only.
             inputs = torch.cat([prompt_ids, completion_ids[:, : T - 1]], 1)
             keys = torch.cat([prompt_mask, completion_mask[:, : T - 1]], 1)
-            hidden, _ = self._forward(inputs, (keys.cumsum(-1) - 1).clamp_min(0), keys)
+            hidden, _ = self._forward(inputs, (keys.cumsum(-1) - 1).clamp_min(0), keys,
+                                      torch.cat([prompt_mask, completion_mask[:, 1:]], 1))
             return hidden[:, P - 1:]
         kv, last = self.prompt_pass(unique[:, :P], unique[:, P:])
         prefix = [(k[inverse], v[inverse]) for k, v in kv]
@@ -230,17 +246,21 @@ class SharedPromptPass:
     copies of the prompt keys/values and last state, so its backward stops at the leaves and
     leaves their gradient there; ``backward()`` then sends the summed gradient through the
     prompt pass once. The parameter gradients equal those of a prompt pass per micro-batch.
+
+    On the lean decoder the prompt pass checkpoints its layers: its activations would otherwise
+    stay alive through every micro-batch (~150 MB for 8 prompts of 44 tokens on SmolLM2-135M),
+    and recomputing them costs one prompt forward, a few percent of the update.
     """
 
     def __init__(self, model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, attention: str, length: int,
-                 decoder_mode: str = "auto", checkpoint_layers: bool = False):
+                 decoder_mode: str = "auto"):
         device = next(model.parameters()).device
         prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device).long()
         unique, self.inverse = torch.unique(torch.cat([prompt_ids, prompt_mask], 1), dim=0, return_inverse=True)
         P = prompt_ids.shape[1]
         decoder = model.get_decoder()
         with attention_for(decoder, attention, length, "learner") as kernel:
-            passes = _DecoderPasses(decoder, uses_fast_decoder(decoder, decoder_mode), kernel, checkpoint_layers)
+            passes = _DecoderPasses(decoder, uses_fast_decoder(decoder, decoder_mode), kernel, checkpoint_layers=True)
             kv, last = passes.prompt_pass(unique[:, :P], unique[:, P:])
         self.roots = [t for pair in kv for t in pair] + [last]
         self.leaves = [r.detach().requires_grad_(r.requires_grad) for r in self.roots]

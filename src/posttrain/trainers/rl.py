@@ -361,8 +361,10 @@ class RLTrainer:
                     with self.learner_autocast():
                         shared = SharedPromptPass(self.learner, mini.prompt_ids, mini.prompt_mask,
                                                   cfg.model.attention, mini.prompt_ids.shape[1] + mini.completion_ids.shape[1],
-                                                  cfg.model.decoder, tc.activation_checkpointing)
-                for rows in length_buckets(mini, tc.micro_batch_size, tc.micro_batch_tokens):
+                                                  cfg.model.decoder)
+                # Longest first: its activations are freed while the fp32 gradients are first
+                # allocated, so the two do not stack at the memory peak.
+                for rows in reversed(length_buckets(mini, tc.micro_batch_size, tc.micro_batch_tokens)):
                     micro = _trim(mini.select(rows), trim_prompt=shared is None)
                     loss, parts = self._micro_loss(micro, loss_fn, counts_kw, record,
                                                    shared.rows(rows) if shared is not None else None)

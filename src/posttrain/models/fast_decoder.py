@@ -20,7 +20,9 @@ Three autograd functions keep only what their backward needs:
 Per token and layer of SmolLM2-135M this keeps about 17 KB of bf16 activations where the
 transformers layer keeps about 28 KB. Keys and values go through a small protocol (``KVStore.attend``) so one
 layer function serves the learner (optionally with a prompt prefix computed once for many
-rows) and the sampler (static pre-allocated cache, no ``torch.cat`` per step).
+rows) and the sampler (static pre-allocated cache, no ``torch.cat`` per step). Given the
+positions that matter (``tokens``), the token-wise work runs on the real tokens only and
+attention alone sees the padded grid (``Packing``).
 """
 
 from __future__ import annotations

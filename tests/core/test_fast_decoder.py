@@ -33,6 +33,18 @@ def _grads(model):
     return {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
 
 
+def _states_and_grads(model, forward):
+    """(states, parameter gradients) of ``forward(decoder, ids, pos, mask)`` on ``_batch()``, with the
+    loss a fixed random weighting of the states at real positions; also returns the real-position mask."""
+    ids, mask, pos = _batch()
+    valid = mask.bool()[..., None]
+    weights = torch.randn(*ids.shape, 32, generator=torch.Generator().manual_seed(2))
+    model.zero_grad()
+    out = forward(model.get_decoder(), ids, pos, mask)
+    (out * weights * valid).sum().backward()
+    return out.detach(), _grads(model), valid
+
+
 # ------------------------------------------------------------------------ by hand
 def test_rmsnorm_by_hand():
     x = torch.tensor([[3.0, 4.0]], requires_grad=True)
@@ -103,18 +115,11 @@ def test_grouped_attention_equals_repeated_heads_softmax():
 @pytest.mark.parametrize("checkpoint_layers", [False, True])
 def test_matches_transformers_states_and_gradients(use_sdpa, checkpoint_layers):
     model = _gqa_model()
-    decoder = model.get_decoder()
-    ids, mask, pos = _batch()
-    valid = mask.bool()[..., None]
-    weights = torch.randn(*ids.shape, 32, generator=torch.Generator().manual_seed(2))
-    ref = decoder(input_ids=ids, attention_mask=mask, position_ids=pos).last_hidden_state
-    (ref * weights * valid).sum().backward()
-    ref_grads = _grads(model)
-    model.zero_grad()
-    out = fd.decoder_forward(decoder, ids, pos, mask, use_sdpa=use_sdpa, checkpoint_layers=checkpoint_layers)
+    ref, ref_grads, valid = _states_and_grads(model, lambda decoder, ids, pos, mask: decoder(
+        input_ids=ids, attention_mask=mask, position_ids=pos).last_hidden_state)
+    out, grads, _ = _states_and_grads(model, lambda decoder, ids, pos, mask: fd.decoder_forward(
+        decoder, ids, pos, mask, use_sdpa=use_sdpa, checkpoint_layers=checkpoint_layers))
     assert torch.allclose(out * valid, ref * valid, atol=1e-5)
-    (out * weights * valid).sum().backward()
-    grads = _grads(model)
     assert grads.keys() == ref_grads.keys() and len(grads) == 2 * 9 + 2  # every layer weight, embedding, final norm
     for name, g in grads.items():
         assert torch.allclose(g, ref_grads[name], atol=1e-5, rtol=1e-4), name
@@ -160,18 +165,11 @@ def test_packing_by_hand():
 def test_packed_tokens_give_the_padded_results_at_the_computed_positions(use_sdpa, checkpoint_layers):
     """Skipping left/right padding (``tokens``) changes nothing at the real positions, values or grads."""
     model = _gqa_model()
-    decoder = model.get_decoder()
-    ids, mask, pos = _batch()
-    valid = mask.bool()[..., None]
-    weights = torch.randn(*ids.shape, 32, generator=torch.Generator().manual_seed(2))
-    results = []
-    for tokens in (None, mask):
-        model.zero_grad()
-        out = fd.decoder_forward(decoder, ids, pos, mask, use_sdpa=use_sdpa, checkpoint_layers=checkpoint_layers,
-                                 tokens=tokens)
-        (out * weights * valid).sum().backward()
-        results.append((out.detach(), _grads(model)))
-    (full, full_grads), (packed, packed_grads) = results
+    options = dict(use_sdpa=use_sdpa, checkpoint_layers=checkpoint_layers)
+    full, full_grads, valid = _states_and_grads(model, lambda decoder, ids, pos, mask: fd.decoder_forward(
+        decoder, ids, pos, mask, **options))
+    packed, packed_grads, _ = _states_and_grads(model, lambda decoder, ids, pos, mask: fd.decoder_forward(
+        decoder, ids, pos, mask, tokens=mask, **options))
     assert torch.allclose(packed * valid, full * valid, atol=1e-5)
     assert torch.count_nonzero(packed * ~valid) == 0  # skipped positions are zeros, not computed
     for name, g in packed_grads.items():

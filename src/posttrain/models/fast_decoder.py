@@ -227,6 +227,12 @@ class StaticKV(KVStore):
         self.v = torch.zeros_like(self.k)
         self.length = 0
 
+    @classmethod
+    def for_config(cls, config, rows: int, capacity: int, dtype, device):
+        """A cache shaped for a transformers model ``config`` (layers, K/V heads, head dim)."""
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        return cls(config.num_hidden_layers, rows, config.num_key_value_heads, capacity, head_dim, dtype, device)
+
     def attend(self, layer, k, v):
         end = self.length + k.shape[2]
         if end > self.k.shape[3]:
@@ -338,16 +344,17 @@ def decoder_forward(decoder, input_ids: torch.Tensor, position_ids: torch.Tensor
     config = decoder.config
     heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
     kv = kv or PrefixKV()
+    L = input_ids.shape[1]
     packing = None
     if tokens is not None and not bool(tokens.all()):
         packing = Packing(tokens.bool())
-        key_mask = torch.cat([key_mask[:, : key_mask.shape[1] - tokens.shape[1]], key_mask[:, -tokens.shape[1]:] * tokens], 1)
+        key_mask = torch.cat([key_mask[:, :-L], key_mask[:, -L:] * tokens], 1)  # skipped: no key
         input_ids, position_ids = packing.pack(input_ids), packing.pack(position_ids)[None]
     x = decoder.embed_tokens(input_ids)
     cos, sin = decoder.rotary_emb(x, position_ids)
     if packing is not None:
         cos, sin = cos[0], sin[0]
-    mask = additive_mask(key_mask, tokens.shape[1] if packing is not None else input_ids.shape[1], compute_dtype(x))
+    mask = additive_mask(key_mask, L, compute_dtype(x))
     for i, layer in enumerate(decoder.layers):
         if checkpoint_layers and torch.is_grad_enabled():
             x = checkpoint(_layer, layer, x, cos, sin, mask, kv, i, heads, kv_heads, use_sdpa, packing,

@@ -257,10 +257,7 @@ class HFRolloutEngine:
 
         if not uses_fast_decoder(self.model.get_decoder(), self.decoder_mode):
             return DynamicCache()
-        config = self.model.config
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        return _LeanCache(config.num_hidden_layers, rows, config.num_key_value_heads, capacity, head_dim,
-                          self.dtype, self.device)
+        return _LeanCache.for_config(self.model.config, rows, capacity, self.dtype, self.device)
 
     def _forward(self, input_ids, attention_mask, cache) -> torch.Tensor:
         position_ids = (attention_mask.cumsum(-1) - 1).clamp_min(0)[:, -input_ids.shape[1]:]

@@ -172,22 +172,14 @@ def test_length_buckets_sort_by_length_and_respect_row_and_token_caps():
     assert sorted(torch.cat(buckets).tolist()) == list(range(7))
 
 
-@pytest.mark.skipif(not __import__("posttrain.rollout.engine", fromlist=["x"]).cpu_supports_bf16(),
-                    reason="this CPU has no bf16: the learner uses fp32 autocast-free compute")
+NEEDS_BF16 = pytest.mark.skipif(not __import__("posttrain.rollout.engine", fromlist=["x"]).cpu_supports_bf16(),
+                                reason="this CPU has no bf16: the learner uses fp32 autocast-free compute")
+
+
+@NEEDS_BF16
 def test_bf16_learner_routes_gradients_into_fp32_master(tmp_path):
-    import tempfile
-    from pathlib import Path
-
-    from posttrain.models.loading import load_model_and_tokenizer
-    from posttrain.rewards.registry import build_reward
-    from posttrain.runs import RunDir
-    from posttrain.tasks.registry import build_task
-    from posttrain.trainers.rl import RLTrainer
-
-    cfg = load_config(None, LEARNABLE + ["trainer.micro_batch_size=8", "trainer.max_grad_norm=1e9"])
-    model, tok = load_model_and_tokenizer(cfg.model.name)
-    trainer = RLTrainer(cfg, model, tok, build_task(cfg.task), build_reward(cfg.reward, tokenizer=tok),
-                        RunDir(Path(tempfile.mkdtemp(dir=tmp_path)) / "r"))
+    trainer = _trainer(tmp_path, ["trainer.micro_batch_size=8", "trainer.max_grad_norm=1e9",
+                                  "trainer.split_master_weights=false"])
     assert trainer.learner is trainer.engine.model
     assert next(trainer.learner.parameters()).dtype == torch.bfloat16
     assert next(trainer.policy.parameters()).dtype == torch.float32
@@ -203,6 +195,65 @@ def test_bf16_learner_routes_gradients_into_fp32_master(tmp_path):
     # the sampler/learner copy is the master rounded to bf16 after the step
     for low, master in zip(trainer.learner.parameters(), masters):
         assert torch.equal(low, master.detach().to(torch.bfloat16))
+
+
+@NEEDS_BF16
+def test_split_master_step_is_the_fp32_adamw_step_bit_for_bit(tmp_path):
+    """Default bf16 path: the policy itself holds bf16 weights, the fp32 masters are split.
+
+    The trainer's step must equal torch's fused AdamW on fp32 masters given the same
+    gradients, bit for bit, and leave each bf16 weight = its new master rounded.
+    """
+    from posttrain.trainers.master_weights import SplitMasterAdamW, split
+
+    trainer = _trainer(tmp_path, ["trainer.micro_batch_size=8", "trainer.max_grad_norm=0.5"])
+    opt = trainer.optimizer
+    assert isinstance(opt, SplitMasterAdamW)
+    assert trainer.learner is trainer.policy is trainer.engine.model
+    assert all(p.dtype == torch.bfloat16 for p in trainer.policy.parameters())
+    before = [opt.master(i) for i in range(len(opt.params))]
+    seen = {}
+    step = opt.step
+    opt.step = lambda: (seen.setdefault("grads", [g.clone() for g in opt.grads]), step())[1]
+    metrics = trainer.train_step()
+    grads = seen["grads"]  # after clipping, as the step saw them
+    assert all(g is not None and g.dtype == torch.float32 for g in grads)
+    assert all(p.grad is None for p in trainer.policy.parameters())  # none left on the bf16 weights
+    assert opt.grads == [None] * len(grads)  # freed after the step
+    clipped = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
+    assert metrics["grad_norm"] > 0.5 and abs(clipped - 0.5) < 1e-4  # the norm was clipped to 0.5
+    reference = [torch.nn.Parameter(b.clone()) for b in before]
+    for r, g in zip(reference, grads):
+        r.grad = g
+    cfg = trainer.cfg.trainer
+    torch.optim.AdamW(reference, lr=cfg.lr, betas=tuple(cfg.adam_betas), weight_decay=cfg.weight_decay,
+                      fused=True).step()
+    for i, r in enumerate(reference):
+        assert torch.equal(opt.master(i), r.detach())
+        assert torch.equal(opt.params[i].detach(), split(r.detach())[0])
+    assert any(not torch.equal(a, r.detach()) for a, r in zip(before, reference))
+
+
+@NEEDS_BF16
+def test_split_master_checkpoint_holds_the_fp32_masters(tmp_path):
+    from safetensors.torch import load_file
+
+    trainer = _trainer(tmp_path, ["trainer.micro_batch_size=8"])
+    trainer.train_step()
+    masters = [trainer.optimizer.master(i) for i in range(len(trainer.optimizer.params))]
+    path = trainer.save_checkpoint()
+    saved = load_file(str(path / "model.safetensors"))
+    names = {id(p): n for n, p in trainer.policy.named_parameters()}
+    for p, m in zip(trainer.optimizer.params, masters):
+        assert saved[names[id(p)]].dtype == torch.float32 and torch.equal(saved[names[id(p)]], m)
+    assert all(p.dtype == torch.bfloat16 for p in trainer.policy.parameters())  # split again after saving
+    fresh = _trainer(tmp_path, ["trainer.micro_batch_size=8"])
+    fresh.load_state(path)
+    for i, m in enumerate(masters):
+        assert torch.equal(fresh.optimizer.master(i), m)
+    for a, b in zip(fresh.optimizer.state, trainer.optimizer.state):
+        assert all(torch.equal(a[k], b[k]) for k in ("step", "exp_avg", "exp_avg_sq"))
+    assert torch.equal(next(fresh.engine.model.parameters()), next(trainer.engine.model.parameters()))
 
 
 def test_prompt_pass_is_shared_across_micro_batches_only_when_it_pays():

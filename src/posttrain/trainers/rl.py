@@ -57,6 +57,7 @@ from posttrain.rollout.batch import Rollouts
 from posttrain.rollout.engine import HFRolloutEngine, SamplingParams, cpu_supports_bf16, resolve_dtype
 from posttrain.runs import RunDir, load_trainer_state
 from posttrain.tasks.base import Problem
+from posttrain.trainers.master_weights import SplitMasterAdamW
 
 
 class NonFiniteLossError(RuntimeError):
@@ -133,7 +134,21 @@ class RLTrainer:
         self.eval_problems = list(task.problems("test"))[: tc.eval_problems]
         if not self.eval_problems:
             raise ValueError("the task's test split is empty: nothing to evaluate on")
-        self.engine = HFRolloutEngine(policy, tokenizer, dtype=resolve_dtype(cfg.rollout.dtype, self.device),
+        use_bf16 = tc.autocast == "bfloat16" or (tc.autocast == "auto" and self._bf16_ok())
+        rollout_dtype = resolve_dtype(cfg.rollout.dtype, self.device)
+        # Mixed precision with fp32 master weights (Micikevicius et al., "Mixed Precision
+        # Training", arXiv 1710.03740): the learner runs its forward and backward on the bf16
+        # weights the sampler uses, and every gradient moves into an fp32 accumulator as soon as
+        # it lands (fp32 accumulation across micro-batches). This replaces autocast's
+        # per-micro-batch weight casts and fp32<->bf16 activation casts (12% of an update).
+        # split_master_weights keeps each fp32 master as the bf16 weight plus its 16 low bits
+        # (trainers.master_weights), so the policy itself becomes the bf16 model the sampler
+        # and learner share; otherwise the fp32 policy is the master and the sampler holds a
+        # bf16 copy. Without bf16: autocast-free fp32 on the policy.
+        self.split_master = (use_bf16 and rollout_dtype == torch.bfloat16 and tc.split_master_weights
+                             and next(policy.parameters()).dtype == torch.float32)
+        self.engine = HFRolloutEngine(policy, tokenizer,
+                                      dtype=torch.float32 if self.split_master else rollout_dtype,
                                       chat_template=cfg.rollout.chat_template, attention=cfg.model.attention,
                                       decoder=cfg.model.decoder)
         # Check every prompt fits the context before any work starts.
@@ -142,37 +157,32 @@ class RLTrainer:
             why = "model.decoder=hf" if cfg.model.decoder == "hf" else fast_decoder.unsupported_reason(policy.get_decoder())
             raise ValueError(f"trainer.activation_checkpointing needs posttrain's lean decoder (model.decoder=auto and a "
                              f"Llama/Qwen2-architecture model), but here: {why}. Set it to false.")
-        use_bf16 = tc.autocast == "bfloat16" or (tc.autocast == "auto" and self._bf16_ok())
         self.learner_dtype = torch.bfloat16 if use_bf16 else torch.float32
         self.autocast = (lambda: torch.autocast(self.device.type, dtype=torch.bfloat16)) if use_bf16 else nullcontext
-        # Mixed precision with fp32 master weights (Micikevicius et al., "Mixed Precision
-        # Training", arXiv 1710.03740): when the sampler holds a bf16 copy of the policy, the
-        # learner runs its forward and backward on that copy and every gradient moves into the
-        # fp32 master's .grad as soon as it is accumulated (fp32 accumulation across
-        # micro-batches). This replaces autocast's per-micro-batch weight casts and the
-        # fp32<->bf16 activation casts (12% of an update), and the learner then computes with
-        # the very weights the sampler used. Otherwise: autocast on the fp32 policy.
-        self.learner, self.learner_autocast = self.policy, self.autocast
-        if use_bf16 and self.engine.model is not self.policy and self.engine.dtype == torch.bfloat16:
-            self.learner, self.learner_autocast = self.engine.model, nullcontext
-        self.ref = None
-        if cfg.algorithm.uses_reference:  # in the learner's precision, so KL is exactly 0 at the start
-            self.ref = copy.deepcopy(self.learner).eval().requires_grad_(False)
-        if self.learner is not self.policy:
-            self._route_grads_to_master()
         self.critic = self.critic_optimizer = None
-        if cfg.algorithm.uses_critic:
+        if cfg.algorithm.uses_critic:  # from the fp32 weights, before they are split
             self.critic = ValueModel(policy).to(device)
             self.critic_optimizer = torch.optim.AdamW(self.critic.parameters(), lr=cfg.algorithm.critic.lr,
                                                       betas=tuple(tc.adam_betas), weight_decay=tc.weight_decay)
+        adam = dict(lr=tc.lr, betas=tuple(tc.adam_betas), weight_decay=tc.weight_decay)
+        self.learner, self.learner_autocast = self.policy, self.autocast
+        if self.split_master:
+            # From here the policy (the model passed in) holds bf16 weights; the master lives in the optimizer.
+            self.optimizer = SplitMasterAdamW(self.policy.parameters(), **adam)
+            self.engine.dtype = torch.bfloat16  # the engine shares the policy, now in bf16
+            self.learner_autocast = nullcontext
+        else:
+            if use_bf16 and self.engine.model is not self.policy and self.engine.dtype == torch.bfloat16:
+                self.learner, self.learner_autocast = self.engine.model, nullcontext
+                self._route_grads_to_master()
+            # fused: one pass per parameter with no temporaries (3x faster than the per-parameter
+            # loop on a CPU; the multi-tensor path would allocate temporaries the size of the model).
+            self.optimizer = torch.optim.AdamW(self.policy.parameters(), fused=True, **adam)
+        self.ref = None
+        if cfg.algorithm.uses_reference:  # in the learner's precision, so KL is exactly 0 at the start
+            self.ref = copy.deepcopy(self.learner).eval().requires_grad_(False)
         self.kl_ctl = AdaptiveKLController(cfg.algorithm.kl)
         self.entropy_ctl = AdaptiveEntropyController(cfg.algorithm.entropy)
-        # fused: one pass per parameter with no temporaries (3x faster than the per-parameter
-        # loop on a CPU; the multi-tensor path would allocate temporaries the size of the model).
-        self.optimizer = torch.optim.AdamW(
-            self.policy.parameters(), lr=tc.lr, betas=tuple(tc.adam_betas), weight_decay=tc.weight_decay,
-            fused=True,
-        )
         self.generator = torch.Generator(device=self.device).manual_seed(tc.seed)
         self.step = 0
         self.nonfinite_streak = 0
@@ -374,7 +384,8 @@ class RLTrainer:
                         self._value_loss(micro, counts_kw, record).backward()
                 if shared is not None:
                     shared.backward()
-                grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), tc.max_grad_norm)
+                grad_norm = (self.optimizer.clip_grad_norm_(tc.max_grad_norm) if self.split_master
+                             else torch.nn.utils.clip_grad_norm_(self.policy.parameters(), tc.max_grad_norm))
                 record("loss/total", total_loss)
                 record("grad_norm", float(grad_norm))
                 if not (math.isfinite(total_loss) and math.isfinite(float(grad_norm))):
@@ -513,7 +524,8 @@ class RLTrainer:
     def load_state(self, checkpoint: Path) -> None:
         from safetensors.torch import load_model
 
-        load_model(self.policy, str(checkpoint / "model.safetensors"), strict=False)
+        with self._fp32_policy():  # loads the exact fp32 masters when they are split
+            load_model(self.policy, str(checkpoint / "model.safetensors"), strict=False)
         self.engine.sync_weights(self.policy)
         state = load_trainer_state(checkpoint)
         self.step = int(state["step"])
@@ -530,8 +542,13 @@ class RLTrainer:
 
     def save_checkpoint(self) -> Path:
         extra = {"critic": self.critic.state_dict()} if self.critic is not None else None
-        return self.run.save_checkpoint(self.step, self.policy, self.tokenizer, self.state_dict(),
-                                        keep=self.cfg.trainer.keep_checkpoints, extra_weights=extra)
+        with self._fp32_policy():  # checkpoints hold the fp32 masters either way
+            return self.run.save_checkpoint(self.step, self.policy, self.tokenizer, self.state_dict(),
+                                            keep=self.cfg.trainer.keep_checkpoints, extra_weights=extra)
+
+    def _fp32_policy(self):
+        """Context in which ``self.policy`` holds its fp32 master weights."""
+        return self.optimizer.materialized() if self.split_master else nullcontext()
 
 
 def _unique_prompt_tokens(r: Rollouts) -> int:

@@ -120,3 +120,16 @@ def test_materialized_reads_and_sets_exact_masters():
 def test_refuses_non_fp32_parameters():
     with pytest.raises(ValueError, match="needs fp32 parameters"):
         SplitMasterAdamW([torch.nn.Parameter(torch.zeros(2, dtype=torch.bfloat16))], lr=0.1)
+
+
+def test_frozen_weights_keep_their_fp32_value_and_do_not_move():
+    frozen = torch.nn.Parameter(torch.tensor([1 + 2**-9, 0.3]), requires_grad=False)
+    trained = torch.nn.Parameter(torch.tensor([0.5, -0.25]))
+    opt = SplitMasterAdamW([frozen, trained], lr=0.1, weight_decay=0.0)
+    assert frozen.dtype == torch.bfloat16 and trained.dtype == torch.bfloat16  # one compute dtype
+    (frozen.float() * trained).sum().backward()
+    assert opt.grads[0] is None and opt.grads[1] is not None
+    opt.step()
+    assert torch.equal(opt.master(0), torch.tensor([1 + 2**-9, 0.3]))
+    # Adam's first step moves each weight by lr against the gradient's sign: 0.5 - 0.1, -0.25 - 0.1
+    assert torch.allclose(opt.master(1), torch.tensor([0.4, -0.35]), atol=1e-6)

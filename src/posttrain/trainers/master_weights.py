@@ -75,7 +75,8 @@ class SplitMasterAdamW:
     """AdamW (decoupled weight decay) over ``params`` whose fp32 values are kept split.
 
     ``params`` arrive in fp32; they become bf16 in place (``p.data``), so every module holding
-    them computes in bf16 from then on. Interface as far as the RL trainer needs it:
+    them computes in bf16 from then on. Frozen ones (``requires_grad=False``) are split too, so
+    every weight keeps its exact fp32 value, but get no gradients and no steps. Interface as far as the RL trainer needs it:
     ``param_groups[0]["lr"]``, ``zero_grad``, ``clip_grad_norm_``, ``step``, ``state_dict``,
     ``load_state_dict`` (the layout of ``torch.optim.AdamW``'s), and ``materialized`` for
     reading or writing the fp32 weights (checkpoints).
@@ -83,7 +84,7 @@ class SplitMasterAdamW:
 
     def __init__(self, params, lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.01):
-        self.params = [p for p in params if p.requires_grad]
+        self.params = list(params)
         for p in self.params:
             if p.dtype != torch.float32:
                 raise ValueError(f"SplitMasterAdamW needs fp32 parameters to split, got {p.dtype}")
@@ -97,7 +98,8 @@ class SplitMasterAdamW:
         self.grads: list[torch.Tensor | None] = [None] * len(self.params)
         self.state: list[dict[str, torch.Tensor]] = [{} for _ in self.params]
         for i, p in enumerate(self.params):
-            p.register_post_accumulate_grad_hook(self._accumulate_hook(i))
+            if p.requires_grad:
+                p.register_post_accumulate_grad_hook(self._accumulate_hook(i))
 
     # ------------------------------------------------------------------ gradients
     def _accumulate_hook(self, i: int):

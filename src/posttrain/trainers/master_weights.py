@@ -58,6 +58,14 @@ def _split_into(master: torch.Tensor, hi: torch.Tensor, lo: torch.Tensor, scratc
     torch.bitwise_right_shift(torch.add(bits, 0x8000, out=scratch), 16, out=hi.view(torch.int16))  # ties away
 
 
+def _add_into(acc: torch.Tensor, x: torch.Tensor) -> None:
+    """acc += x (fp32 += bf16) in CHUNK blocks: a whole-tensor add_ casts x into a temporary of
+    acc's size first (113 MB for SmolLM2's embedding), here the cast stays in cache."""
+    a, b = acc.view(-1), x.reshape(-1)
+    for start in range(0, a.numel(), CHUNK):
+        a[start:start + CHUNK].add_(b[start:start + CHUNK])
+
+
 def _check_roundtrip() -> None:
     """Refuse to run where split/merge are not exact (e.g. a kernel that saturates int32 -> int16)."""
     g = torch.Generator().manual_seed(0)
@@ -105,7 +113,10 @@ class SplitMasterAdamW:
     def _accumulate_hook(self, i: int):
         def accumulate(p: torch.Tensor) -> None:
             g = self.grads[i]
-            self.grads[i] = p.grad.to(torch.float32) if g is None else g.add_(p.grad)
+            if g is None:
+                self.grads[i] = p.grad.to(torch.float32)
+            else:
+                _add_into(g, p.grad)
             p.grad = None
 
         return accumulate

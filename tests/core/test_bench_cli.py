@@ -14,6 +14,9 @@ def test_bench_command_reports_positive_figures(tmp_path, capsys):
                 "matmul_peak_gflops", "peak_rss_mb"):
         assert result[key] > 0, key
     assert 0 < result["learner_mfu"] < 1
+    # against the peak measured after each step, which is at most the highest of them
+    assert len(result["step_peaks_gflops"]) == 1 and result["matmul_peak_gflops"] == max(result["step_peaks_gflops"])
+    assert result["learner_mfu"] <= result["learner_mfu_step_peak"] < 1
     assert result["step_s"] >= result["learn_s"]
     assert result["allocator"] in ("tcmalloc", "system")
     assert "learner_mfu" in capsys.readouterr().out

@@ -25,3 +25,15 @@ def test_bench_command_reports_positive_figures(tmp_path, capsys):
 def test_bench_rejects_bad_step_counts(capsys):
     assert main(["bench", "examples/arithmetic.yaml", "model.name=tiny-random", "--steps", "0"]) == 2
     assert "--steps must be >= 1" in capsys.readouterr().err
+
+
+def test_measuring_the_peak_leaves_the_global_rng_alone():
+    import torch
+
+    from posttrain.bench import matmul_peak_gflops
+
+    torch.manual_seed(3)
+    expected = torch.rand(4)
+    torch.manual_seed(3)
+    assert matmul_peak_gflops(torch.float32, n=64, reps=1) > 0
+    assert torch.equal(torch.rand(4), expected)

@@ -132,7 +132,7 @@ class TrainerConfig:
     logprob_chunk_tokens: int = 256  # rows of [rows, vocab] fp32 logits alive at once (256 x 49k: 50 MB)
     share_prompt_pass: bool = True  # learner runs each group's prompt once (exact; fewer FLOPs)
     # recompute each decoder layer in the backward (lean decoder only, see model.decoder): in
-    # benchmarks/vs_trl.py on 2 cores, peak RSS 3.69 -> 3.38 GB, learner 3.7-4.1 s -> 4.7 s per step
+    # benchmarks/vs_trl.py on 2 cores, peak RSS 3.28 -> 3.03 GB, learner 3.9-4.3 s -> 4.7 s per step
     activation_checkpointing: bool = False
     # bf16 learner: keep each fp32 master weight as its bf16 value plus 16 low bits (exact fp32
     # AdamW, 2 bytes per weight less: -270 MB for SmolLM2-135M); false: a separate fp32 copy

@@ -134,8 +134,9 @@ class TrainerConfig:
     # recompute each decoder layer in the backward (lean decoder only, see model.decoder): in
     # benchmarks/vs_trl.py on 2 cores, peak RSS 3.28 -> 3.03 GB, learner 3.9-4.3 s -> 4.7 s per step
     activation_checkpointing: bool = False
-    # bf16 learner: keep each fp32 master weight as its bf16 value plus 16 low bits (exact fp32
-    # AdamW, 2 bytes per weight less: -270 MB for SmolLM2-135M); false: a separate fp32 copy
+    # bf16 learner on a CPU: keep each fp32 master weight as its bf16 value plus 16 low bits (exact
+    # fp32 AdamW, 2 bytes per weight less: -270 MB for SmolLM2-135M); false, or CUDA (not yet
+    # tested there): a separate fp32 copy
     split_master_weights: bool = True
     seed: int = 0
     eval_every: int = 0  # 0: only before and after training

@@ -136,17 +136,14 @@ class RLTrainer:
             raise ValueError("the task's test split is empty: nothing to evaluate on")
         use_bf16 = tc.autocast == "bfloat16" or (tc.autocast == "auto" and self._bf16_ok())
         rollout_dtype = resolve_dtype(cfg.rollout.dtype, self.device)
-        # Mixed precision with fp32 master weights (Micikevicius et al., "Mixed Precision
-        # Training", arXiv 1710.03740): the learner runs its forward and backward on the bf16
-        # weights the sampler uses, and every gradient moves into an fp32 accumulator as soon as
-        # it lands (fp32 accumulation across micro-batches). This replaces autocast's
-        # per-micro-batch weight casts and fp32<->bf16 activation casts (12% of an update).
-        # split_master_weights keeps each fp32 master as the bf16 weight plus its 16 low bits
-        # (trainers.master_weights), so the policy itself becomes the bf16 model the sampler
-        # and learner share; otherwise the fp32 policy is the master and the sampler holds a
-        # bf16 copy. Without bf16: autocast-free fp32 on the policy.
+        # Mixed precision with fp32 master weights (Micikevicius et al., arXiv 1710.03740): the
+        # learner computes on the sampler's bf16 weights (no per-micro-batch autocast casts, 12% of
+        # an update) and each gradient moves into an fp32 accumulator as soon as it lands. With
+        # split_master_weights the masters are the bf16 weights plus 16 low bits
+        # (trainers.master_weights) and the policy itself becomes that bf16 model; otherwise the
+        # fp32 policy is the master and the sampler holds a bf16 copy. No bf16: fp32 throughout.
         self.split_master = (use_bf16 and rollout_dtype == torch.bfloat16 and tc.split_master_weights
-                             and next(policy.parameters()).dtype == torch.float32)
+                             and self.device.type == "cpu" and next(policy.parameters()).dtype == torch.float32)
         self.engine = HFRolloutEngine(policy, tokenizer,
                                       dtype=torch.float32 if self.split_master else rollout_dtype,
                                       chat_template=cfg.rollout.chat_template, attention=cfg.model.attention,

@@ -37,15 +37,15 @@ CHUNK = 1 << 20  # elements per rebuilt block (4 MB of fp32, cache-resident), a 
 
 def split(master: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(hi bf16, lo int16) of an fp32 tensor, as in the module docstring."""
-    hi = torch.empty(master.shape, dtype=torch.bfloat16)
-    lo = torch.empty(master.shape, dtype=torch.int16)
+    hi = torch.empty(master.shape, dtype=torch.bfloat16, device=master.device)
+    lo = torch.empty(master.shape, dtype=torch.int16, device=master.device)
     _split_into(master, hi, lo)
     return hi, lo
 
 
 def merge(hi: torch.Tensor, lo: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """The fp32 tensor whose ``split`` is (hi, lo); written into ``out`` (fp32) when given."""
-    bits = torch.empty(hi.shape, dtype=torch.int32) if out is None else out.view(torch.int32)
+    bits = torch.empty(hi.shape, dtype=torch.int32, device=hi.device) if out is None else out.view(torch.int32)
     bits.copy_(hi.view(torch.int16))
     return torch.add(lo, bits, alpha=1 << 16, out=bits).view(torch.float32)
 
@@ -61,12 +61,18 @@ def _split_into(master: torch.Tensor, hi: torch.Tensor, lo: torch.Tensor, scratc
     torch.bitwise_right_shift(torch.add(bits, 0x8000, out=scratch), 16, out=hi.view(torch.int16))  # ties away
 
 
-def _add_into(acc: torch.Tensor, x: torch.Tensor) -> None:
-    """acc += x (fp32 += bf16) in CHUNK blocks: a whole-tensor add_ casts x into a temporary of
-    acc's size first (113 MB for SmolLM2's embedding), here the cast stays in cache."""
-    a, b = acc.view(-1), x.reshape(-1)
+def accumulate_grad(acc: torch.Tensor | None, grad: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """acc += grad, with acc in ``dtype`` (a new copy of grad in ``dtype`` when acc is None).
+
+    The add runs in CHUNK blocks: a whole-tensor mixed-dtype add_ first casts grad into a
+    temporary the size of acc (113 MB for SmolLM2's embedding); in blocks the cast stays in cache.
+    """
+    if acc is None:
+        return grad.to(dtype)
+    a, b = acc.view(-1), grad.reshape(-1)
     for start in range(0, a.numel(), CHUNK):
         a[start:start + CHUNK].add_(b[start:start + CHUNK])
+    return acc
 
 
 def _check_roundtrip() -> None:
@@ -87,7 +93,8 @@ class SplitMasterAdamW:
 
     ``params`` arrive in fp32; they become bf16 in place (``p.data``), so every module holding
     them computes in bf16 from then on. Frozen ones (``requires_grad=False``) are split too, so
-    every weight keeps its exact fp32 value, but get no gradients and no steps. Interface as far as the RL trainer needs it:
+    every weight keeps its exact fp32 value, but get no gradients and no steps. Interface as far
+    as the RL trainer needs it:
     ``param_groups[0]["lr"]``, ``zero_grad``, ``clip_grad_norm_``, ``step``, ``state_dict``,
     ``load_state_dict`` (the layout of ``torch.optim.AdamW``'s), and ``materialized`` for
     reading or writing the fp32 weights (checkpoints).
@@ -115,11 +122,7 @@ class SplitMasterAdamW:
     # ------------------------------------------------------------------ gradients
     def _accumulate_hook(self, i: int):
         def accumulate(p: torch.Tensor) -> None:
-            g = self.grads[i]
-            if g is None:
-                self.grads[i] = p.grad.to(torch.float32)
-            else:
-                _add_into(g, p.grad)
+            self.grads[i] = accumulate_grad(self.grads[i], p.grad)
             p.grad = None
 
         return accumulate
@@ -132,8 +135,8 @@ class SplitMasterAdamW:
         grads = [g for g in self.grads if g is not None]
         if not grads:
             return torch.tensor(0.0)
-        total = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, 2.0)), 2.0)
-        coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+        total = torch.nn.utils.get_total_norm(grads, 2.0)
+        coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)  # clip_grads_with_norm_'s, on tensors
         torch._foreach_mul_(grads, coef)
         return total
 

@@ -57,7 +57,7 @@ from posttrain.rollout.batch import Rollouts
 from posttrain.rollout.engine import HFRolloutEngine, SamplingParams, cpu_supports_bf16, resolve_dtype
 from posttrain.runs import RunDir, load_trainer_state
 from posttrain.tasks.base import Problem
-from posttrain.trainers.master_weights import SplitMasterAdamW
+from posttrain.trainers.master_weights import SplitMasterAdamW, accumulate_grad
 
 
 class NonFiniteLossError(RuntimeError):
@@ -193,7 +193,7 @@ class RLTrainer:
             low.requires_grad_(master.requires_grad)
 
             def move(low: torch.Tensor, master: torch.Tensor = master) -> None:
-                master.grad = low.grad.to(master.dtype) if master.grad is None else master.grad.add_(low.grad)
+                master.grad = accumulate_grad(master.grad, low.grad, master.dtype)
                 low.grad = None
 
             low.register_post_accumulate_grad_hook(move)

@@ -111,7 +111,6 @@ class HFRolloutEngine:
         self.chat_template = chat_template
         self.attention = attention  # see posttrain.models.attention
         self.decoder_mode = decoder  # auto: posttrain's lean decoder when supported (models.fast_decoder)
-        self.dtype = dtype
         self.device = next(policy.parameters()).device
         param_dtype = next(policy.parameters()).dtype
         # A separate low-precision copy for sampling; sharing the policy when dtypes agree.
@@ -119,6 +118,12 @@ class HFRolloutEngine:
         self.model.eval()
         self.eos_ids = self._eos_ids()
         self.last_stats: dict[str, float] = {}
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The sampling dtype: the model's, which may change under the engine (the RL trainer's
+        split master weights turn a shared fp32 policy into bf16)."""
+        return next(self.model.parameters()).dtype
 
     def _eos_ids(self) -> set[int]:
         ids = set()

@@ -165,8 +165,7 @@ class RLTrainer:
         self.learner, self.learner_autocast = self.policy, self.autocast
         if self.split_master:
             # From here the policy (the model passed in) holds bf16 weights; the master lives in the optimizer.
-            self.optimizer = SplitMasterAdamW(self.policy.parameters(), **adam)
-            self.engine.dtype = torch.bfloat16  # the engine shares the policy, now in bf16
+            self.optimizer = SplitMasterAdamW(self.policy.parameters(), **adam)  # the engine's model too
             self.learner_autocast = nullcontext
         else:
             if use_bf16 and self.engine.model is not self.policy and self.engine.dtype == torch.bfloat16:

@@ -84,7 +84,7 @@ def worker_trl(args) -> dict:
     from transformers import TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    from posttrain.bench import matmul_peak_gflops, model_dims, peak_rss_mb
+    from posttrain.bench import learner_flops, matmul_peak_gflops, mfu_figures, model_dims, peak_rss_mb
     from posttrain.config import load_config
     from posttrain.models.loading import load_model_and_tokenizer
     from posttrain.rewards.registry import build_reward
@@ -155,11 +155,10 @@ def worker_trl(args) -> dict:
     med = statistics.median
     nonembed, hidden, vocab = model_dims(model)
     peaks = [r["peak"] for r in rows]
-    flops = [6.0 * nonembed * (r["prompt_tokens"] + r["completion_tokens"]) + 6.0 * hidden * vocab * r["completion_tokens"]
-             for r in rows]
+    flops = [learner_flops(nonembed, hidden, vocab, r["prompt_tokens"], r["completion_tokens"]) for r in rows]
     gflops = [f / r["learn_s"] / 1e9 for f, r in zip(flops, rows)]
     rewards = [h["reward"] for h in trainer.state.log_history if "reward" in h][args.warmup:]
-    return {
+    return mfu_figures(gflops, peaks) | {
         "steps_measured": len(rows),
         "step_s": med(r["step_s"] for r in rows),
         "gen_s": med(r["gen_s"] for r in rows),
@@ -167,12 +166,7 @@ def worker_trl(args) -> dict:
         "completion_tokens_per_step": med(r["completion_tokens"] for r in rows),
         "gen_tok_per_s": med(r["completion_tokens"] / r["gen_s"] for r in rows),
         "learner_tok_per_s": med((r["prompt_tokens"] + r["completion_tokens"]) / r["learn_s"] for r in rows),
-        "learner_gflops": med(gflops),
         "learner_dtype": "bf16",
-        "matmul_peak_gflops": max(peaks),
-        "step_peaks_gflops": peaks,
-        "learner_mfu": med(gflops) / max(peaks),
-        "learner_mfu_step_peak": med(g / p for g, p in zip(gflops, peaks)),
         "peak_rss_mb": peak_rss_mb(),
         "reward_mean": med(rewards) if rewards else float("nan"),
         "gradient_checkpointing": config.gradient_checkpointing,

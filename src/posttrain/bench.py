@@ -53,6 +53,22 @@ def learner_flops(nonembed: int, hidden: int, vocab: int, prompt_tokens: float, 
     return passes * (6.0 * nonembed * (prompt_tokens + completion_tokens) + 6.0 * hidden * vocab * completion_tokens)
 
 
+def mfu_figures(gflops: list[float], peaks: list[float]) -> dict:
+    """Learner GFLOP/s per step and the matmul peak measured after each step -> the MFU figures.
+
+    ``learner_mfu`` divides the median by the highest peak (conservative); ``learner_mfu_step_peak``
+    is the median of each step's GFLOP/s over the peak measured right after it.
+    """
+    med = statistics.median
+    return {
+        "learner_gflops": med(gflops),
+        "matmul_peak_gflops": max(peaks),
+        "step_peaks_gflops": peaks,
+        "learner_mfu": med(gflops) / max(peaks),
+        "learner_mfu_step_peak": med(g / p for g, p in zip(gflops, peaks)),
+    }
+
+
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
@@ -94,7 +110,7 @@ def bench_config(cfg, steps: int = 5, warmup: int = 1) -> dict:
     learn_s = med(r["time/learn_s"] for r in rows)
     gen_s = med(r["time/gen_s"] for r in rows)
     gflops = [f / r["time/learn_s"] / 1e9 for f, r in zip(flops, rows)]
-    return {
+    return mfu_figures(gflops, peaks) | {
         "steps_measured": len(rows),
         "step_s": med(r["time/step_s"] for r in rows),
         "gen_s": gen_s,
@@ -102,12 +118,7 @@ def bench_config(cfg, steps: int = 5, warmup: int = 1) -> dict:
         "completion_tokens_per_step": med(r["tokens/completion"] for r in rows),
         "gen_tok_per_s": med(r["tokens/completion"] / r["time/gen_s"] for r in rows),
         "learner_tok_per_s": med((r["tokens/prompt"] + r["tokens/completion"]) / r["time/learn_s"] for r in rows),
-        "learner_gflops": med(gflops),
         "learner_dtype": key,
-        "matmul_peak_gflops": max(peaks),
-        "step_peaks_gflops": peaks,
-        "learner_mfu": med(gflops) / max(peaks),
-        "learner_mfu_step_peak": med(g / p for g, p in zip(gflops, peaks)),
         "peak_rss_mb": peak_rss_mb(),
         "reward_mean": med(r["reward/mean"] for r in rows),
         "allocator": active_allocator(),

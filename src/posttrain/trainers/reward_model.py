@@ -16,10 +16,8 @@ Loss per pair (Bradley & Terry 1952; Ouyang et al. 2022 "InstructGPT", arXiv:220
   but do not Eliminate Reward Hacking" (arXiv:2312.09244), implemented like TRL's
   ``center_rewards_coefficient``: ``c * mean((r_c + r_r)**2)`` over the batch.
 
-Data: JSONL, one object per line with ``prompt`` (text, or a list of chat messages),
-``chosen`` and ``rejected`` (text), optional ``margin`` (number). Errors name the file and the
-line. ``data: "synthetic:arithmetic"`` builds pairs from the arithmetic task instead (chosen =
-the right answer, rejected = a nearby wrong one), so ``examples/rm.yaml`` runs out of the box.
+Data: preference pairs from a JSONL file or ``data: "synthetic:arithmetic"``
+(``trainers.preference_data``), so ``examples/rm.yaml`` runs out of the box.
 
 Sequences are rendered like the rollout engine renders prompts (``render_prompt``: the
 tokenizer's chat template with the generation prompt), followed by the completion tokens and
@@ -56,6 +54,13 @@ from typing import Any, Optional, Sequence
 import torch
 
 from posttrain.config import ConfigError
+from posttrain.trainers.preference_data import (  # re-exported: part of this module's API
+    SYNTHETIC,
+    PreferenceDataError,
+    PreferencePair,
+    load_preferences,
+    synthetic_arithmetic_pairs,
+)
 
 __all__ = [
     "RMConfig",
@@ -124,84 +129,6 @@ class RMConfig:
 
 
 # ------------------------------------------------------------------ data
-class PreferenceDataError(ValueError):
-    """A preference file is missing or a line of it is malformed (the message names both)."""
-
-
-@dataclass
-class PreferencePair:
-    prompt: Any  # text or a list of {"role", "content"} messages
-    chosen: str
-    rejected: str
-    margin: Optional[float] = None
-    source: str = ""  # "file:line", for messages
-
-
-def _check_prompt(prompt: Any, where: str) -> None:
-    if isinstance(prompt, str):
-        return
-    if isinstance(prompt, list) and prompt and all(
-        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in prompt
-    ):
-        return
-    raise PreferenceDataError(
-        f"{where}: 'prompt' must be a string or a non-empty list of {{'role': str, 'content': str}} messages, "
-        f"got {type(prompt).__name__}"
-    )
-
-
-def load_preferences(path: str | Path) -> list[PreferencePair]:
-    """Read a JSONL preference file; blank lines are skipped, anything malformed raises
-    ``PreferenceDataError`` naming ``file:line``."""
-    path = Path(path)
-    if not path.is_file():
-        raise PreferenceDataError(f"preference data file {path} does not exist")
-    pairs: list[PreferencePair] = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise PreferenceDataError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
-            if not isinstance(row, dict):
-                raise PreferenceDataError(f"{where}: expected a JSON object, got {type(row).__name__}")
-            missing = [k for k in ("prompt", "chosen", "rejected") if k not in row]
-            if missing:
-                raise PreferenceDataError(f"{where}: missing key(s) {missing}; each line needs prompt, chosen, rejected")
-            _check_prompt(row["prompt"], where)
-            for key in ("chosen", "rejected"):
-                if not isinstance(row[key], str):
-                    raise PreferenceDataError(f"{where}: {key!r} must be a string, got {type(row[key]).__name__}")
-            margin = row.get("margin")
-            if margin is not None and (isinstance(margin, bool) or not isinstance(margin, (int, float))
-                                       or not math.isfinite(margin)):
-                raise PreferenceDataError(f"{where}: 'margin' must be a finite number, got {margin!r}")
-            pairs.append(PreferencePair(row["prompt"], row["chosen"], row["rejected"],
-                                        None if margin is None else float(margin), where))
-    if not pairs:
-        raise PreferenceDataError(f"preference data file {path} holds no pairs")
-    return pairs
-
-
-def synthetic_arithmetic_pairs(n: int = 512, seed: int = 0) -> list[PreferencePair]:
-    """Pairs from the arithmetic task's train split: chosen = the answer, rejected = the answer
-    off by 1..3 (one pair per problem, at most ``n``)."""
-    from posttrain.tasks.arithmetic import ArithmeticTask
-
-    rng = random.Random(seed)
-    problems = list(ArithmeticTask().problems("train"))[:n]
-    pairs = []
-    for p in problems:
-        wrong = int(p.answer) + rng.choice([-3, -2, -1, 1, 2, 3])
-        pairs.append(PreferencePair(p.prompt, p.answer, str(wrong), None, f"synthetic:{p.id}"))
-    return pairs
-
-
-SYNTHETIC = {"synthetic:arithmetic": synthetic_arithmetic_pairs}
-
 
 def _load_data(cfg: RMConfig) -> list[PreferencePair]:
     if cfg.data in SYNTHETIC:

@@ -270,7 +270,7 @@ class RLTrainer:
 
     # ------------------------------------------------------------------ one step
     def train_step(self) -> dict[str, float]:
-        cfg, tc, alg = self.cfg, self.cfg.trainer, self.cfg.algorithm
+        cfg, alg = self.cfg, self.cfg.algorithm
         t0 = time.perf_counter()
         self.policy.eval()
         problems = self.sampler.next(cfg.rollout.num_prompts)

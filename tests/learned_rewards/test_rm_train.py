@@ -6,17 +6,11 @@ import time
 import pytest
 import torch
 
-from posttrain.rewards.learned import RewardModelReward
+from posttrain.models.reward_model import RewardModel, load_reward_model, save_reward_model
+from posttrain.rewards.learned import RewardModelReward, encode_text_pair
 from posttrain.rewards.registry import build_reward
 from posttrain.tasks.base import Problem
-from posttrain.trainers.reward_model import (
-    RewardModel,
-    RMConfig,
-    encode_text_pair,
-    load_reward_model,
-    save_reward_model,
-    train_reward_model,
-)
+from posttrain.trainers.reward_model import RMConfig, train_reward_model
 
 PROMPT = "How was the movie?"
 TEXTS = ["The movie was good.", "The movie was bad.", "It was fine, I guess.", ""]

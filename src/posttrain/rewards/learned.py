@@ -1,10 +1,11 @@
 """Learned rewards: a trained Bradley–Terry reward model, and an LLM judge.
 
 ``RewardModelReward(path)`` scores ``prompt + completion`` with a reward model trained by
-``posttrain rm`` (see ``posttrain.trainers.reward_model``); the prompt is rendered with the
-tokenizer's chat template exactly as the rollout engine renders it (``render_prompt``) and as
-the reward model saw its training pairs. ``normalize=True`` standardises scores with the mean
-and std measured on the training pairs after training (stored in ``reward_model.json``).
+``posttrain rm`` (the model and its on-disk format: ``posttrain.models.reward_model``); the
+prompt is rendered with the tokenizer's chat template exactly as the rollout engine renders it
+(``render_prompt``) and as the reward model saw its training pairs (``encode_text_pair``, defined
+here and shared with the trainer). ``normalize=True`` standardises scores with the mean and std
+measured on the training pairs after training (stored in ``reward_model.json``).
 Component ``rm_score`` is always the raw score.
 
 ``JudgeReward(model)`` asks a local causal LM (a directory, .gguf, run directory, hub id or
@@ -36,7 +37,7 @@ from posttrain.rewards.base import RewardOutput
 from posttrain.rewards.registry import REWARDS, register_reward
 from posttrain.tasks.base import Problem
 
-__all__ = ["RewardModelReward", "JudgeReward", "DEFAULT_JUDGE_TEMPLATE"]
+__all__ = ["RewardModelReward", "JudgeReward", "DEFAULT_JUDGE_TEMPLATE", "encode_text_pair"]
 
 
 def _device(device: str):
@@ -53,6 +54,21 @@ def _prompt_text(prompt: Any) -> str:
     return str(prompt)
 
 
+def encode_text_pair(tokenizer, prompt: Any, completion: str, *, chat_template: bool,
+                     max_length: int) -> tuple[list[int], bool]:
+    """Token ids of ``prompt`` (rendered as the rollout engine does) + ``completion`` + eos,
+    keeping the last ``max_length``; returns ``(ids, truncated)``."""
+    from posttrain.rollout.sampler import render_prompt
+
+    ids = list(render_prompt(tokenizer, prompt, chat_template))
+    ids += tokenizer(completion, add_special_tokens=False).input_ids
+    if tokenizer.eos_token_id is not None:
+        ids.append(int(tokenizer.eos_token_id))
+    if len(ids) > max_length:
+        return ids[-max_length:], True
+    return ids, False
+
+
 class RewardModelReward:
     """Scores from a trained reward model (``posttrain rm``); ``path`` is the run directory or
     its ``model/`` directory. See the module docstring."""
@@ -60,7 +76,7 @@ class RewardModelReward:
     name = "reward_model"
 
     def __init__(self, path: str, batch_size: int = 8, normalize: bool = False, device: str = "auto"):
-        from posttrain.trainers.reward_model import META_FILE, resolve_reward_model_dir
+        from posttrain.models.reward_model import META_FILE, resolve_reward_model_dir
 
         if int(batch_size) < 1:
             raise ValueError(f"reward_model batch_size must be >= 1, got {batch_size}")
@@ -86,14 +102,12 @@ class RewardModelReward:
 
     def load(self) -> None:
         if self._rm is None:
-            from posttrain.trainers.reward_model import load_reward_model
+            from posttrain.models.reward_model import load_reward_model
 
             self._rm, self._tokenizer, self.meta = load_reward_model(self.path, device=str(_device(self.device)))
 
     def scores(self, prompt: Any, completions: Sequence[str]) -> list[float]:
         """Raw reward-model scores of ``prompt + completion`` for each completion."""
-        from posttrain.trainers.reward_model import encode_text_pair
-
         self.load()
         tok = self._tokenizer
         seqs = [encode_text_pair(tok, prompt, c, chat_template=bool(self.meta.get("chat_template", True)),

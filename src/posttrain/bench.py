@@ -24,16 +24,20 @@ from pathlib import Path
 import torch
 
 
-def matmul_peak_gflops(dtype: torch.dtype = torch.float32, n: int = 2048, reps: int = 6) -> float:
-    """Best-of-``reps`` GFLOP/s of an n x n matmul in ``dtype`` on this CPU (all torch threads)."""
+def matmul_peak_gflops(dtype: torch.dtype = torch.float32, n: int = 2048, reps: int = 6,
+                       device: torch.device | str = "cpu") -> float:
+    """Best-of-``reps`` GFLOP/s of an n x n matmul in ``dtype`` on ``device`` (a CPU: all torch threads)."""
     g = torch.Generator().manual_seed(0)  # its own: measuring between steps must not move the global RNG
-    a = torch.randn(n, n, generator=g).to(dtype)
-    b = torch.randn(n, n, generator=g).to(dtype)
+    a = torch.randn(n, n, generator=g).to(device=device, dtype=dtype)
+    b = torch.randn(n, n, generator=g).to(device=device, dtype=dtype)
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
     torch.mm(a, b)  # warm-up
+    sync()
     best = float("inf")
     for _ in range(reps):
         t = time.perf_counter()
         torch.mm(a, b)
+        sync()
         best = min(best, time.perf_counter() - t)
     return 2 * n**3 / best / 1e9
 
@@ -98,9 +102,12 @@ def bench_config(cfg, steps: int = 5, warmup: int = 1) -> dict:
         trainer = RLTrainer(cfg, model, tokenizer, task, reward, RunDir(Path(tmp)))
         for _ in range(warmup + steps):
             rows.append(trainer.train_step())
-            peaks.append(matmul_peak_gflops(trainer.learner_dtype))
+            # a GPU needs large matrices to reach its peak; 2048 is this library's CPU figure
+            n = 8192 if trainer.device.type == "cuda" else 2048
+            peaks.append(matmul_peak_gflops(trainer.learner.dtype, n=n, device=trainer.device))
+        trainer.close()
     rows, peaks = rows[warmup:], peaks[warmup:]
-    learner_dtype = trainer.learner_dtype
+    learner_dtype = trainer.learner.dtype
     key = "bf16" if learner_dtype == torch.bfloat16 else "fp32"
     nonembed, hidden, vocab = model_dims(model)
     prompt_key = "tokens/prompt_unique" if cfg.trainer.share_prompt_pass else "tokens/prompt"
@@ -120,6 +127,8 @@ def bench_config(cfg, steps: int = 5, warmup: int = 1) -> dict:
         "learner_tok_per_s": med((r["tokens/prompt"] + r["tokens/completion"]) / r["time/learn_s"] for r in rows),
         "learner_dtype": key,
         "peak_rss_mb": peak_rss_mb(),
+        "device": str(trainer.device),
+        "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20 if trainer.device.type == "cuda" else 0.0,
         "reward_mean": med(r["reward/mean"] for r in rows),
         "allocator": active_allocator(),
     }
@@ -140,6 +149,9 @@ def print_bench(result: dict) -> None:
     }
     for key, pattern in fmt.items():
         table.add_row(key, pattern.format(result[key]))
+    if result.get("peak_gpu_mb"):
+        table.add_row("peak GPU memory (torch allocator)", f"{result['peak_gpu_mb']:.0f} MB")
+    table.add_row("device", result.get("device", "cpu"))
     table.add_row("learner dtype", result["learner_dtype"])
     table.add_row("allocator", result["allocator"])
     Console().print(table)

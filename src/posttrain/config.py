@@ -47,9 +47,17 @@ class RolloutConfig:
     stop: list[str] = field(default_factory=list)  # stop strings (kept out of the text)
     chat_template: bool = True  # wrap prompts with the tokenizer's chat template
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bf16 where the CPU has it
-    share_prompt_prefill: bool = True  # prefill each prompt once for its n completions
+    share_prompt_prefill: bool = True  # prefill each prompt once for its n completions (hf engine)
+    # hf: posttrain's in-process engine (shares the learner's weights); vllm: vLLM's LLM, weights
+    # pushed after every optimizer step (pip install -e '.[vllm]', see the README)
+    engine: Literal["hf", "vllm"] = "hf"
+    kv_cache_gb: float = 2.0  # vllm on CPU: KV-cache memory (VLLM_CPU_KVCACHE_SPACE)
+    gpu_memory_utilization: float = 0.4  # vllm on GPU: its share of GPU memory (the learner needs the rest)
+    enforce_eager: bool = True  # vllm: no graph compilation (start 20-30 s instead of 75-120 s on CPU)
 
     def __post_init__(self) -> None:
+        _check(self.kv_cache_gb > 0, "rollout.kv_cache_gb", "must be > 0")
+        _check(0 < self.gpu_memory_utilization < 1, "rollout.gpu_memory_utilization", "must be in (0, 1)")
         _check(self.num_prompts >= 1, "rollout.num_prompts", "must be >= 1")
         _check(self.num_completions >= 1, "rollout.num_completions", "must be >= 1")
         _check(self.max_new_tokens >= 1, "rollout.max_new_tokens", "must be >= 1")
@@ -135,8 +143,8 @@ class TrainerConfig:
     # benchmarks/vs_trl.py on 2 cores, peak RSS 3.28 -> 3.03 GB, learner 3.9-4.3 s -> 4.7 s per step
     activation_checkpointing: bool = False
     # bf16 learner on a CPU: keep each fp32 master weight as its bf16 value plus 16 low bits (exact
-    # fp32 AdamW, 2 bytes per weight less: -270 MB for SmolLM2-135M); false, or CUDA (not yet
-    # tested there): a separate fp32 copy
+    # fp32 AdamW, 2 bytes per weight less: -270 MB for SmolLM2-135M); false, or CUDA: a separate
+    # fp32 master (see trainers/learner.py)
     split_master_weights: bool = True
     seed: int = 0
     eval_every: int = 0  # 0: only before and after training
@@ -147,6 +155,7 @@ class TrainerConfig:
     on_reward_error: Literal["zero", "abort"] = "abort"
     max_nonfinite_steps: int = 3  # stop after this many consecutive non-finite steps
     threads: int = 0  # torch threads; 0 keeps torch's default
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # learner and hf engine; auto: CUDA when available
 
     def __post_init__(self) -> None:
         _check(self.steps >= 1, "trainer.steps", "must be >= 1")

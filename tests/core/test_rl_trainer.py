@@ -180,20 +180,20 @@ NEEDS_BF16 = pytest.mark.skipif(not __import__("posttrain.rollout.engine", froml
 def test_bf16_learner_routes_gradients_into_fp32_master(tmp_path):
     trainer = _trainer(tmp_path, ["trainer.micro_batch_size=8", "trainer.max_grad_norm=1e9",
                                   "trainer.split_master_weights=false"])
-    assert trainer.learner is trainer.engine.model
-    assert next(trainer.learner.parameters()).dtype == torch.bfloat16
+    assert trainer.learner.model is trainer.engine.model
+    assert next(trainer.learner.model.parameters()).dtype == torch.bfloat16
     assert next(trainer.policy.parameters()).dtype == torch.float32
     before = [p.detach().clone() for p in trainer.policy.parameters()]
     metrics = trainer.train_step()
     masters = list(trainer.policy.parameters())
     # every gradient landed on the fp32 master (accumulated over 8 micro-batches), none on the copy
-    assert all(p.grad is None for p in trainer.learner.parameters())
+    assert all(p.grad is None for p in trainer.learner.model.parameters())
     assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in masters)
     norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in masters]))
     assert norm > 0 and abs(float(norm) - metrics["grad_norm"]) < 1e-4 * max(1.0, float(norm))
     assert any(not torch.equal(a, b) for a, b in zip(before, masters))
     # the sampler/learner copy is the master rounded to bf16 after the step
-    for low, master in zip(trainer.learner.parameters(), masters):
+    for low, master in zip(trainer.learner.model.parameters(), masters):
         assert torch.equal(low, master.detach().to(torch.bfloat16))
 
 
@@ -207,9 +207,9 @@ def test_split_master_step_is_the_fp32_adamw_step_bit_for_bit(tmp_path):
     from posttrain.trainers.master_weights import SplitMasterAdamW, split
 
     trainer = _trainer(tmp_path, ["trainer.micro_batch_size=8", "trainer.max_grad_norm=0.5"])
-    opt = trainer.optimizer
+    opt = trainer.learner.optimizer
     assert isinstance(opt, SplitMasterAdamW)
-    assert trainer.learner is trainer.policy is trainer.engine.model
+    assert trainer.learner.model is trainer.policy is trainer.engine.model
     assert all(p.dtype == torch.bfloat16 for p in trainer.policy.parameters())
     before = [opt.master(i) for i in range(len(opt.params))]
     seen = {}
@@ -240,18 +240,18 @@ def test_split_master_checkpoint_holds_the_fp32_masters(tmp_path):
 
     trainer = _trainer(tmp_path, ["trainer.micro_batch_size=8"])
     trainer.train_step()
-    masters = [trainer.optimizer.master(i) for i in range(len(trainer.optimizer.params))]
+    masters = [trainer.learner.optimizer.master(i) for i in range(len(trainer.learner.optimizer.params))]
     path = trainer.save_checkpoint()
     saved = load_file(str(path / "model.safetensors"))
     names = {id(p): n for n, p in trainer.policy.named_parameters()}
-    for p, m in zip(trainer.optimizer.params, masters):
+    for p, m in zip(trainer.learner.optimizer.params, masters):
         assert saved[names[id(p)]].dtype == torch.float32 and torch.equal(saved[names[id(p)]], m)
     assert all(p.dtype == torch.bfloat16 for p in trainer.policy.parameters())  # split again after saving
     fresh = _trainer(tmp_path, ["trainer.micro_batch_size=8"])
     fresh.load_state(path)
     for i, m in enumerate(masters):
-        assert torch.equal(fresh.optimizer.master(i), m)
-    for a, b in zip(fresh.optimizer.state, trainer.optimizer.state):
+        assert torch.equal(fresh.learner.optimizer.master(i), m)
+    for a, b in zip(fresh.learner.optimizer.state, trainer.learner.optimizer.state):
         assert all(torch.equal(a[k], b[k]) for k in ("step", "exp_avg", "exp_avg_sq"))
     assert torch.equal(next(fresh.engine.model.parameters()), next(trainer.engine.model.parameters()))
 

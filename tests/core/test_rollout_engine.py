@@ -105,9 +105,12 @@ def test_bf16_sampling_copy_syncs_weights():
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.5)
-    eng.sync_weights(model)
+    eng.load_weights(dict(model.named_parameters()), 1)
     for a, b in zip(eng.model.parameters(), model.parameters()):
         assert torch.equal(a, b.to(torch.bfloat16))
+    assert eng.policy_version == 1
+    r = eng.generate(PROBLEMS[:1], 2, SamplingParams(max_new_tokens=3), torch.Generator().manual_seed(0))
+    assert r.policy_version.tolist() == [1, 1]
 
 
 def test_prompt_longer_than_context_is_rejected():

@@ -23,7 +23,7 @@ class Rollouts:
     completion_mask: torch.Tensor  # [N, T] float, 1 on generated tokens (EOS included)
     group_ids: torch.Tensor  # [N] long, samples of one prompt share an id
     behaviour_logprobs: torch.Tensor  # [N, T] log pi_rollout(token), recorded while sampling
-    entropies: torch.Tensor  # [N, T] entropy of the sampling distribution at each step
+    entropies: Optional[torch.Tensor]  # [N, T] sampling entropy per step (None: engine can't tell; learner fills it)
     truncated: torch.Tensor  # [N] bool, hit max_new_tokens without EOS or stop string
     texts: list[str]  # decoded completions (stop string removed)
     problems: list[Problem]  # the problem of each sample (shared within a group)
@@ -36,6 +36,7 @@ class Rollouts:
     ref_logprobs: Optional[torch.Tensor] = None  # [N, T] frozen reference model
     loss_mask: Optional[torch.Tensor] = None  # [N, T] tokens that get a loss (default: completion_mask)
     metadata: list[dict[str, Any]] = field(default_factory=list)  # per-sample extras
+    policy_version: Optional[torch.Tensor] = None  # [N] long, the sampler's weights version per sample
 
     def __post_init__(self) -> None:
         if not self.metadata:

@@ -5,8 +5,8 @@ Sampling is a hand-written decode loop over the model's forward with a KV cache 
 behaviour log-probs and entropies of the sampling distribution at every step. It also
 - prefills each distinct prompt once and repeats its KV cache for the n completions;
 - drops finished sequences from the decode batch (their cache rows are released);
-- samples with a bf16 copy of the policy when the CPU supports bf16 (weights are re-synced
-  from the fp32 learner after each optimizer step, see ``sync_weights``).
+- samples in bf16 where the CPU or GPU supports it, on the learner's own bf16 weights when the
+  learner computes in bf16 too (then ``load_weights`` copies nothing).
 
 The sampling distribution is softmax(logits / temperature); the learner uses the same
 temperature, so behaviour and learner log-probs describe the same policy.
@@ -16,8 +16,7 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Mapping, Optional, Sequence
 
 import torch
 
@@ -25,16 +24,15 @@ from posttrain.models.attention import attention_for
 from posttrain.models.fast_decoder import StaticKV, decoder_forward
 from posttrain.models.logprobs import uses_fast_decoder
 from posttrain.rollout.batch import Rollouts
+from posttrain.rollout.sampler import (  # noqa: F401  (SamplingParams, PromptTooLongError, render_prompt: re-exported)
+    PromptTooLongError,
+    SamplingParams,
+    context_window,
+    encode_prompts,
+    eos_ids,
+    render_prompt,
+)
 from posttrain.tasks.base import Problem
-
-
-@dataclass
-class SamplingParams:
-    max_new_tokens: int = 32
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    stop: Sequence[str] = ()
 
 
 def cpu_supports_bf16() -> bool:
@@ -50,24 +48,6 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
     return torch.bfloat16 if cpu_supports_bf16() else torch.float32
-
-
-class PromptTooLongError(ValueError):
-    """A prompt plus the completion budget exceeds the model's context window."""
-
-
-def render_prompt(tokenizer, prompt, chat_template: bool) -> list[int]:
-    if chat_template and getattr(tokenizer, "chat_template", None):
-        messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": str(prompt)}]
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return tokenizer(text, add_special_tokens=False).input_ids
-    if isinstance(prompt, list):
-        prompt = "\n".join(m["content"] for m in prompt)
-    return tokenizer(str(prompt)).input_ids
-
-
-def context_window(model) -> int:
-    return int(getattr(model.config, "max_position_embeddings", 0) or 2**31)
 
 
 def low_precision_copy(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
@@ -116,8 +96,9 @@ class HFRolloutEngine:
         # A separate low-precision copy for sampling; sharing the policy when dtypes agree.
         self.model = low_precision_copy(policy, dtype) if dtype != param_dtype else policy
         self.model.eval()
-        self.eos_ids = self._eos_ids()
+        self.eos_ids = eos_ids(tokenizer, self.model.generation_config)
         self.last_stats: dict[str, float] = {}
+        self.policy_version = 0
 
     @property
     def dtype(self) -> torch.dtype:
@@ -125,37 +106,25 @@ class HFRolloutEngine:
         split master weights turn a shared fp32 policy into bf16)."""
         return next(self.model.parameters()).dtype
 
-    def _eos_ids(self) -> set[int]:
-        ids = set()
-        for source in (self.tokenizer.eos_token_id, getattr(self.model.generation_config, "eos_token_id", None)):
-            if isinstance(source, int):
-                ids.add(source)
-            elif isinstance(source, (list, tuple)):
-                ids.update(int(i) for i in source)
-        return ids
-
     @torch.no_grad()
-    def sync_weights(self, policy) -> None:
-        """Copy the learner's weights into the sampling copy (no-op when shared)."""
-        if self.model is policy:
-            return
-        for dst, src in zip(self.model.parameters(), policy.parameters()):
-            dst.copy_(src)
+    def load_weights(self, weights: Mapping[str, torch.Tensor], version: int) -> None:
+        """Copy the learner's weights into the sampling model; free when they are its own tensors
+        (the learner computes on the sampler's bf16 weights, see trainers.learner)."""
+        t0 = time.perf_counter()
+        params = dict(self.model.named_parameters())
+        for name, src in weights.items():
+            dst = params[name]
+            if dst.data_ptr() != src.data_ptr():
+                dst.copy_(src)
+        self.policy_version = version
+        self.last_stats["sync_s"] = time.perf_counter() - t0
+
+    def close(self) -> None:
+        """Nothing to release: the engine lives in the caller's process and memory."""
 
     def encode(self, problems: Sequence[Problem], max_new_tokens: int) -> list[list[int]]:
-        limit = context_window(self.model)
-        encoded = []
-        for p in problems:
-            ids = render_prompt(self.tokenizer, p.prompt, self.chat_template)
-            if not ids:
-                raise ValueError(f"problem {p.id!r} has an empty prompt")
-            if len(ids) + max_new_tokens > limit:
-                raise PromptTooLongError(
-                    f"problem {p.id!r}: prompt of {len(ids)} tokens + max_new_tokens {max_new_tokens} exceeds the "
-                    f"model's context of {limit} tokens; shorten the prompt or lower rollout.max_new_tokens"
-                )
-            encoded.append(ids)
-        return encoded
+        return encode_prompts(self.tokenizer, problems, max_new_tokens, self.chat_template,
+                              context_window(self.model.config))
 
     @torch.no_grad()
     def generate(
@@ -255,6 +224,7 @@ class HFRolloutEngine:
             truncated=~ended,
             texts=texts,
             problems=[p for p in problems for _ in range(n)],
+            policy_version=torch.full((N,), self.policy_version, dtype=torch.long),
         )
 
     def _new_cache(self, rows: int, capacity: int):

@@ -1,30 +1,33 @@
-"""The RL trainer: one readable loop from prompts to optimizer step.
+"""The RL loop: a Sampler makes rollouts, rewards score them, a Learner updates on them.
 
     for each step:
-        problems   = sampler.next(num_prompts)                      # seeded, resumable
-        rollouts   = engine.generate(problems, n)                   # tokens, behaviour log-probs, entropies
+        problems   = data.next(num_prompts)                         # seeded, resumable
+        rollouts   = engine.generate(problems, n)                   # tokens, behaviour log-probs (hf or vllm)
         rollouts.rewards, components = reward(group) for each group # group-aware rewards
-        rollouts.ref_logprobs / old_logprobs  (only when needed)
+        rollouts.ref_logprobs / old_logprobs  (only when needed)    # learner.logprobs(...)
         rollouts.advantages = ADVANTAGES[estimator](...)            # [N, T]
-        for epoch, mini-batch, micro-batch:
-            logp = learner log-probs (chunked output projection)
-            loss = aggregate(POLICY_LOSSES[loss](...)) + kl + entropy terms
-            backward; after the mini-batch: clip, optimizer step, LR schedule
-        engine.sync_weights(policy); log; evaluate; checkpoint
+        for epoch, mini-batch:
+            learner.forward_backward(mini, policy loss + kl + entropy)   # micro-batched
+            learner.optim_step(lr schedule)
+        engine.load_weights(learner.export_weights(), version)      # in place; free when shared
+        log; evaluate; checkpoint
+
+The Learner (trainers/learner.py) owns weights, precision, optimizer, reference and critic; the
+Sampler (rollout/sampler.py) owns sampling. This file only orchestrates them.
 
 Old log-probs: with one epoch and one mini-batch the policy has not moved when the loss is
 computed, so old = current.detach() exactly and no extra forward pass is needed (TRL does the
 same). Otherwise they are recomputed before the first update ("recompute"), or taken from the
-rollout engine ("behaviour", the bypass mode of verl).
+rollout engine ("behaviour", the bypass mode of verl). Behaviour (engine) vs old (learner at the
+same weights) is the train-inference mismatch the corrections act on: zero-ish with the
+in-process engine, real with vLLM.
 """
 
 from __future__ import annotations
 
-import copy
 import math
 import random
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -42,22 +45,21 @@ from posttrain.algorithms import (
     aggregate,
     kl_estimate,
 )
+from posttrain.algorithms.advantages_token import gae_returns, value_loss
 from posttrain.algorithms.corrections import mismatch_metrics
 from posttrain.algorithms.overlong import dapo_overlong_penalty, mask_truncated
 from posttrain.algorithms.regularizers import AdaptiveEntropyController, AdaptiveKLController, kl_in_reward, \
     top_entropy_mask
 from posttrain.config import RLConfig, to_dict
 from posttrain.evaluation.runner import correct_flags
-from posttrain.algorithms.advantages_token import gae_returns, value_loss
-from posttrain.models import fast_decoder
-from posttrain.models.logprobs import SharedPromptPass, completion_logprobs, uses_fast_decoder
-from posttrain.models.value import ValueModel
 from posttrain.rewards.errors import score_group
 from posttrain.rollout.batch import Rollouts
-from posttrain.rollout.engine import HFRolloutEngine, SamplingParams, cpu_supports_bf16, resolve_dtype
+from posttrain.rollout.engine import SamplingParams, resolve_dtype
+from posttrain.rollout.sampler import build_engine
 from posttrain.runs import RunDir, load_trainer_state
 from posttrain.tasks.base import Problem
-from posttrain.trainers.master_weights import SplitMasterAdamW, accumulate_grad
+from posttrain.trainers.learner import Learner, length_buckets, resolve_device, \
+    share_prompts_across_micro_batches  # noqa: F401  (re-exported)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -116,69 +118,35 @@ class EvalResult:
 
 
 class RLTrainer:
-    def __init__(self, cfg: RLConfig, policy, tokenizer, task, reward, run: RunDir, device: str = "cpu",
-                 eval_reward=None):
+    def __init__(self, cfg: RLConfig, policy, tokenizer, task, reward, run: RunDir, eval_reward=None):
         self.cfg = cfg
-        self.policy = policy.to(device)
         self.tokenizer = tokenizer
         self.task = task
         self.reward = reward
         self.eval_reward = eval_reward or reward
         self.run = run
-        self.device = torch.device(device)
-        tc = cfg.trainer
+        tc, alg = cfg.trainer, cfg.algorithm
+        self.device = resolve_device(tc.device)
         if tc.threads:
             torch.set_num_threads(tc.threads)
         torch.manual_seed(tc.seed)
-        self.sampler = EpochSampler(list(task.problems("train")), tc.seed)
+        self.data = EpochSampler(list(task.problems("train")), tc.seed)
         self.eval_problems = list(task.problems("test"))[: tc.eval_problems]
         if not self.eval_problems:
             raise ValueError("the task's test split is empty: nothing to evaluate on")
-        use_bf16 = tc.autocast == "bfloat16" or (tc.autocast == "auto" and self._bf16_ok())
-        rollout_dtype = resolve_dtype(cfg.rollout.dtype, self.device)
-        # Mixed precision with fp32 master weights (Micikevicius et al., arXiv 1710.03740): the
-        # learner computes on the sampler's bf16 weights (no per-micro-batch autocast casts, 12% of
-        # an update) and each gradient moves into an fp32 accumulator as soon as it lands. With
-        # split_master_weights the masters are the bf16 weights plus 16 low bits
-        # (trainers.master_weights) and the policy itself becomes that bf16 model; otherwise the
-        # fp32 policy is the master and the sampler holds a bf16 copy. No bf16: fp32 throughout.
-        self.split_master = (use_bf16 and rollout_dtype == torch.bfloat16 and tc.split_master_weights
-                             and self.device.type == "cpu" and next(policy.parameters()).dtype == torch.float32)
-        self.engine = HFRolloutEngine(policy, tokenizer,
-                                      dtype=torch.float32 if self.split_master else rollout_dtype,
-                                      chat_template=cfg.rollout.chat_template, attention=cfg.model.attention,
-                                      decoder=cfg.model.decoder)
-        # Check every prompt fits the context before any work starts.
-        self.engine.encode(self.sampler.problems + self.eval_problems, cfg.rollout.max_new_tokens)
-        if tc.activation_checkpointing and not uses_fast_decoder(policy.get_decoder(), cfg.model.decoder):
-            why = "model.decoder=hf" if cfg.model.decoder == "hf" else fast_decoder.unsupported_reason(policy.get_decoder())
-            raise ValueError(f"trainer.activation_checkpointing needs posttrain's lean decoder (model.decoder=auto and a "
-                             f"Llama/Qwen2-architecture model), but here: {why}. Set it to false.")
-        self.learner_dtype = torch.bfloat16 if use_bf16 else torch.float32
-        self.autocast = (lambda: torch.autocast(self.device.type, dtype=torch.bfloat16)) if use_bf16 else nullcontext
-        self.critic = self.critic_optimizer = None
-        if cfg.algorithm.uses_critic:  # from the fp32 weights, before they are split
-            self.critic = ValueModel(policy).to(device)
-            self.critic_optimizer = torch.optim.AdamW(self.critic.parameters(), lr=cfg.algorithm.critic.lr,
-                                                      betas=tuple(tc.adam_betas), weight_decay=tc.weight_decay)
-        adam = dict(lr=tc.lr, betas=tuple(tc.adam_betas), weight_decay=tc.weight_decay)
-        self.learner, self.learner_autocast = self.policy, self.autocast
-        if self.split_master:
-            # From here the policy (the model passed in) holds bf16 weights; the master lives in the optimizer.
-            self.optimizer = SplitMasterAdamW(self.policy.parameters(), **adam)  # the engine's model too
-            self.learner_autocast = nullcontext
-        else:
-            if use_bf16 and self.engine.model is not self.policy and self.engine.dtype == torch.bfloat16:
-                self.learner, self.learner_autocast = self.engine.model, nullcontext
-                self._route_grads_to_master()
-            # fused: one pass per parameter with no temporaries (3x faster than the per-parameter
-            # loop on a CPU; the multi-tensor path would allocate temporaries the size of the model).
-            self.optimizer = torch.optim.AdamW(self.policy.parameters(), fused=True, **adam)
-        self.ref = None
-        if cfg.algorithm.uses_reference:  # in the learner's precision, so KL is exactly 0 at the start
-            self.ref = copy.deepcopy(self.learner).eval().requires_grad_(False)
-        self.kl_ctl = AdaptiveKLController(cfg.algorithm.kl)
-        self.entropy_ctl = AdaptiveEntropyController(cfg.algorithm.entropy)
+        sampler_dtype = resolve_dtype(cfg.rollout.dtype, self.device)
+        self.learner = Learner(policy, tc, cfg.model, temperature=cfg.rollout.temperature, device=self.device,
+                               sampler_dtype=sampler_dtype, reference=alg.uses_reference,
+                               critic_lr=alg.critic.lr if alg.uses_critic else None)
+        # The hf engine shares the learner's compute weights when the dtypes agree (no sync).
+        self.engine = build_engine(cfg.rollout, cfg.model, self.learner.model, tokenizer, sampler_dtype, tc.seed)
+        try:  # every prompt must fit the context before any work starts
+            self.engine.encode(self.data.problems + self.eval_problems, cfg.rollout.max_new_tokens)
+        except BaseException:
+            self.engine.close()
+            raise
+        self.kl_ctl = AdaptiveKLController(alg.kl)
+        self.entropy_ctl = AdaptiveEntropyController(alg.entropy)
         self.generator = torch.Generator(device=self.device).manual_seed(tc.seed)
         self.step = 0
         self.nonfinite_streak = 0
@@ -187,18 +155,10 @@ class RLTrainer:
             top_p=cfg.rollout.top_p, top_k=cfg.rollout.top_k, stop=tuple(cfg.rollout.stop),
         )
 
-    def _route_grads_to_master(self) -> None:
-        for master, low in zip(self.policy.parameters(), self.learner.parameters(), strict=True):
-            low.requires_grad_(master.requires_grad)
-
-            def move(low: torch.Tensor, master: torch.Tensor = master) -> None:
-                master.grad = accumulate_grad(master.grad, low.grad, master.dtype)
-                low.grad = None
-
-            low.register_post_accumulate_grad_hook(move)
-
-    def _bf16_ok(self) -> bool:
-        return torch.cuda.is_bf16_supported() if self.device.type == "cuda" else cpu_supports_bf16()
+    @property
+    def policy(self):
+        """The policy module whose checkpoint is saved (bf16 between steps under split masters)."""
+        return self.learner.policy
 
     # ------------------------------------------------------------------ rollouts and rewards
     def score(self, rollouts: Rollouts, reward=None) -> list[dict]:
@@ -229,38 +189,6 @@ class RLTrainer:
         self.score(base)
         return base.rewards[rollouts.group_ids]
 
-    def _logprobs(self, model, batch: Rollouts, with_entropy: bool = False, prompt_states=None):
-        with self.learner_autocast():  # the learner or the reference, which shares its precision
-            return completion_logprobs(
-                model, batch.prompt_ids, batch.prompt_mask, batch.completion_ids, batch.completion_mask,
-                temperature=self.cfg.rollout.temperature, chunk_tokens=self.cfg.trainer.logprob_chunk_tokens,
-                with_entropy=with_entropy, share_prompts=self.cfg.trainer.share_prompt_pass,
-                attention=self.cfg.model.attention, prompt_states=prompt_states, decoder_mode=self.cfg.model.decoder,
-                checkpoint_layers=self.cfg.trainer.activation_checkpointing,  # a no-op under no_grad
-            )
-
-    def _values(self, batch: Rollouts) -> torch.Tensor:
-        with self.autocast():
-            return self.critic(batch.prompt_ids, batch.prompt_mask, batch.completion_ids, batch.completion_mask,
-                               share_prompts=self.cfg.trainer.share_prompt_pass, attention=self.cfg.model.attention,
-                               decoder_mode=self.cfg.model.decoder)
-
-    def _no_grad_pass(self, rollouts: Rollouts, fn: Callable[[Rollouts], torch.Tensor]) -> torch.Tensor:
-        """[N, T] from ``fn`` run per length bucket on padding-trimmed rows, zero-padded, in row order."""
-        N, T = rollouts.completion_ids.shape
-        out = torch.zeros((N, T))
-        with torch.no_grad():
-            for rows in length_buckets(rollouts, self.cfg.trainer.micro_batch_size, self.cfg.trainer.micro_batch_tokens):
-                part = fn(_trim(rollouts.select(rows))).cpu()
-                out[rows, : part.shape[1]] = part
-        return out
-
-    def _batched_values(self, rollouts: Rollouts) -> torch.Tensor:
-        return self._no_grad_pass(rollouts, self._values)
-
-    def _batched_logprobs(self, model, rollouts: Rollouts) -> torch.Tensor:
-        return self._no_grad_pass(rollouts, lambda micro: self._logprobs(model, micro)[0])
-
     def _old_logprobs_mode(self) -> str:
         mode = self.cfg.trainer.old_logprobs
         if mode == "auto":
@@ -270,10 +198,9 @@ class RLTrainer:
 
     # ------------------------------------------------------------------ one step
     def train_step(self) -> dict[str, float]:
-        cfg, alg = self.cfg, self.cfg.algorithm
+        cfg, alg, learner = self.cfg, self.cfg.algorithm, self.learner
         t0 = time.perf_counter()
-        self.policy.eval()
-        problems = self.sampler.next(cfg.rollout.num_prompts)
+        problems = self.data.next(cfg.rollout.num_prompts)
         rollouts = self.engine.generate(problems, cfg.rollout.num_completions, self.sampling, self.generator,
                                         share_prefill=cfg.rollout.share_prompt_prefill)
         gen_stats = dict(self.engine.last_stats)
@@ -283,11 +210,11 @@ class RLTrainer:
             self.run.append("reward_errors.jsonl", {"step": self.step + 1, **e})
         mode = self._old_logprobs_mode()
         if mode == "recompute":
-            rollouts.old_logprobs = self._batched_logprobs(self.learner, rollouts)
+            rollouts.old_logprobs = learner.logprobs(rollouts)
         elif mode == "behaviour":
             rollouts.old_logprobs = rollouts.behaviour_logprobs
-        if self.ref is not None:
-            rollouts.ref_logprobs = self._batched_logprobs(self.ref, rollouts)
+        if learner.ref is not None:
+            rollouts.ref_logprobs = learner.logprobs(rollouts, "ref")
         mask = rollouts.completion_mask
         if alg.overlong_buffer:
             penalty = dapo_overlong_penalty(rollouts.completion_lengths, cfg.rollout.max_new_tokens,
@@ -300,8 +227,8 @@ class RLTrainer:
         if alg.kl.in_reward:
             token_rewards = kl_in_reward(None, logprobs, rollouts.ref_logprobs, mask, self.kl_ctl.value,
                                          alg.kl.estimator)
-        if self.critic is not None:
-            rollouts.values = self._batched_values(rollouts)
+        if learner.critic is not None:
+            rollouts.values = learner.values(rollouts)
         adv_input = AdvantageInput(
             rewards=rollouts.rewards, group_ids=rollouts.group_ids, mask=mask,
             reward_components=rollouts.reward_components, token_rewards=token_rewards, logprobs=logprobs,
@@ -309,35 +236,43 @@ class RLTrainer:
             answers=[str(m.get("canonical", m.get("answer"))) for m in rollouts.metadata],
         )
         rollouts.advantages = ADVANTAGES.get(alg.advantage_estimator)(adv_input, alg.advantage).float()
-        if self.critic is not None:
+        if learner.critic is not None:
             rollouts.returns = gae_returns(adv_input, alg.advantage).float()
-        # Which tokens get a loss: DAPO overlong filtering, 80/20 high-entropy tokens.
+        # Which tokens get a loss: DAPO overlong filtering, 80/20 high-entropy tokens (on the
+        # learner's entropies when the engine records none, as vLLM's does not).
         loss_mask = mask_truncated(mask, rollouts.truncated) if alg.mask_truncated else mask
-        rollouts.loss_mask = top_entropy_mask(rollouts.entropies, loss_mask, alg.entropy.top_quantile)
+        if alg.entropy.top_quantile < 1.0 and rollouts.entropies is None:
+            rollouts.entropies = learner.entropies(rollouts)
+        rollouts.loss_mask = top_entropy_mask(rollouts.entropies, loss_mask, alg.entropy.top_quantile) \
+            if rollouts.entropies is not None else loss_mask
         metrics = self.update(rollouts)
         if "kl/mean" in metrics:
             metrics["kl/coef"] = self.kl_ctl.update(metrics["kl/mean"], len(rollouts))
-        if "entropy/learner" in metrics:
+        if "entropy/learner" in metrics and self.entropy_ctl.value > 0:
             metrics["entropy/coef"] = self.entropy_ctl.update(metrics["entropy/learner"])
-        self.engine.sync_weights(self.policy)
-        t_end = time.perf_counter()
+        t_learn = time.perf_counter()
         self.step += 1
+        self.engine.load_weights(learner.export_weights(), self.step)
+        t_end = time.perf_counter()
         metrics.update(self._rollout_metrics(rollouts))
         metrics.update({
             "reward_errors": float(len(errors)),
-            "time/gen_s": t_gen - t0, "time/learn_s": t_end - t_gen, "time/step_s": t_end - t0,
+            "time/gen_s": t_gen - t0, "time/learn_s": t_learn - t_gen, "time/sync_s": t_end - t_learn,
+            "time/step_s": t_end - t0,
             "perf/gen_tok_per_s": gen_stats.get("gen_tok_per_s", 0.0),
-            "perf/learn_tok_per_s": float((rollouts.prompt_mask.sum() + mask.sum()) / max(t_end - t_gen, 1e-9)),
-            "data/position": float(self.sampler.position),
+            "perf/learn_tok_per_s": float((rollouts.prompt_mask.sum() + mask.sum()) / max(t_learn - t_gen, 1e-9)),
+            "data/position": float(self.data.position),
             "tokens/completion": float(mask.sum()),
             "tokens/prompt": float(rollouts.prompt_mask.sum()),
             "tokens/prompt_unique": float(_unique_prompt_tokens(rollouts)),
         })
+        if rollouts.policy_version is not None:  # steps the sampled weights lag the learner's (0: on-policy)
+            metrics["staleness/mean"] = float(self.step - 1 - rollouts.policy_version.float().mean())
         return metrics
 
     def update(self, rollouts: Rollouts) -> dict[str, float]:
-        cfg, tc, alg = self.cfg, self.cfg.trainer, self.cfg.algorithm
-        self.learner.train()
+        """PPO epochs x mini-batches of learner updates on one batch; returns mean metrics."""
+        tc, alg, learner = self.cfg.trainer, self.cfg.algorithm, self.learner
         loss_fn = POLICY_LOSSES.get(alg.policy_loss)
         n = len(rollouts)
         sums: dict[str, float] = {}
@@ -347,45 +282,30 @@ class RLTrainer:
             sums[key] = sums.get(key, 0.0) + float(value)
             counts[key] = counts.get(key, 0) + 1
 
+        # The engine's entropies are missing (vLLM): the learner's stand in, in the same pass.
+        want_entropy = self.entropy_ctl.value > 0 or rollouts.entropies is None
+        value_fn = None
         mini_size = n // tc.mini_batches
         for epoch in range(tc.ppo_epochs):
-            order = torch.randperm(n, generator=self.generator) if tc.ppo_epochs > 1 or tc.mini_batches > 1 \
+            order = torch.randperm(n, generator=self.generator, device=self.generator.device).cpu() if tc.ppo_epochs > 1 or tc.mini_batches > 1 \
                 else torch.arange(n)
             for m in range(tc.mini_batches):
                 mini = rollouts.select(order[m * mini_size:(m + 1) * mini_size])
+                # The loss is a sum over micro-batches normalised by mini-batch counts, so the
+                # micro-batch split does not change the gradient.
                 counts_kw = dict(num_tokens=float(mini.loss_mask.sum()), num_seqs=float(len(mini)),
-                                 norm_length=float(cfg.rollout.max_new_tokens))
-                self.optimizer.zero_grad(set_to_none=True)
-                if self.critic is not None:
-                    self.critic_optimizer.zero_grad(set_to_none=True)
-                total_loss = 0.0
-                # Micro-batches of similar completion length waste little compute on padding;
-                # the loss is a sum normalised by mini-batch counts, so the grouping is free.
-                # Their prompts run through the decoder once per mini-batch (SharedPromptPass).
-                shared = None
-                if tc.share_prompt_pass and share_prompts_across_micro_batches(mini, tc.micro_batch_size):
-                    with self.learner_autocast():
-                        shared = SharedPromptPass(self.learner, mini.prompt_ids, mini.prompt_mask,
-                                                  cfg.model.attention, mini.prompt_ids.shape[1] + mini.completion_ids.shape[1],
-                                                  cfg.model.decoder)
-                # Longest first: its activations are freed while the fp32 gradients are first
-                # allocated, so the two do not stack at the memory peak.
-                for rows in reversed(length_buckets(mini, tc.micro_batch_size, tc.micro_batch_tokens)):
-                    micro = _trim(mini.select(rows), trim_prompt=shared is None)
-                    loss, parts = self._micro_loss(micro, loss_fn, counts_kw, record,
-                                                   shared.rows(rows) if shared is not None else None)
-                    loss.backward()
-                    total_loss += float(loss.detach())
-                    if self.critic is not None:
-                        self._value_loss(micro, counts_kw, record).backward()
-                if shared is not None:
-                    shared.backward()
-                grad_norm = (self.optimizer.clip_grad_norm_(tc.max_grad_norm) if self.split_master
-                             else torch.nn.utils.clip_grad_norm_(self.policy.parameters(), tc.max_grad_norm))
+                                 norm_length=float(self.cfg.rollout.max_new_tokens))
+                if learner.critic is not None:
+                    value_fn = lambda micro, values, kw=counts_kw: self._value_loss(micro, values, kw, record)  # noqa: E731
+                learner.zero_grad()
+                total_loss = learner.forward_backward(
+                    mini, lambda micro, logp, ent, kw=counts_kw: self._micro_loss(micro, logp, ent, loss_fn, kw, record),
+                    with_entropy=want_entropy, value_loss_fn=value_fn)
+                grad_norm = learner.clip_grad_norm()
                 record("loss/total", total_loss)
-                record("grad_norm", float(grad_norm))
-                if not (math.isfinite(total_loss) and math.isfinite(float(grad_norm))):
-                    self.optimizer.zero_grad(set_to_none=True)
+                record("grad_norm", grad_norm)
+                if not (math.isfinite(total_loss) and math.isfinite(grad_norm)):
+                    learner.zero_grad()
                     self.nonfinite_streak += 1
                     record("nonfinite_skipped", 1.0)
                     if self.nonfinite_streak >= tc.max_nonfinite_steps:
@@ -396,25 +316,15 @@ class RLTrainer:
                         )
                     continue
                 self.nonfinite_streak = 0
-                factor = lr_factor(self.step, tc.steps, tc.warmup_steps, tc.lr_schedule)
-                for group in self.optimizer.param_groups:
-                    group["lr"] = tc.lr * factor
-                self.optimizer.step()
-                if self.critic is not None:
-                    record("critic/grad_norm", float(torch.nn.utils.clip_grad_norm_(self.critic.parameters(),
-                                                                                    tc.max_grad_norm)))
-                    for group in self.critic_optimizer.param_groups:
-                        group["lr"] = alg.critic.lr * factor
-                    self.critic_optimizer.step()
-        self.learner.eval()
+                for k, v in learner.optim_step(lr_factor(self.step, tc.steps, tc.warmup_steps, tc.lr_schedule)).items():
+                    record(k, v)
         out = {k: sums[k] / counts[k] for k in sums}
-        out["lr"] = self.optimizer.param_groups[0]["lr"]
+        out["lr"] = learner.optimizer.param_groups[0]["lr"]
         return out
 
-    def _value_loss(self, micro: Rollouts, counts_kw: dict, record: Callable) -> torch.Tensor:
+    def _value_loss(self, micro: Rollouts, values: torch.Tensor, counts_kw: dict, record: Callable) -> torch.Tensor:
         """PPO clipped value loss of the critic on one micro-batch, aggregated like the policy loss."""
         alg = self.cfg.algorithm
-        values = self._values(micro)
         mask = micro.completion_mask.to(values.device)
         out = value_loss(values, micro.values.to(values.device), micro.returns.to(values.device), mask,
                          clip_range=alg.critic.value_clip)
@@ -424,11 +334,11 @@ class RLTrainer:
             record(f"critic/{k}", float(v))
         return loss
 
-    def _micro_loss(self, micro: Rollouts, loss_fn: Callable, counts_kw: dict, record: Callable, prompt_states=None):
+    def _micro_loss(self, micro: Rollouts, logp: torch.Tensor, entropy: Optional[torch.Tensor], loss_fn: Callable,
+                    counts_kw: dict, record: Callable) -> torch.Tensor:
+        """Policy loss (+ KL, - entropy bonus) of one micro-batch, normalised by mini-batch counts."""
         alg = self.cfg.algorithm
         entropy_coef = self.entropy_ctl.value
-        want_entropy = entropy_coef > 0
-        logp, entropy = self._logprobs(self.learner, micro, with_entropy=want_entropy, prompt_states=prompt_states)
         mask = micro.loss_mask.to(logp.device)
         old = micro.old_logprobs.to(logp.device) if micro.old_logprobs is not None else logp.detach()
         behaviour = micro.behaviour_logprobs.to(logp.device)
@@ -440,7 +350,8 @@ class RLTrainer:
                 record(k if "/" in k else f"correction/{k}", float(v))
         out = loss_fn(
             PolicyLossInput(logprobs=logp, old_logprobs=old, advantages=micro.advantages.to(logp.device), mask=mask,
-                            is_weights=is_weights, behaviour_logprobs=behaviour, entropy=entropy if want_entropy else None),
+                            is_weights=is_weights, behaviour_logprobs=behaviour,
+                            entropy=entropy if entropy_coef > 0 else None),
             alg.loss,
         )
         loss = aggregate(out.loss, mask, alg.aggregation, **counts_kw)
@@ -455,10 +366,11 @@ class RLTrainer:
             record("kl/mean", float((kl.detach() * mask).sum() / mask.sum().clamp_min(1)))
             if not alg.kl.in_reward:
                 loss = loss + self.kl_ctl.value * aggregate(kl, mask, alg.aggregation, **counts_kw)
-        if want_entropy:
+        if entropy is not None:
             record("entropy/learner", float((entropy.detach() * mask).sum() / mask.sum().clamp_min(1)))
-            loss = loss - entropy_coef * aggregate(entropy, mask, alg.aggregation, **counts_kw)
-        return loss, out
+            if entropy_coef > 0:
+                loss = loss - entropy_coef * aggregate(entropy, mask, alg.aggregation, **counts_kw)
+        return loss
 
     @staticmethod
     def _rollout_metrics(r: Rollouts) -> dict[str, float]:
@@ -472,9 +384,10 @@ class RLTrainer:
             "response_length/mean": float(lengths.mean()),
             "response_length/max": float(lengths.max()),
             "truncated_frac": float(r.truncated.float().mean()),
-            "entropy/mean": float((r.entropies * r.completion_mask).sum() / r.completion_mask.sum().clamp_min(1)),
             "groups/zero_std_frac": float((std == 0).float().mean()),
         }
+        if r.entropies is not None:  # the sampler's; the learner's are entropy/learner
+            m["entropy/mean"] = float((r.entropies * r.completion_mask).sum() / r.completion_mask.sum().clamp_min(1))
         for name, values in r.reward_components.items():
             m[f"reward_component/{name}"] = float(values.mean())
         return m
@@ -506,45 +419,37 @@ class RLTrainer:
     def state_dict(self) -> dict:
         return {
             "step": self.step,
-            "optimizer": self.optimizer.state_dict(),
-            "sampler_position": self.sampler.position,
+            **self.learner.state_dict(),
+            "sampler_position": self.data.position,
             "generator": self.generator.get_state(),
             "torch_rng": torch.random.get_rng_state(),
             "nonfinite_streak": self.nonfinite_streak,
             "kl_coef": self.kl_ctl.value,
-            "critic_optimizer": self.critic_optimizer.state_dict() if self.critic is not None else None,
             "entropy_coef": self.entropy_ctl.value,
             "config": to_dict(self.cfg),
         }
 
     def load_state(self, checkpoint: Path) -> None:
-        from safetensors.torch import load_model
-
-        with self._fp32_policy():  # loads the exact fp32 masters when they are split
-            load_model(self.policy, str(checkpoint / "model.safetensors"), strict=False)
-        self.engine.sync_weights(self.policy)
         state = load_trainer_state(checkpoint)
+        self.learner.load_checkpoint(checkpoint, state)
         self.step = int(state["step"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.sampler.position = int(state["sampler_position"])
+        self.engine.load_weights(self.learner.export_weights(), self.step)
+        self.data.position = int(state["sampler_position"])
         self.generator.set_state(state["generator"])
         torch.random.set_rng_state(state["torch_rng"])
         self.nonfinite_streak = int(state["nonfinite_streak"])
         self.kl_ctl.value = float(state["kl_coef"])
-        if self.critic is not None:
-            load_model(self.critic, str(checkpoint / "critic.safetensors"))
-            self.critic_optimizer.load_state_dict(state["critic_optimizer"])
         self.entropy_ctl.value = float(state["entropy_coef"])
 
     def save_checkpoint(self) -> Path:
-        extra = {"critic": self.critic.state_dict()} if self.critic is not None else None
-        with self._fp32_policy():  # checkpoints hold the fp32 masters either way
-            return self.run.save_checkpoint(self.step, self.policy, self.tokenizer, self.state_dict(),
-                                            keep=self.cfg.trainer.keep_checkpoints, extra_weights=extra)
+        with self.learner.fp32_policy():  # checkpoints hold the fp32 masters either way
+            return self.run.save_checkpoint(self.step, self.learner.policy, self.tokenizer, self.state_dict(),
+                                            keep=self.cfg.trainer.keep_checkpoints,
+                                            extra_weights=self.learner.extra_weights())
 
-    def _fp32_policy(self):
-        """Context in which ``self.policy`` holds its fp32 master weights."""
-        return self.optimizer.materialized() if self.split_master else nullcontext()
+    def close(self) -> None:
+        """Stop the rollout engine (vLLM's runs in its own process)."""
+        self.engine.close()
 
 
 def _unique_prompt_tokens(r: Rollouts) -> int:
@@ -552,48 +457,3 @@ def _unique_prompt_tokens(r: Rollouts) -> int:
     per_group = torch.zeros(int(r.group_ids.max()) + 1, dtype=torch.long)
     per_group[r.group_ids] = r.prompt_mask.sum(-1).long()  # rows of a group share their prompt
     return int(per_group.sum())
-
-
-def share_prompts_across_micro_batches(batch: Rollouts, micro_batch_size: int) -> bool:
-    """Whether one prompt pass for the whole mini-batch pays: some prompt repeats, and the pass
-    (distinct prompts x prompt width) is no larger than one micro-batch's forward, since its
-    activations stay alive until the mini-batch's last backward."""
-    distinct = torch.unique(torch.cat([batch.prompt_ids, batch.prompt_mask.long()], 1), dim=0).shape[0]
-    width, longest = batch.prompt_ids.shape[1], int(batch.completion_lengths.max())
-    return distinct < len(batch) and distinct * width <= micro_batch_size * (width + longest)
-
-
-def length_buckets(batch: Rollouts, max_rows: int, max_tokens: int) -> list[torch.Tensor]:
-    """Row indices of micro-batches: rows sorted by completion length, cut whenever a bucket
-    would exceed ``max_rows`` rows or ``max_tokens`` padded tokens (rows x (prompt width +
-    longest completion in the bucket); 0 = no token limit). A bucket holds at least one row.
-
-    Sorting keeps padding small; the token cap bounds activation memory when lengths vary a lot.
-    """
-    order = torch.argsort(batch.completion_lengths, stable=True)
-    lengths = batch.completion_lengths[order].tolist()
-    prompt_width = int(batch.prompt_mask.any(0).sum())
-    buckets, start = [], 0
-    for i in range(1, len(lengths) + 1):
-        rows = i - start
-        too_many = rows > max_rows or (max_tokens and rows > 1 and rows * (prompt_width + lengths[i - 1]) > max_tokens)
-        if too_many:
-            buckets.append(order[start:i - 1])
-            start = i - 1
-    buckets.append(order[start:])
-    return [b for b in buckets if len(b)]
-
-
-def _trim(batch: Rollouts, trim_prompt: bool = True) -> Rollouts:
-    """Drop completion right-padding (and prompt left-padding) shared by the whole micro-batch."""
-    p_keep = batch.prompt_mask.any(0).nonzero()
-    c_len = int(batch.completion_mask.sum(-1).max())
-    p0 = int(p_keep[0]) if p_keep.numel() and trim_prompt else 0
-    out = copy.copy(batch)
-    out.prompt_ids, out.prompt_mask = batch.prompt_ids[:, p0:], batch.prompt_mask[:, p0:]
-    for name in ("completion_ids", "completion_mask", "loss_mask", "behaviour_logprobs", "entropies", "advantages",
-                 "old_logprobs", "ref_logprobs", "values", "returns"):
-        value = getattr(batch, name)
-        if value is not None:
-            setattr(out, name, value[:, :c_len])
-    return out

@@ -13,19 +13,23 @@ import time
 from pathlib import Path
 from typing import Optional
 
-import torch
-
 from posttrain.config import RLConfig, dump_config, load_config
 from posttrain.models.loading import describe_source, load_model_and_tokenizer
 from posttrain.rewards.registry import build_reward
 from posttrain.runs import KILL_ENV, RunDir, RunDirError, check_writable, maybe_kill, new_run_dir
 from posttrain.tasks.registry import build_task
+from posttrain.trainers.learner import resolve_device
 from posttrain.trainers.rl import NonFiniteLossError, RLTrainer
 
 
 def prepare(cfg: RLConfig, output_dir: Optional[str], resume: bool):
     """Validate cheap things and return (task, reward_builder, run_path)."""
     describe_source(cfg.model.name)
+    resolve_device(cfg.trainer.device)
+    if cfg.rollout.engine == "vllm":
+        from posttrain.rollout.vllm_engine import check_vllm_available
+
+        check_vllm_available()
     task = build_task(cfg.task)
     for split in ("train", "test"):
         if not task.problems(split):
@@ -57,8 +61,9 @@ def _progress(total: int, start: int, enabled: bool):
 
 def _step_info(m: dict) -> str:
     kl = f" kl {m['kl/mean']:.4f}" if "kl/mean" in m else ""
+    entropy = m.get("entropy/mean", m.get("entropy/learner", float("nan")))
     return (f"reward {m['reward/mean']:.3f} len {m['response_length/mean']:.1f}{kl} "
-            f"ent {m['entropy/mean']:.2f} {m['time/step_s']:.1f}s/step")
+            f"ent {entropy:.2f} {m['time/step_s']:.1f}s/step")
 
 
 def train_rl(cfg: RLConfig, output_dir: Optional[str] = None, resume: bool = False,
@@ -72,13 +77,20 @@ def train_rl(cfg: RLConfig, output_dir: Optional[str] = None, resume: bool = Fal
         run = RunDir(path)
         model, tokenizer = load_model_and_tokenizer(cfg.model.name)
         reward = build_reward(cfg.reward, tokenizer=tokenizer)
-        device = "cuda" if torch.cuda.is_available() else "cpu"
         eval_reward = build_reward(cfg.eval_reward, tokenizer=tokenizer) if cfg.eval_reward is not None else None
-        trainer = RLTrainer(cfg, model, tokenizer, task, reward, run, device=device, eval_reward=eval_reward)
+        trainer = RLTrainer(cfg, model, tokenizer, task, reward, run, eval_reward=eval_reward)
     except BaseException:
         if created and path.exists():
             shutil.rmtree(path)  # nothing half-written is left behind
         raise
+    try:
+        return _train(trainer, cfg, run, path, resume, stop_after, quiet)
+    finally:
+        trainer.close()
+
+
+def _train(trainer: RLTrainer, cfg: RLConfig, run: RunDir, path: Path, resume: bool, stop_after: Optional[int],
+           quiet: bool) -> dict:
     # On resume too (overrides such as trainer.steps are kept); atomic, since a torn config.yaml
     # would silently resume with defaults for the keys it lost.
     tmp_config = path / f"config.yaml.tmp{os.getpid()}"
@@ -164,14 +176,14 @@ def _install_kill_hooks(trainer: RLTrainer) -> None:
     has changed the weights in memory. Installs nothing when the variable is unset."""
     point = os.environ.get(KILL_ENV, "").partition(":")[0]
     if point == "optimizer_step":
-        optimizer_step = trainer.optimizer.step
+        optimizer_step = trainer.learner.optimizer.step
 
         def killing_step(*args, **kwargs):
             out = optimizer_step(*args, **kwargs)
             maybe_kill("optimizer_step", trainer.step + 1)
             return out
 
-        trainer.optimizer.step = killing_step
+        trainer.learner.optimizer.step = killing_step
     elif point == "generation":
         train_step, forwards = trainer.train_step, [-1]  # -1: not inside train_step
 

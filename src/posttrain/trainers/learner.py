@@ -1,0 +1,297 @@
+"""The Learner: trainable weights, their precision and optimizer, and the log-prob passes.
+
+Four primitives, after the Tinker API, are all a training loop needs:
+
+    learner.logprobs(batch, which="current" | "ref")   # no grad, [N, T], length-bucketed
+    learner.forward_backward(batch, loss_fn)           # micro-batched; loss_fn(micro, logp, entropy) -> scalar
+    learner.optim_step(lr_scale)                       # clip, step, schedule; returns the grad norm
+    learner.export_weights()                           # name -> tensor, for a Sampler's load_weights
+
+plus ``state_dict`` / ``load_checkpoint`` and ``fp32_policy()`` for checkpoints. The RL loop
+(trainers/rl.py) supplies the policy loss; SFT, DPO and distributed workers supply theirs.
+
+Precision. Mixed precision with fp32 master weights (Micikevicius et al., arXiv 1710.03740): the
+forward and backward run on bf16 weights (``self.model``); each gradient moves into fp32 as soon
+as it lands. On a CPU the masters are by default the bf16 weights plus 16 low bits
+(trainers.master_weights: exact, 2 bytes per weight smaller) and ``policy is model``; otherwise
+(``split_master_weights=false``, or CUDA) the fp32 ``policy`` is the master and ``model`` a bf16
+copy refreshed after every step. Without bf16: fp32 throughout, ``model is policy``.
+
+The split stays off on CUDA: its int32 -> int16 wrap-around is checked on CPU kernels only, and
+a GPU has the memory for a plain fp32 master at the model sizes this library targets.
+"""
+
+from __future__ import annotations
+
+import copy
+from contextlib import nullcontext
+from typing import Callable, Iterator, Optional
+
+import torch
+
+from posttrain.config import ModelConfig, TrainerConfig
+from posttrain.models import fast_decoder
+from posttrain.models.logprobs import SharedPromptPass, completion_logprobs, uses_fast_decoder
+from posttrain.models.value import ValueModel
+from posttrain.rollout.batch import Rollouts
+from posttrain.rollout.engine import cpu_supports_bf16, low_precision_copy
+from posttrain.trainers.master_weights import SplitMasterAdamW, accumulate_grad
+
+LossFn = Callable[[Rollouts, torch.Tensor, Optional[torch.Tensor]], torch.Tensor]
+
+
+def resolve_device(name: str) -> torch.device:
+    """``trainer.device``: auto = CUDA when available, else CPU; cuda without a GPU is an error."""
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("trainer.device=cuda but PyTorch sees no CUDA GPU (torch.cuda.is_available() is False); "
+                         "install a CUDA build of torch or set trainer.device=cpu")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def bf16_supported(device: torch.device) -> bool:
+    return torch.cuda.is_bf16_supported() if device.type == "cuda" else cpu_supports_bf16()
+
+
+class Learner:
+    """Owns the policy's trainable weights, optimizer, reference and critic.
+
+    ``sampler_dtype``: the dtype the rollout engine samples in; when it equals the learner's
+    compute dtype the two share ``self.model`` (no copy, no sync).
+    """
+
+    def __init__(self, policy, trainer: TrainerConfig, model_cfg: ModelConfig, *, temperature: float,
+                 device: torch.device, sampler_dtype: torch.dtype, reference: bool = False,
+                 critic_lr: Optional[float] = None):
+        self.cfg, self.model_cfg, self.temperature, self.device = trainer, model_cfg, temperature, device
+        policy = policy.to(device)
+        use_bf16 = trainer.autocast == "bfloat16" or (trainer.autocast == "auto" and bf16_supported(device))
+        self.dtype = torch.bfloat16 if use_bf16 else torch.float32
+        fp32_policy = next(policy.parameters()).dtype == torch.float32
+        self.split_master = (use_bf16 and sampler_dtype == torch.bfloat16 and trainer.split_master_weights
+                             and device.type == "cpu" and fp32_policy)
+        if trainer.activation_checkpointing and not uses_fast_decoder(policy.get_decoder(), model_cfg.decoder):
+            why = ("model.decoder=hf" if model_cfg.decoder == "hf"
+                   else fast_decoder.unsupported_reason(policy.get_decoder()))
+            raise ValueError(f"trainer.activation_checkpointing needs posttrain's lean decoder (model.decoder=auto and a "
+                             f"Llama/Qwen2-architecture model), but here: {why}. Set it to false.")
+        self.critic = self.critic_optimizer = None
+        if critic_lr is not None:  # from the fp32 weights, before they are split
+            self.critic = ValueModel(policy).to(device)
+            self.critic_optimizer = torch.optim.AdamW(self.critic.parameters(), lr=critic_lr,
+                                                      betas=tuple(trainer.adam_betas), weight_decay=trainer.weight_decay)
+        self.critic_lr = critic_lr
+        adam = dict(lr=trainer.lr, betas=tuple(trainer.adam_betas), weight_decay=trainer.weight_decay)
+        self.policy = self.model = policy
+        # autocast only where the compute weights stay fp32 but bf16 is wanted (fp32 sampler).
+        self.autocast = nullcontext
+        if self.split_master:
+            # From here the policy holds bf16 weights; the fp32 masters live in the optimizer.
+            self.optimizer = SplitMasterAdamW(policy.parameters(), **adam)
+        else:
+            if use_bf16 and fp32_policy and sampler_dtype == torch.bfloat16:
+                self.model = low_precision_copy(policy, torch.bfloat16)
+                self._route_grads_to_master()
+            elif use_bf16:
+                self.autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16)
+            # fused: one pass per parameter with no temporaries (3x faster than the per-parameter
+            # loop on a CPU; the multi-tensor path would allocate temporaries the size of the model).
+            self.optimizer = torch.optim.AdamW(policy.parameters(), fused=True, **adam)
+        self.model.eval()
+        self.ref = None
+        if reference:  # in the learner's precision, so KL is exactly 0 at the start
+            self.ref = copy.deepcopy(self.model).eval().requires_grad_(False)
+
+    def _route_grads_to_master(self) -> None:
+        for master, low in zip(self.policy.parameters(), self.model.parameters(), strict=True):
+            low.requires_grad_(master.requires_grad)
+
+            def move(low: torch.Tensor, master: torch.Tensor = master) -> None:
+                master.grad = accumulate_grad(master.grad, low.grad, master.dtype)
+                low.grad = None
+
+            low.register_post_accumulate_grad_hook(move)
+
+    # ------------------------------------------------------------------ log-prob passes
+    def _logprobs(self, model, batch: Rollouts, with_entropy: bool = False, prompt_states=None):
+        cfg, mc = self.cfg, self.model_cfg
+        with self.autocast():
+            return completion_logprobs(
+                model, batch.prompt_ids, batch.prompt_mask, batch.completion_ids, batch.completion_mask,
+                temperature=self.temperature, chunk_tokens=cfg.logprob_chunk_tokens, with_entropy=with_entropy,
+                share_prompts=cfg.share_prompt_pass, attention=mc.attention, prompt_states=prompt_states,
+                decoder_mode=mc.decoder, checkpoint_layers=cfg.activation_checkpointing,  # a no-op under no_grad
+            )
+
+    def _values(self, batch: Rollouts) -> torch.Tensor:
+        mc = self.model_cfg
+        with torch.autocast(self.device.type, dtype=torch.bfloat16) if self.dtype == torch.bfloat16 else nullcontext():
+            return self.critic(batch.prompt_ids, batch.prompt_mask, batch.completion_ids, batch.completion_mask,
+                               share_prompts=self.cfg.share_prompt_pass, attention=mc.attention,
+                               decoder_mode=mc.decoder)
+
+    def _no_grad_pass(self, batch: Rollouts, fn: Callable[[Rollouts], torch.Tensor]) -> torch.Tensor:
+        """[N, T] from ``fn`` run per length bucket on padding-trimmed rows, zero-padded, in row order."""
+        N, T = batch.completion_ids.shape
+        out = torch.zeros((N, T))
+        with torch.no_grad():
+            for rows in length_buckets(batch, self.cfg.micro_batch_size, self.cfg.micro_batch_tokens):
+                part = fn(trim(batch.select(rows))).float().cpu()
+                out[rows, : part.shape[1]] = part
+        return out
+
+    def logprobs(self, batch: Rollouts, which: str = "current") -> torch.Tensor:
+        """Log-probs of the completion tokens under the current policy or the frozen reference."""
+        model = {"current": self.model, "ref": self.ref}[which]
+        if model is None:
+            raise ValueError("no reference model: the learner was built with reference=False")
+        return self._no_grad_pass(batch, lambda micro: self._logprobs(model, micro)[0])
+
+    def entropies(self, batch: Rollouts) -> torch.Tensor:
+        """Per-token entropy of the current policy (for engines that do not record it)."""
+        return self._no_grad_pass(batch, lambda micro: self._logprobs(self.model, micro, with_entropy=True)[1])
+
+    def values(self, batch: Rollouts) -> torch.Tensor:
+        return self._no_grad_pass(batch, self._values)
+
+    # ------------------------------------------------------------------ update
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.critic is not None:
+            self.critic_optimizer.zero_grad(set_to_none=True)
+
+    def forward_backward(self, batch: Rollouts, loss_fn: LossFn, with_entropy: bool = False,
+                         value_loss_fn: Optional[Callable[[Rollouts, torch.Tensor], torch.Tensor]] = None) -> float:
+        """Accumulate the gradients of ``sum over micro-batches of loss_fn(micro, logp, entropy)``.
+
+        ``loss_fn`` must normalise by counts of the whole ``batch`` (aggregation's num_tokens /
+        num_seqs), so the split into micro-batches does not change the gradient. Micro-batches
+        group rows of similar completion length (little padding); their prompts run through the
+        decoder once per batch when that pays (SharedPromptPass). Returns the summed loss.
+        """
+        cfg, mc = self.cfg, self.model_cfg
+        self.model.train()
+        shared = None
+        if cfg.share_prompt_pass and share_prompts_across_micro_batches(batch, cfg.micro_batch_size):
+            with self.autocast():
+                shared = SharedPromptPass(self.model, batch.prompt_ids, batch.prompt_mask, mc.attention,
+                                          batch.prompt_ids.shape[1] + batch.completion_ids.shape[1], mc.decoder)
+        total = 0.0
+        # Longest first: its activations are freed while the fp32 gradients are first
+        # allocated, so the two do not stack at the memory peak.
+        for rows in reversed(length_buckets(batch, cfg.micro_batch_size, cfg.micro_batch_tokens)):
+            micro = trim(batch.select(rows), trim_prompt=shared is None)
+            logp, entropy = self._logprobs(self.model, micro, with_entropy,
+                                           shared.rows(rows) if shared is not None else None)
+            loss = loss_fn(micro, logp, entropy)
+            loss.backward()
+            total += float(loss.detach())
+            if value_loss_fn is not None:
+                value_loss_fn(micro, self._values(micro)).backward()
+        if shared is not None:
+            shared.backward()
+        self.model.eval()
+        return total
+
+    def clip_grad_norm(self) -> float:
+        max_norm = self.cfg.max_grad_norm
+        if self.split_master:
+            return float(self.optimizer.clip_grad_norm_(max_norm))
+        return float(torch.nn.utils.clip_grad_norm_(self.policy.parameters(), max_norm))
+
+    def optim_step(self, lr_scale: float) -> dict[str, float]:
+        """One optimizer step at ``trainer.lr * lr_scale`` on the accumulated (clipped) gradients;
+        the compute copy, when there is one, is refreshed from the masters."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.cfg.lr * lr_scale
+        self.optimizer.step()
+        if self.model is not self.policy:
+            with torch.no_grad():
+                for low, master in zip(self.model.parameters(), self.policy.parameters()):
+                    low.copy_(master)
+        out = {"lr": self.optimizer.param_groups[0]["lr"]}
+        if self.critic is not None:
+            out["critic/grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.critic.parameters(),
+                                                                           self.cfg.max_grad_norm))
+            for group in self.critic_optimizer.param_groups:
+                group["lr"] = self.critic_lr * lr_scale
+            self.critic_optimizer.step()
+        return out
+
+    # ------------------------------------------------------------------ weights and state
+    def export_weights(self) -> dict[str, torch.Tensor]:
+        """The compute weights by Hugging Face name (bf16 when the sampler is bf16): what a
+        Sampler's ``load_weights`` takes. Views, not copies: the in-process engine shares them."""
+        return {name: p.detach() for name, p in self.model.named_parameters()}
+
+    def fp32_policy(self):
+        """Context in which ``self.policy`` holds its fp32 master weights (save or load them)."""
+        return self.optimizer.materialized() if self.split_master else nullcontext()
+
+    def state_dict(self) -> dict:
+        return {"optimizer": self.optimizer.state_dict(),
+                "critic_optimizer": self.critic_optimizer.state_dict() if self.critic is not None else None}
+
+    def extra_weights(self) -> Optional[dict[str, dict[str, torch.Tensor]]]:
+        return {"critic": self.critic.state_dict()} if self.critic is not None else None
+
+    def load_checkpoint(self, checkpoint, state: dict) -> None:
+        """Weights (exact fp32 masters), optimizer state and critic from a checkpoint directory."""
+        from safetensors.torch import load_model
+
+        with self.fp32_policy():
+            load_model(self.policy, str(checkpoint / "model.safetensors"), strict=False)
+        if self.model is not self.policy:
+            with torch.no_grad():
+                for low, master in zip(self.model.parameters(), self.policy.parameters()):
+                    low.copy_(master)
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.critic is not None:
+            load_model(self.critic, str(checkpoint / "critic.safetensors"))
+            self.critic_optimizer.load_state_dict(state["critic_optimizer"])
+
+
+def share_prompts_across_micro_batches(batch: Rollouts, micro_batch_size: int) -> bool:
+    """Whether one prompt pass for the whole mini-batch pays: some prompt repeats, and the pass
+    (distinct prompts x prompt width) is no larger than one micro-batch's forward, since its
+    activations stay alive until the mini-batch's last backward."""
+    distinct = torch.unique(torch.cat([batch.prompt_ids, batch.prompt_mask.long()], 1), dim=0).shape[0]
+    width, longest = batch.prompt_ids.shape[1], int(batch.completion_lengths.max())
+    return distinct < len(batch) and distinct * width <= micro_batch_size * (width + longest)
+
+
+def length_buckets(batch: Rollouts, max_rows: int, max_tokens: int) -> list[torch.Tensor]:
+    """Row indices of micro-batches: rows sorted by completion length, cut whenever a bucket
+    would exceed ``max_rows`` rows or ``max_tokens`` padded tokens (rows x (prompt width +
+    longest completion in the bucket); 0 = no token limit). A bucket holds at least one row.
+
+    Sorting keeps padding small; the token cap bounds activation memory when lengths vary a lot.
+    """
+    order = torch.argsort(batch.completion_lengths, stable=True)
+    lengths = batch.completion_lengths[order].tolist()
+    prompt_width = int(batch.prompt_mask.any(0).sum())
+    buckets, start = [], 0
+    for i in range(1, len(lengths) + 1):
+        rows = i - start
+        too_many = rows > max_rows or (max_tokens and rows > 1 and rows * (prompt_width + lengths[i - 1]) > max_tokens)
+        if too_many:
+            buckets.append(order[start:i - 1])
+            start = i - 1
+    buckets.append(order[start:])
+    return [b for b in buckets if len(b)]
+
+
+def trim(batch: Rollouts, trim_prompt: bool = True) -> Rollouts:
+    """Drop completion right-padding (and prompt left-padding) shared by the whole micro-batch."""
+    p_keep = batch.prompt_mask.any(0).nonzero()
+    c_len = int(batch.completion_mask.sum(-1).max())
+    p0 = int(p_keep[0]) if p_keep.numel() and trim_prompt else 0
+    out = copy.copy(batch)
+    out.prompt_ids, out.prompt_mask = batch.prompt_ids[:, p0:], batch.prompt_mask[:, p0:]
+    for name in ("completion_ids", "completion_mask", "loss_mask", "behaviour_logprobs", "entropies", "advantages",
+                 "old_logprobs", "ref_logprobs", "values", "returns"):
+        value = getattr(batch, name)
+        if value is not None:
+            setattr(out, name, value[:, :c_len])
+    return out

@@ -55,7 +55,7 @@ from posttrain.evaluation.runner import correct_flags
 from posttrain.rewards.errors import score_group
 from posttrain.rollout.batch import Rollouts
 from posttrain.rollout.engine import SamplingParams, resolve_dtype
-from posttrain.rollout.sampler import build_engine
+from posttrain.rollout.sampler import build_engine, context_window, encode_prompts
 from posttrain.runs import RunDir, load_trainer_state
 from posttrain.tasks.base import Problem
 from posttrain.trainers.learner import Learner, length_buckets, resolve_device, \
@@ -134,17 +134,15 @@ class RLTrainer:
         self.eval_problems = list(task.problems("test"))[: tc.eval_problems]
         if not self.eval_problems:
             raise ValueError("the task's test split is empty: nothing to evaluate on")
+        # Every prompt must fit the context, checked before any engine starts (vLLM's takes ~20 s).
+        encode_prompts(tokenizer, self.data.problems + self.eval_problems, cfg.rollout.max_new_tokens,
+                       cfg.rollout.chat_template, context_window(policy.config))
         sampler_dtype = resolve_dtype(cfg.rollout.dtype, self.device)
         self.learner = Learner(policy, tc, cfg.model, temperature=cfg.rollout.temperature, device=self.device,
                                sampler_dtype=sampler_dtype, reference=alg.uses_reference,
                                critic_lr=alg.critic.lr if alg.uses_critic else None)
         # The hf engine shares the learner's compute weights when the dtypes agree (no sync).
         self.engine = build_engine(cfg.rollout, cfg.model, self.learner.model, tokenizer, sampler_dtype, tc.seed)
-        try:  # every prompt must fit the context before any work starts
-            self.engine.encode(self.data.problems + self.eval_problems, cfg.rollout.max_new_tokens)
-        except BaseException:
-            self.engine.close()
-            raise
         self.kl_ctl = AdaptiveKLController(alg.kl)
         self.entropy_ctl = AdaptiveEntropyController(alg.entropy)
         self.generator = torch.Generator(device=self.device).manual_seed(tc.seed)

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import copy
 from contextlib import nullcontext
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterable, Iterator, Optional
 
 import torch
 
@@ -193,6 +193,36 @@ class Learner:
             shared.backward()
         self.model.eval()
         return total
+
+    def fp32_grads(self, zeros_for: Iterable[int] = ()) -> list[Optional[torch.Tensor]]:
+        """The gradients the optimizers step on, one per trainable weight (policy, then critic),
+        in an order every replica of this model shares; None where none has accumulated.
+
+        They are fp32 whenever the learner keeps fp32 masters: ``SplitMasterAdamW.grads`` under
+        split masters, else the fp32 ``policy`` parameters' ``.grad`` (the bf16 ``model``'s
+        hooks route theirs there). The tensors are the learner's own, so writing into them
+        (a data-parallel all-reduce, posttrain.distributed.data_parallel) changes the update.
+        Positions in ``zeros_for`` that hold None first get a stored zero gradient, so replicas
+        where some weight got no gradient can still lay out the same buffers.
+        """
+        zeros_for, out = set(zeros_for), []
+        params = []
+        if self.split_master:
+            opt = self.optimizer
+            for i, p in enumerate(opt.params):
+                if p.requires_grad:
+                    if opt.grads[i] is None and len(out) in zeros_for:
+                        opt.grads[i] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+                    out.append(opt.grads[i])
+        else:
+            params = [p for p in self.policy.parameters() if p.requires_grad]
+        if self.critic is not None:
+            params += [p for p in self.critic.parameters() if p.requires_grad]
+        for p in params:
+            if p.grad is None and len(out) in zeros_for:
+                p.grad = torch.zeros_like(p)
+            out.append(p.grad)
+        return out
 
     def clip_grad_norm(self) -> float:
         max_norm = self.cfg.max_grad_norm

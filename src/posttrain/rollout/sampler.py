@@ -103,9 +103,13 @@ def build_engine(rollout, model_cfg, model, tokenizer, dtype: torch.dtype, seed:
     if rollout.engine == "vllm":
         from posttrain.rollout.vllm_engine import VLLMRolloutEngine
 
+        on_gpu = next(model.parameters()).device.type == "cuda"
         return VLLMRolloutEngine(model, tokenizer, dtype=dtype, chat_template=rollout.chat_template,
-                                 kv_cache_gb=rollout.kv_cache_gb, gpu_memory_utilization=rollout.gpu_memory_utilization,
-                                 enforce_eager=rollout.enforce_eager, seed=seed)
+                                 # a GPU sizes its cache from gpu_memory_utilization, a CPU from kv_cache_gb
+                                 kv_cache_gb=None if on_gpu else rollout.kv_cache_gb,
+                                 gpu_memory_utilization=rollout.gpu_memory_utilization,
+                                 enforce_eager=rollout.enforce_eager, seed=seed,
+                                 cpu_threads_bind=rollout.vllm_cpu_threads_bind)
     from posttrain.rollout.engine import HFRolloutEngine
 
     return HFRolloutEngine(model, tokenizer, dtype=dtype, chat_template=rollout.chat_template,

@@ -27,9 +27,9 @@ def prepare(cfg: RLConfig, output_dir: Optional[str], resume: bool):
     describe_source(cfg.model.name)
     resolve_device(cfg.trainer.device)
     if cfg.rollout.engine == "vllm":
-        from posttrain.rollout.vllm_engine import check_vllm_available
+        from posttrain.rollout.vllm_engine import import_vllm
 
-        check_vllm_available()
+        import_vllm()  # not installed or broken: say how to install it, before anything loads
     task = build_task(cfg.task)
     for split in ("train", "test"):
         if not task.problems(split):

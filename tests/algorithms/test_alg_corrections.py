@@ -32,12 +32,15 @@ def test_tis_token():
     out = run("tis_token", make([[0.5, 1.5], [3.0, 1.0]], mask=[[1, 1], [1, 0]]))
     assert flat(out.weights) == pytest.approx([0.5, 1.5, 2.0, 0.0])
     assert flat(out.mask) == [1.0, 1.0, 1.0, 0.0]
+    assert out.metrics["correction/truncated_frac"].item() == pytest.approx(1 / 3)  # 3 capped of 3 real tokens
 
 
 def test_tis_sequence():
     # seq 0: 0.5 * 1.5 = .75 ; seq 1: 3 * (padding ignored) = 3 -> capped at 2
     out = run("tis_sequence", make([[0.5, 1.5], [3.0, 7.0]], mask=[[1, 1], [1, 0]]))
     assert flat(out.weights) == pytest.approx([0.75, 0.75, 2.0, 0.0])
+    # one of the three real tokens (seq 1's) sits at the cap
+    assert out.metrics["correction/truncated_frac"].item() == pytest.approx(1 / 3)
 
 
 @pytest.mark.parametrize("name", ["mis_token", "icepop"])

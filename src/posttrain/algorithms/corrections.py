@@ -34,13 +34,17 @@ def sequence_log_ratio(inp: CorrectionInput) -> torch.Tensor:
     return token_log_ratio(inp).sum(-1, keepdim=True).clamp(-20.0, 20.0)
 
 
-def _out(weights: torch.Tensor, keep: torch.Tensor, inp: CorrectionInput) -> CorrectionOutput:
+def _out(weights: torch.Tensor, keep: torch.Tensor, inp: CorrectionInput, cap: float | None = None) -> CorrectionOutput:
+    """Mask, detach, and the metrics every correction logs; ``cap``: the truncation threshold,
+    whose share of tokens reaching it is logged as ``correction/truncated_frac``."""
     mask = inp.mask * keep.to(inp.mask.dtype)
     weights = (weights * mask).detach()
     metrics = {
         "correction/weight_mean": masked_mean(weights, mask),
         "correction/masked_frac": 1.0 - mask.sum() / inp.mask.sum().clamp_min(1.0),
     }
+    if cap is not None:
+        metrics["correction/truncated_frac"] = masked_mean((weights >= cap).to(mask.dtype), mask)
     return CorrectionOutput(weights=weights, mask=mask.detach(), metrics=metrics)
 
 
@@ -54,7 +58,7 @@ def tis_token(inp: CorrectionInput, cfg: CorrectionConfig) -> CorrectionOutput:
     (arXiv:2512.01374). verl's default cap is 2.0. No token is masked.
     """
     w = torch.exp(token_log_ratio(inp)).clamp(max=cfg.threshold_high)
-    return _out(w, torch.ones_like(inp.mask, dtype=torch.bool), inp)
+    return _out(w, torch.ones_like(inp.mask, dtype=torch.bool), inp, cap=cfg.threshold_high)
 
 
 @CORRECTIONS.register("tis_sequence", paper=_TIS_PAPER)
@@ -65,7 +69,7 @@ def tis_sequence(inp: CorrectionInput, cfg: CorrectionConfig) -> CorrectionOutpu
     correction for a sequence-level reward but has a much larger variance, hence the cap C.
     """
     w = torch.exp(sequence_log_ratio(inp)).clamp(max=cfg.threshold_high).expand_as(inp.mask)
-    return _out(w, torch.ones_like(inp.mask, dtype=torch.bool), inp)
+    return _out(w, torch.ones_like(inp.mask, dtype=torch.bool), inp, cap=cfg.threshold_high)
 
 
 def _mis_token(inp: CorrectionInput, cfg: CorrectionConfig) -> CorrectionOutput:

@@ -54,6 +54,9 @@ class RolloutConfig:
     kv_cache_gb: float = 2.0  # vllm on CPU: KV-cache memory (VLLM_CPU_KVCACHE_SPACE)
     gpu_memory_utilization: float = 0.4  # vllm on GPU: its share of GPU memory (the learner needs the rest)
     enforce_eager: bool = True  # vllm: no graph compilation (start 20-30 s instead of 75-120 s on CPU)
+    # vllm on CPU: VLLM_CPU_OMP_THREADS_BIND for its model process; null keeps vLLM's default
+    # (all cores but one, left to its scheduler): "0-1" computes on both cores of a 2-core machine
+    vllm_cpu_threads_bind: Optional[str] = None
 
     def __post_init__(self) -> None:
         _check(self.kv_cache_gb > 0, "rollout.kv_cache_gb", "must be > 0")
@@ -180,6 +183,28 @@ class TrainerConfig:
 
 
 @dataclass
+class DistributedConfig:
+    """Ray rollout workers and asynchronous training (posttrain.distributed; pip install -e '.[ray]')."""
+
+    rollout_workers: int = 0  # Ray actors that sample (and score); 0: the in-process engine
+    cpus_per_worker: int = 1  # Ray CPUs (and torch threads) per rollout worker
+    address: Optional[str] = None  # null: a local Ray cluster from this machine; auto or host:port: join one
+    # rollouts may come from weights up to this many optimizer steps old (0: synchronous, on-policy)
+    max_staleness: int = 0
+    learners: int = 1  # data-parallel learner processes (only 1 is wired into the RL loop so far)
+
+    def __post_init__(self) -> None:
+        _check(self.rollout_workers >= 0, "distributed.rollout_workers", "must be >= 0")
+        _check(self.cpus_per_worker >= 1, "distributed.cpus_per_worker", "must be >= 1")
+        _check(self.max_staleness >= 0, "distributed.max_staleness", "must be >= 0")
+        _check(self.max_staleness == 0 or self.rollout_workers >= 1, "distributed.max_staleness",
+               "needs distributed.rollout_workers >= 1 (the in-process engine cannot sample while the learner trains)")
+        _check(self.learners == 1, "distributed.learners",
+               "must be 1 for now: data-parallel learners (posttrain.distributed.data_parallel) are not wired into "
+               "the RL loop yet")
+
+
+@dataclass
 class RLConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     task: dict = field(default_factory=lambda: {"name": "arithmetic"})  # validated by the task builder
@@ -190,6 +215,7 @@ class RLConfig:
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
     output_dir: Optional[str] = None  # default: a new folder under runs/
 
     def __post_init__(self) -> None:

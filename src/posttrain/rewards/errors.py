@@ -28,7 +28,7 @@ from typing import Any, Optional, Sequence
 from posttrain.rewards.base import Reward, RewardOutput
 from posttrain.tasks.base import Problem
 
-__all__ = ["ON_ERROR", "RewardError", "score_group"]
+__all__ = ["ON_ERROR", "RewardError", "score_group", "score_rollouts"]
 
 logger = logging.getLogger(__name__)
 
@@ -109,3 +109,26 @@ def score_group(
         return RewardOutput(rewards=[0.0] * n, components={"reward_error": [1.0] * n}, info=info), records
     out.components.setdefault("reward_error", [0.0] * n)
     return out, []
+
+
+def score_rollouts(rollouts, reward: Reward, on_error: str = "zero") -> list[dict]:
+    """Fill ``rollouts.rewards`` [N], ``reward_components`` and per-sample info, one
+    ``score_group`` call per group; returns the error records. ``rollouts`` is a
+    ``posttrain.rollout.batch.Rollouts`` (read by attribute: texts, problems, group_ids, metadata)."""
+    import torch
+
+    n = len(rollouts.texts)
+    rewards = torch.zeros(n)
+    components: dict[str, torch.Tensor] = {}
+    errors: list[dict] = []
+    for gid in torch.unique(rollouts.group_ids).tolist():
+        idx = (rollouts.group_ids == gid).nonzero().squeeze(-1).tolist()
+        out, errs = score_group(reward, rollouts.problems[idx[0]], [rollouts.texts[i] for i in idx], on_error=on_error)
+        errors += errs
+        rewards[idx] = torch.tensor(out.rewards, dtype=torch.float32)
+        for name, values in out.components.items():
+            components.setdefault(name, torch.zeros(n))[idx] = torch.tensor(values, dtype=torch.float32)
+        for i, info in zip(idx, out.info):
+            rollouts.metadata[i].update(info)
+    rollouts.rewards, rollouts.reward_components = rewards, components
+    return errors

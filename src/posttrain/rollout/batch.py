@@ -64,3 +64,44 @@ class Rollouts:
             else:
                 out[f.name] = value
         return replace(self, **out)
+
+    @staticmethod
+    def concat(parts: list["Rollouts"]) -> "Rollouts":
+        """One batch from several (e.g. from several rollout workers), in order.
+
+        Prompts are re-left-padded and completions re-right-padded to the widest part (pad id 0
+        under mask 0, never read); group ids are offset so groups stay distinct and contiguous.
+        Fields set on only some parts are dropped: a stage fills them on the whole batch.
+        """
+        if not parts:
+            raise ValueError("Rollouts.concat needs at least one part")
+        P = max(p.prompt_ids.shape[1] for p in parts)
+        T = max(p.completion_ids.shape[1] for p in parts)
+
+        def pad(t: Optional[torch.Tensor], width: int, left: bool) -> Optional[torch.Tensor]:
+            if t is None or t.dim() < 2 or t.shape[1] == width:
+                return t
+            fill = torch.zeros((t.shape[0], width - t.shape[1]), dtype=t.dtype)
+            return torch.cat([fill, t] if left else [t, fill], dim=1)
+
+        out: dict[str, Any] = {}
+        offset, groups = 0, []
+        for p in parts:
+            groups.append(p.group_ids + offset)
+            offset += int(p.group_ids.max()) + 1 if len(p) else 0
+        out["group_ids"] = torch.cat(groups)
+        for f in fields(Rollouts):
+            if f.name == "group_ids":
+                continue
+            values = [getattr(p, f.name) for p in parts]
+            if isinstance(values[0], list):
+                out[f.name] = [x for v in values for x in v]
+            elif isinstance(values[0], dict):
+                keys = set.intersection(*(set(v) for v in values))
+                out[f.name] = {k: torch.cat([v[k] for v in values]) for k in sorted(keys)}
+            elif any(v is None for v in values):
+                out[f.name] = None
+            else:
+                width, left = (P, True) if f.name.startswith("prompt_") else (T, False)
+                out[f.name] = torch.cat([pad(v, width, left) for v in values])
+        return Rollouts(**out)

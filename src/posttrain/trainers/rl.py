@@ -28,6 +28,7 @@ from __future__ import annotations
 import math
 import random
 import time
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -52,7 +53,7 @@ from posttrain.algorithms.regularizers import AdaptiveEntropyController, Adaptiv
     top_entropy_mask
 from posttrain.config import RLConfig, to_dict
 from posttrain.evaluation.runner import correct_flags
-from posttrain.rewards.errors import score_group
+from posttrain.rewards.errors import score_rollouts
 from posttrain.rollout.batch import Rollouts
 from posttrain.rollout.engine import SamplingParams, resolve_dtype
 from posttrain.rollout.sampler import build_engine, context_window, encode_prompts
@@ -141,8 +142,13 @@ class RLTrainer:
         self.learner = Learner(policy, tc, cfg.model, temperature=cfg.rollout.temperature, device=self.device,
                                sampler_dtype=sampler_dtype, reference=alg.uses_reference,
                                critic_lr=alg.critic.lr if alg.uses_critic else None)
-        # The hf engine shares the learner's compute weights when the dtypes agree (no sync).
-        self.engine = build_engine(cfg.rollout, cfg.model, self.learner.model, tokenizer, sampler_dtype, tc.seed)
+        if cfg.distributed.rollout_workers:  # Ray actors, each with its own engine and reward
+            from posttrain.distributed.ray_pool import RayRolloutPool
+
+            self.engine = RayRolloutPool(cfg, tokenizer, self.learner.export_weights(), sampler_dtype)
+        else:  # the hf engine shares the learner's compute weights when the dtypes agree (no sync)
+            self.engine = build_engine(cfg.rollout, cfg.model, self.learner.model, tokenizer, sampler_dtype, tc.seed)
+        self.in_flight: deque = deque()  # (problems, handle) submitted ahead, asynchronous training only
         self.kl_ctl = AdaptiveKLController(alg.kl)
         self.entropy_ctl = AdaptiveEntropyController(alg.entropy)
         self.generator = torch.Generator(device=self.device).manual_seed(tc.seed)
@@ -161,24 +167,7 @@ class RLTrainer:
     # ------------------------------------------------------------------ rollouts and rewards
     def score(self, rollouts: Rollouts, reward=None) -> list[dict]:
         """Fill rewards and components group by group; returns reward-error records."""
-        reward = reward or self.reward
-        n = len(rollouts)
-        rewards = torch.zeros(n)
-        components: dict[str, torch.Tensor] = {}
-        errors: list[dict] = []
-        for gid in torch.unique(rollouts.group_ids).tolist():
-            idx = (rollouts.group_ids == gid).nonzero().squeeze(-1).tolist()
-            problem = rollouts.problems[idx[0]]
-            out, errs = score_group(reward, problem, [rollouts.texts[i] for i in idx],
-                                    on_error=self.cfg.trainer.on_reward_error)
-            errors += errs
-            rewards[idx] = torch.tensor(out.rewards, dtype=torch.float32)
-            for name, values in out.components.items():
-                components.setdefault(name, torch.zeros(n))[idx] = torch.tensor(values, dtype=torch.float32)
-            for i, info in zip(idx, out.info):
-                rollouts.metadata[i].update(info)
-        rollouts.rewards, rollouts.reward_components = rewards, components
-        return errors
+        return score_rollouts(rollouts, reward or self.reward, self.cfg.trainer.on_reward_error)
 
     def _greedy_baseline(self, problems: list[Problem], rollouts: Rollouts) -> torch.Tensor:
         """ReMax: the reward of one greedy completion per prompt, broadcast to its group."""
@@ -198,12 +187,11 @@ class RLTrainer:
     def train_step(self) -> dict[str, float]:
         cfg, alg, learner = self.cfg, self.cfg.algorithm, self.learner
         t0 = time.perf_counter()
-        problems = self.data.next(cfg.rollout.num_prompts)
-        rollouts = self.engine.generate(problems, cfg.rollout.num_completions, self.sampling, self.generator,
-                                        share_prefill=cfg.rollout.share_prompt_prefill)
+        problems, rollouts = self._next_batch()
         gen_stats = dict(self.engine.last_stats)
         t_gen = time.perf_counter()
-        errors = self.score(rollouts)
+        # Ray workers score where they sample; the in-process engine's rollouts are scored here.
+        errors = self.score(rollouts) if rollouts.rewards is None else list(self.engine.last_reward_errors)
         for e in errors:
             self.run.append("reward_errors.jsonl", {"step": self.step + 1, **e})
         mode = self._old_logprobs_mode()
@@ -265,8 +253,28 @@ class RLTrainer:
             "tokens/prompt_unique": float(_unique_prompt_tokens(rollouts)),
         })
         if rollouts.policy_version is not None:  # steps the sampled weights lag the learner's (0: on-policy)
-            metrics["staleness/mean"] = float(self.step - 1 - rollouts.policy_version.float().mean())
+            lag = (self.step - 1 - rollouts.policy_version).float()
+            metrics.update({"staleness/mean": float(lag.mean()), "staleness/max": float(lag.max())})
+        if "wait_s" in gen_stats:  # Ray workers: sampling time the learner did not wait for
+            metrics["perf/sampling_hidden_frac"] = max(0.0, 1.0 - gen_stats["wait_s"] / max(gen_stats["gen_wall_s"], 1e-9))
+            metrics["workers/restarts"] = gen_stats["restarts"]
         return metrics
+
+    def _next_batch(self) -> tuple[list[Problem], Rollouts]:
+        """This step's problems and rollouts. With ``distributed.max_staleness`` k >= 1 the next k
+        batches are already being sampled (from the weights of their submission time), so the
+        workers sample while the learner trains; every rollout records its policy version."""
+        cfg = self.cfg
+        n, num_prompts = cfg.rollout.num_completions, cfg.rollout.num_prompts
+        if not hasattr(self.engine, "submit"):  # in-process: sample now
+            problems = self.data.next(num_prompts)
+            return problems, self.engine.generate(problems, n, self.sampling, self.generator,
+                                                  share_prefill=cfg.rollout.share_prompt_prefill)
+        while len(self.in_flight) <= cfg.distributed.max_staleness:
+            problems = self.data.next(num_prompts)
+            self.in_flight.append((problems, self.engine.submit(problems, n, self.sampling, self.generator)))
+        problems, handle = self.in_flight.popleft()
+        return problems, self.engine.result(handle)
 
     def update(self, rollouts: Rollouts) -> dict[str, float]:
         """PPO epochs x mini-batches of learner updates on one batch; returns mean metrics."""
@@ -418,7 +426,8 @@ class RLTrainer:
         return {
             "step": self.step,
             **self.learner.state_dict(),
-            "sampler_position": self.data.position,
+            # prompts submitted ahead but not trained on are sampled again after a resume
+            "sampler_position": self.data.position - sum(len(p) for p, _ in self.in_flight),
             "generator": self.generator.get_state(),
             "torch_rng": torch.random.get_rng_state(),
             "nonfinite_streak": self.nonfinite_streak,
@@ -446,7 +455,8 @@ class RLTrainer:
                                             extra_weights=self.learner.extra_weights())
 
     def close(self) -> None:
-        """Stop the rollout engine (vLLM's runs in its own process)."""
+        """Stop the rollout engine (vLLM's runs in its own process; Ray workers are actors)."""
+        self.in_flight.clear()
         self.engine.close()
 
 

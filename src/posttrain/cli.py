@@ -125,14 +125,26 @@ def _error(exc: BaseException) -> None:
     print(f"posttrain: error: {' '.join(str(exc).split()) or type(exc).__name__}", file=sys.stderr)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``kill``, a job scheduler): unwound like Ctrl-C, so ``finally`` blocks run and
+    engine processes (vLLM's, Ray actors) are stopped instead of being left orphaned."""
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
+    import signal
+
     parser = build_parser()
     args = parser.parse_args(argv)
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         return args.func(args)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         print("interrupted; the run directory keeps its last checkpoint (resume with --resume)", file=sys.stderr)
-        return 130
+        return 143 if isinstance(exc, Terminated) else 130
     except (ValueError, FileNotFoundError, PermissionError) as exc:
         # Input errors (config, model, task, run dir): one clear line, no traceback.
         _error(exc)
@@ -144,6 +156,8 @@ def main(argv: list[str] | None = None) -> int:
             raise
         _error(exc)
         return 1
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def entry() -> int:

@@ -45,7 +45,7 @@ step "import vllm" python -c "from vllm import LLM; import vllm; print('vllm', v
 
 set +e
 t0=$SECONDS
-python -m pytest -m vllm tests/vllm -p no:cacheprovider
+python -m pytest -m vllm tests/vllm_engine -p no:cacheprovider
 rc=$?
 echo "ci-vllm: tests took $((SECONDS - t0)) s (exit ${rc}); total $((SECONDS - start)) s"
 set -e

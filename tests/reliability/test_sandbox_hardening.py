@@ -285,8 +285,11 @@ def test_proc_self_environ_holds_only_the_minimal_environment(contained, monkeyp
         "def env(path):\n"
         "    return sorted(k.split(b'=')[0].decode() for k in open(path, 'rb').read().split(b'\\0') if k)\n"
         "print('self', env('/proc/self/environ'))\n"
-        "t = threading.Thread(target=lambda: None); t.start(); t.join()\n"
+        # read the tasks while the thread lives: a joined thread's entry can linger in the listing
+        # and vanish before it is read (seen once in CI)
+        "done = threading.Event(); t = threading.Thread(target=done.wait); t.start()\n"
         "print('tasks', sorted({tuple(env(f'/proc/self/task/{t}/environ')) for t in os.listdir('/proc/self/task')}))\n"
+        "done.set(); t.join()\n"
         "pid = os.fork()\n"
         "if pid == 0:\n"
         "    print('grandchild', env('/proc/self/environ'), flush=True); os._exit(0)\n"

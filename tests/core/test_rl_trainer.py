@@ -149,7 +149,7 @@ def test_ppo_with_gae_critic_trains_and_resumes_identically(tmp_path):
 
 def test_length_buckets_sort_by_length_and_respect_row_and_token_caps():
     from posttrain.rollout.batch import Rollouts
-    from posttrain.trainers.rl import length_buckets
+    from posttrain.trainers.learner import length_buckets
 
     lengths = torch.tensor([5, 1, 3, 8, 2, 8, 1])
     T, P = 8, 2
@@ -258,7 +258,7 @@ def test_split_master_checkpoint_holds_the_fp32_masters(tmp_path):
 
 def test_prompt_pass_is_shared_across_micro_batches_only_when_it_pays():
     from posttrain.rollout.batch import Rollouts
-    from posttrain.trainers.rl import share_prompts_across_micro_batches
+    from posttrain.trainers.learner import share_prompts_across_micro_batches
 
     def batch(groups, n, P=10, T=6):
         ids = torch.arange(groups).repeat_interleave(n)[:, None].expand(groups * n, P).clone()

@@ -4,7 +4,6 @@ mismatch, applies a correction to it, and resumes from a checkpoint to the same 
 import json
 
 import pytest
-import torch
 
 pytestmark = [pytest.mark.vllm]
 pytest.importorskip("vllm")

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import copy
 from contextlib import nullcontext
-from typing import Callable, Iterable, Iterator, Optional
+from typing import Callable, Iterable, Optional
 
 import torch
 

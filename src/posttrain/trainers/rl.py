@@ -59,8 +59,7 @@ from posttrain.rollout.engine import SamplingParams, resolve_dtype
 from posttrain.rollout.sampler import build_engine, context_window, encode_prompts
 from posttrain.runs import RunDir, load_trainer_state
 from posttrain.tasks.base import Problem
-from posttrain.trainers.learner import Learner, length_buckets, resolve_device, \
-    share_prompts_across_micro_batches  # noqa: F401  (re-exported)
+from posttrain.trainers.learner import Learner, resolve_device
 
 
 class NonFiniteLossError(RuntimeError):

@@ -127,16 +127,16 @@ class RolloutWorker:
         errors = score_rollouts(rollouts, self.reward, self.on_reward_error) if score else []
         return rollouts, errors, dict(self.engine.last_stats, worker_wall_s=time.perf_counter() - t0)
 
-    def load_weights(self, weights: Mapping[str, torch.Tensor], version: int) -> float:
+    def load_weights(self, weights: Mapping[str, torch.Tensor], version: int) -> None:
         self.engine.load_weights(weights, version)
-        return self.engine.last_stats.get("sync_s", 0.0)
 
     def close(self) -> None:
         self.engine.close()
 
 
 class RayRolloutPool:
-    """N Ray rollout actors as one Sampler. ``generate`` = ``result(submit(...))``."""
+    """N Ray rollout actors as one Sampler. ``generate`` = ``result(submit(...))``. It has no
+    ``encode``: the trainer checks every prompt against the context before the pool starts."""
 
     def __init__(self, cfg, tokenizer, weights: Mapping[str, torch.Tensor], dtype: torch.dtype):
         dc = cfg.distributed

@@ -113,20 +113,19 @@ def import_vllm():
 def _scoped_env(changes: Mapping[str, Optional[str]]):
     """Set (or, for None, remove) environment variables while vLLM spawns its processes, which
     read them at start-up; the caller's environment is restored afterwards."""
+    def apply(values: Mapping[str, Optional[str]]) -> None:
+        for k, v in values.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
     old = {k: os.environ.get(k) for k in changes}
     try:
-        for k, v in changes.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        apply(changes)
         yield
     finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        apply(old)
 
 
 def _tmpfs_dir() -> str:

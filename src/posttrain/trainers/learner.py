@@ -103,6 +103,13 @@ class Learner:
         if reference:  # in the learner's precision, so KL is exactly 0 at the start
             self.ref = copy.deepcopy(self.model).eval().requires_grad_(False)
 
+    def _refresh_compute_copy(self) -> None:
+        """The bf16 compute copy := the fp32 masters, rounded (no-op when the two are one model)."""
+        if self.model is not self.policy:
+            with torch.no_grad():
+                for low, master in zip(self.model.parameters(), self.policy.parameters()):
+                    low.copy_(master)
+
     def _route_grads_to_master(self) -> None:
         for master, low in zip(self.policy.parameters(), self.model.parameters(), strict=True):
             low.requires_grad_(master.requires_grad)
@@ -236,10 +243,7 @@ class Learner:
         for group in self.optimizer.param_groups:
             group["lr"] = self.cfg.lr * lr_scale
         self.optimizer.step()
-        if self.model is not self.policy:
-            with torch.no_grad():
-                for low, master in zip(self.model.parameters(), self.policy.parameters()):
-                    low.copy_(master)
+        self._refresh_compute_copy()
         out = {"lr": self.optimizer.param_groups[0]["lr"]}
         if self.critic is not None:
             out["critic/grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.critic.parameters(),
@@ -272,10 +276,7 @@ class Learner:
 
         with self.fp32_policy():
             load_model(self.policy, str(checkpoint / "model.safetensors"), strict=False)
-        if self.model is not self.policy:
-            with torch.no_grad():
-                for low, master in zip(self.model.parameters(), self.policy.parameters()):
-                    low.copy_(master)
+        self._refresh_compute_copy()
         self.optimizer.load_state_dict(state["optimizer"])
         if self.critic is not None:
             load_model(self.critic, str(checkpoint / "critic.safetensors"))

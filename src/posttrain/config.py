@@ -191,7 +191,8 @@ class DistributedConfig:
     address: Optional[str] = None  # null: a local Ray cluster from this machine; auto or host:port: join one
     # rollouts may come from weights up to this many optimizer steps old (0: synchronous, on-policy)
     max_staleness: int = 0
-    learners: int = 1  # data-parallel learner processes (only 1 is wired into the RL loop so far)
+    learners: int = 1  # data-parallel learner processes: this one (rank 0) + learners-1 Ray actors
+    cpus_per_learner: int = 1  # Ray CPUs (and torch threads, on every rank) per learner when learners > 1
 
     def __post_init__(self) -> None:
         _check(self.rollout_workers >= 0, "distributed.rollout_workers", "must be >= 0")
@@ -199,9 +200,8 @@ class DistributedConfig:
         _check(self.max_staleness >= 0, "distributed.max_staleness", "must be >= 0")
         _check(self.max_staleness == 0 or self.rollout_workers >= 1, "distributed.max_staleness",
                "needs distributed.rollout_workers >= 1 (the in-process engine cannot sample while the learner trains)")
-        _check(self.learners == 1, "distributed.learners",
-               "must be 1 for now: data-parallel learners (posttrain.distributed.data_parallel) are not wired into "
-               "the RL loop yet")
+        _check(self.learners >= 1, "distributed.learners", "must be >= 1")
+        _check(self.cpus_per_learner >= 1, "distributed.cpus_per_learner", "must be >= 1")
 
 
 @dataclass
@@ -224,6 +224,9 @@ class RLConfig:
         batch = self.rollout.num_prompts * self.rollout.num_completions
         _check(batch % self.trainer.mini_batches == 0, "trainer.mini_batches",
                f"must divide the batch of {batch} samples (rollout.num_prompts x rollout.num_completions)")
+        _check(self.distributed.learners <= batch // self.trainer.mini_batches, "distributed.learners",
+               f"must be <= the mini-batch of {batch // self.trainer.mini_batches} samples, so that every "
+               f"data-parallel rank gets a row (raise rollout.num_prompts or lower trainer.mini_batches)")
 
 
 def _check(ok: bool, key: str, message: str) -> None:

@@ -292,17 +292,17 @@ def _trainer(tmp_path, overrides):
 
 
 def test_activation_checkpointing_gives_the_same_gradients(tmp_path):
-    """Same rollouts through update() with and without per-layer recomputation: equal gradients."""
+    """Same rollouts through RLUpdate.update() with and without per-layer recomputation: equal gradients."""
     common = ["trainer.micro_batch_size=16", "trainer.max_grad_norm=1e9", "trainer.autocast=none",
               "rollout.dtype=float32"]
     plain = _trainer(tmp_path, common)
-    rollouts = {}
-    update = plain.update
-    plain.update = lambda r: (rollouts.setdefault("r", r), update(r))[1]
+    seen = {}
+    update = plain.rl_update.update
+    plain.rl_update.update = lambda r, orders, step: (seen.setdefault("args", (r, orders, step)), update(r, orders, step))[1]
     plain.train_step()
     grads = [p.grad.clone() for p in plain.policy.parameters()]
     ckpt = _trainer(tmp_path, common + ["trainer.activation_checkpointing=true"])
-    ckpt.update(rollouts["r"])
+    ckpt.rl_update.update(*seen["args"])
     for g, p in zip(grads, ckpt.policy.parameters(), strict=True):
         assert torch.allclose(p.grad, g, atol=1e-6, rtol=1e-5)
 

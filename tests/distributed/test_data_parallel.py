@@ -56,7 +56,7 @@ def _learner(precision: str) -> tuple[Learner, object]:
 
 
 def _loss_fn(cfg, mode: str, counts: dict):
-    """RLTrainer._micro_loss without corrections, KL or entropy: PPO-clip, aggregated by ``mode``
+    """RLUpdate._micro_loss without corrections, KL or entropy: PPO-clip, aggregated by ``mode``
     with the (global) mini-batch counts."""
     ppo = POLICY_LOSSES.get("ppo_clip")
     kw = dict(num_tokens=counts["num_tokens"], num_seqs=counts["num_seqs"], norm_length=float(MAX_NEW_TOKENS))

@@ -84,7 +84,7 @@ def test_a_killed_worker_is_replaced_and_no_step_is_lost_or_repeated(tmp_path, m
 def test_more_workers_than_cluster_cpus_fail_before_training(tmp_path):
     cfg = load_config(None, LEARNABLE + ["trainer.steps=1", "distributed.rollout_workers=3",
                                          "distributed.cpus_per_worker=2"])
-    with pytest.raises(ray_pool.RayUnavailableError, match="the Ray cluster has 4 CPUs"):
+    with pytest.raises(ray_pool.RayUnavailableError, match="= 6 CPUs, but the Ray cluster has 4"):
         train_rl(cfg, output_dir=str(tmp_path / "run"), quiet=True)
     assert not (tmp_path / "run").exists()
 
@@ -92,8 +92,9 @@ def test_more_workers_than_cluster_cpus_fail_before_training(tmp_path):
 def test_bad_distributed_settings_are_config_errors():
     with pytest.raises(ConfigError, match="max_staleness needs distributed.rollout_workers >= 1"):
         load_config(None, ["distributed.max_staleness=1"])
-    with pytest.raises(ConfigError, match="distributed.learners must be 1"):
-        load_config(None, ["distributed.learners=2"])
+    with pytest.raises(ConfigError, match="distributed.learners must be <= the mini-batch of 4 samples"):
+        load_config(None, ["distributed.learners=5", "rollout.num_prompts=2", "rollout.num_completions=4",
+                           "trainer.mini_batches=2"])
 
 
 def test_an_address_nobody_answers_fails_fast():

@@ -53,7 +53,9 @@ and copying big tensors into a bucket and back only adds two memory passes.
 
 from __future__ import annotations
 
+import time
 import zlib
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -195,7 +197,8 @@ def _bits_checksum(t: torch.Tensor) -> int:
 
 def replica_tensors(learner) -> list[tuple[str, torch.Tensor]]:
     """Everything that must match across replicas: weights (with the low 16 master bits under
-    split masters), the policy optimizer's state, and the critic's weights and state."""
+    split masters), the policy optimizer's state, the critic's weights and state, and the frozen
+    reference (each replica builds its own)."""
     out: list[tuple[str, torch.Tensor]] = []
     named = list(learner.policy.named_parameters())
     out += [(f"policy.{n}", p) for n, p in named]
@@ -209,6 +212,8 @@ def replica_tensors(learner) -> list[tuple[str, torch.Tensor]]:
         critic = list(learner.critic.named_parameters())
         out += [(f"critic.{n}", p) for n, p in critic]
         states += [(f"critic.{n}", learner.critic_optimizer.state.get(p, {})) for n, p in critic]
+    if learner.ref is not None:
+        out += [(f"ref.{n}", p) for n, p in learner.ref.named_parameters()]
     for n, state in states:
         out += [(f"optimizer.{n}.{k}", v) for k, v in sorted(state.items()) if isinstance(v, torch.Tensor)]
     return out
@@ -237,3 +242,77 @@ def check_replicas_equal(learner, group=None) -> int:
             f"must run the same torch build with the same torch.set_num_threads; restart from a checkpoint.")
     return len(named)
 
+
+
+class DataParallel:
+    """This process's place in a data-parallel learner group, and the collectives a training
+    loop needs, each timed into ``comm_s``. ``DataParallel.single()`` (world 1) makes every one
+    a no-op, so a loop written against it runs unchanged in one process.
+
+        rows = dp.rows(n)                       # this rank's contiguous shard of an n-row batch
+        logp = dp.gather_rows(batch, fn)        # fn on my shard, the [n, T] result on every rank
+        dp.all_reduce_gradients(learner)        # SUM, before clipping
+        total = dp.sum(local_loss)              # a scalar summed over ranks
+        means = dp.mean_metrics(sums, counts)   # sums and counts pooled over ranks
+    """
+
+    def __init__(self, rank: int = 0, world: int = 1, group=None):
+        self.rank, self.world, self.group = rank, world, group
+        self.comm_s = 0.0  # seconds spent in collectives (including waiting for slower ranks)
+
+    @classmethod
+    def single(cls) -> "DataParallel":
+        return cls()
+
+    @classmethod
+    def from_process_group(cls, group=None) -> "DataParallel":
+        rank, world = _world(group)
+        return cls(rank, world, group)
+
+    def _timed(self, fn: Callable, *args):
+        t0 = time.perf_counter()
+        try:
+            return fn(*args)
+        finally:
+            self.comm_s += time.perf_counter() - t0
+
+    def rows(self, n: int) -> list[int]:
+        return shard_rows(n, self.rank, self.world) if self.world > 1 else list(range(n))
+
+    def gather_rows(self, batch, fn: Callable) -> torch.Tensor:
+        """``fn(batch.select(my rows))`` -> [n_r, T] on each rank, concatenated in rank order into
+        the [n, T] of the whole batch, identical on every rank (all-gather; shards padded to equal size)."""
+        if self.world == 1:
+            return fn(batch)
+        mine = fn(batch.select(torch.tensor(self.rows(len(batch))))).float().contiguous()
+        sizes = [len(shard_rows(len(batch), r, self.world)) for r in range(self.world)]
+        width = mine.shape[1:]
+        padded = torch.zeros((max(sizes), *width))
+        padded[: mine.shape[0]] = mine
+        parts = [torch.empty_like(padded) for _ in range(self.world)]
+        self._timed(dist.all_gather, parts, padded, self.group)
+        return torch.cat([p[:k] for p, k in zip(parts, sizes)])
+
+    def all_reduce_gradients(self, learner) -> int:
+        return self._timed(all_reduce_gradients, learner, self.group) if self.world > 1 else 0
+
+    def sum(self, value: float) -> float:
+        """SUM of a float over ranks (float64; NaN/inf propagate, so every rank sees them)."""
+        if self.world == 1:
+            return float(value)
+        t = torch.tensor([float(value)], dtype=torch.float64)
+        self._timed(dist.all_reduce, t, dist.ReduceOp.SUM, self.group)
+        return float(t)
+
+    def mean_metrics(self, sums: dict[str, float], counts: dict[str, int]) -> dict[str, float]:
+        """Per-key mean over every record of every rank: sum of sums / sum of counts."""
+        keys = sorted(sums)
+        if self.world > 1:
+            _check_same([len(keys), _crc("\0".join(keys))], f"the metric names {keys}", self.group)
+            t = torch.tensor([[sums[k] for k in keys], [counts[k] for k in keys]], dtype=torch.float64)
+            self._timed(dist.all_reduce, t, dist.ReduceOp.SUM, self.group)
+            sums, counts = dict(zip(keys, t[0].tolist())), dict(zip(keys, t[1].tolist()))
+        return {k: sums[k] / counts[k] for k in keys}
+
+    def check_replicas_equal(self, learner) -> Optional[int]:
+        return self._timed(check_replicas_equal, learner, self.group) if self.world > 1 else None

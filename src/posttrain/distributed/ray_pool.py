@@ -46,7 +46,8 @@ def import_ray():
     try:
         import ray
     except ImportError as exc:
-        raise RayUnavailableError("distributed.rollout_workers needs Ray: pip install -e '.[ray]'") from exc
+        raise RayUnavailableError("distributed.rollout_workers and distributed.learners > 1 need Ray: "
+                                  "pip install -e '.[ray]'") from exc
     return ray
 
 
@@ -76,6 +77,23 @@ def connect(address: Optional[str]):
     else:
         ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     return ray
+
+
+def check_resources(ray, dc, learner_gpus: int = 0) -> None:
+    """The cluster must hold every actor this config asks for, or the missing ones would wait
+    for resources forever: rollout workers x cpus_per_worker, plus the learners beyond this
+    process (rank 0) x cpus_per_learner CPUs and ``learner_gpus`` GPUs each."""
+    have = ray.cluster_resources()
+    workers, learners = dc.rollout_workers * dc.cpus_per_worker, (dc.learners - 1) * dc.cpus_per_learner
+    if workers + learners > have.get("CPU", 0):
+        raise RayUnavailableError(
+            f"distributed.rollout_workers={dc.rollout_workers} x cpus_per_worker={dc.cpus_per_worker} + "
+            f"(distributed.learners={dc.learners} - 1) x cpus_per_learner={dc.cpus_per_learner} = "
+            f"{workers + learners} CPUs, but the Ray cluster has {have.get('CPU', 0):g}; lower them or add nodes")
+    if learner_gpus and (dc.learners - 1) * learner_gpus > have.get("GPU", 0):
+        raise RayUnavailableError(
+            f"distributed.learners={dc.learners} on CUDA needs {dc.learners - 1} GPU(s) for the learner actors "
+            f"(rank 0 uses this process's), but the Ray cluster has {have.get('GPU', 0):g}")
 
 
 @dataclass
@@ -141,12 +159,7 @@ class RayRolloutPool:
     def __init__(self, cfg, tokenizer, weights: Mapping[str, torch.Tensor], dtype: torch.dtype):
         dc = cfg.distributed
         self.ray = connect(dc.address)
-        available = self.ray.cluster_resources().get("CPU", 0)
-        wanted = dc.rollout_workers * dc.cpus_per_worker
-        if wanted > available:
-            raise RayUnavailableError(
-                f"distributed.rollout_workers={dc.rollout_workers} x distributed.cpus_per_worker={dc.cpus_per_worker} "
-                f"= {wanted} CPUs, but the Ray cluster has {available:g} CPUs; lower either or add nodes")
+        check_resources(self.ray, dc)
         self.tokenizer = tokenizer
         self.wait_for_weights = dc.max_staleness == 0  # asynchronous: pushes overlap sampling
         self._actor = self.ray.remote(num_cpus=dc.cpus_per_worker, max_restarts=0)(RolloutWorker)

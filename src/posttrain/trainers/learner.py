@@ -272,14 +272,32 @@ class Learner:
 
     def load_checkpoint(self, checkpoint, state: dict) -> None:
         """Weights (exact fp32 masters), optimizer state and critic from a checkpoint directory."""
-        from safetensors.torch import load_model
+        from safetensors.torch import load_file, load_model
 
         with self.fp32_policy():
             load_model(self.policy, str(checkpoint / "model.safetensors"), strict=False)
+        critic = load_file(str(checkpoint / "critic.safetensors")) if self.critic is not None else None
+        self._load(state, critic)
+
+    def replica_state(self) -> dict:
+        """Everything another replica needs to continue exactly as this one: fp32 master weights,
+        optimizer and critic state (copies; plain tensors, so it pickles through Ray)."""
+        with self.fp32_policy():
+            weights = {k: v.detach().clone() for k, v in self.policy.state_dict().items()}
+        return {"weights": weights, **self.state_dict(),
+                "critic": {k: v.clone() for k, v in self.critic.state_dict().items()} if self.critic else None}
+
+    def load_replica_state(self, payload: dict) -> None:
+        """The inverse of ``replica_state``: this learner becomes bit-identical to the sender."""
+        with self.fp32_policy():
+            self.policy.load_state_dict(payload["weights"], strict=False)
+        self._load(payload, payload["critic"])
+
+    def _load(self, state: dict, critic: Optional[dict]) -> None:
         self._refresh_compute_copy()
         self.optimizer.load_state_dict(state["optimizer"])
         if self.critic is not None:
-            load_model(self.critic, str(checkpoint / "critic.safetensors"))
+            self.critic.load_state_dict(critic)
             self.critic_optimizer.load_state_dict(state["critic_optimizer"])
 
 

@@ -20,6 +20,7 @@ from posttrain.runs import KILL_ENV, RunDir, RunDirError, check_writable, maybe_
 from posttrain.tasks.registry import build_task
 from posttrain.trainers.learner import resolve_device
 from posttrain.trainers.rl import NonFiniteLossError, RLTrainer
+from posttrain.trainers.learner_group import LearnerCrashError
 
 
 def prepare(cfg: RLConfig, output_dir: Optional[str], resume: bool):
@@ -125,11 +126,11 @@ def _train(trainer: RLTrainer, cfg: RLConfig, run: RunDir, path: Path, resume: b
         while trainer.step < end:
             try:
                 metrics = trainer.train_step()
-            except NonFiniteLossError as exc:
+            except (NonFiniteLossError, LearnerCrashError) as exc:
                 run.close()
                 last = run.latest_checkpoint()
                 where = f"the last good checkpoint is {last}" if last else "no checkpoint was written yet"
-                raise NonFiniteLossError(f"{exc} ({where})") from exc
+                raise type(exc)(f"{exc} ({where})") from exc
             metrics["time/train_wall_s"] = prior_wall + time.perf_counter() - wall_start
             run.log_metrics(trainer.step, metrics)
             progress.update(bar, completed=trainer.step, info=_step_info(metrics))

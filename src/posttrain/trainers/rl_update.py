@@ -1,0 +1,258 @@
+"""What the learner does with one batch of scored rollouts: advantages, then PPO updates.
+
+    rl_update.learn(rollouts, orders, step, baseline)
+        old / ref log-probs, values, entropies (only when needed)    # learner passes, row-sharded
+        rollouts.advantages = ADVANTAGES[estimator](...)             # [N, T], on the whole batch
+        for epoch, mini-batch (rows from ``orders``):
+            learner.forward_backward(my rows of the mini-batch, policy loss + kl + entropy)
+            SUM the gradients over ranks; clip; learner.optim_step(lr schedule)
+        adaptive KL / entropy controllers <- this step's metrics
+
+Every data-parallel learner rank runs this same code on the same batch (SPMD) through a
+``DataParallel`` (posttrain.distributed.data_parallel); in one process it is
+``DataParallel.single()`` and every collective is a no-op. Batch statistics (group-normalised
+advantages, the 80/20 entropy mask) are computed on the whole batch, from log-prob passes each
+rank runs on its rows and all-gathers; losses are normalised by the whole mini-batch's counts,
+so the SUM of the ranks' gradients is the one-process gradient (the argument is in
+data_parallel's docstring). Metrics are pooled over ranks, so the controllers, which read them,
+move identically everywhere and the replicas stay bit-identical. The mini-batch orders come
+from the driver, whose generator also seeds sampling.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional
+
+import torch
+
+from posttrain.algorithms import (
+    ADVANTAGES,
+    CORRECTIONS,
+    POLICY_LOSSES,
+    AdvantageInput,
+    CorrectionInput,
+    PolicyLossInput,
+    aggregate,
+    kl_estimate,
+)
+from posttrain.algorithms.advantages_token import gae_returns, value_loss
+from posttrain.algorithms.corrections import mismatch_metrics
+from posttrain.algorithms.overlong import dapo_overlong_penalty, mask_truncated
+from posttrain.algorithms.regularizers import AdaptiveEntropyController, AdaptiveKLController, kl_in_reward, \
+    top_entropy_mask
+from posttrain.config import RLConfig
+from posttrain.distributed.data_parallel import DataParallel
+from posttrain.rollout.batch import Rollouts
+from posttrain.trainers.learner import Learner
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many consecutive steps produced a non-finite loss or gradient."""
+
+
+def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
+    """Multiplier of the base LR before optimizer step ``step`` (0-based)."""
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    if schedule == "linear":
+        return max(0.0, 1.0 - progress)
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+    return 1.0
+
+
+def old_logprobs_mode(cfg: RLConfig) -> str:
+    """``trainer.old_logprobs``; auto = "current" when the policy cannot move before the loss
+    (one epoch, one mini-batch: old = current.detach() exactly, no extra pass), else "recompute"."""
+    mode = cfg.trainer.old_logprobs
+    if mode == "auto":
+        return "current" if cfg.trainer.ppo_epochs == 1 and cfg.trainer.mini_batches == 1 else "recompute"
+    return mode
+
+
+def mini_batch_orders(cfg: RLConfig, n: int, generator: torch.Generator) -> list[torch.Tensor]:
+    """One row order per PPO epoch (identity when there is a single epoch and mini-batch)."""
+    tc = cfg.trainer
+    if tc.ppo_epochs == 1 and tc.mini_batches == 1:
+        return [torch.arange(n)]
+    return [torch.randperm(n, generator=generator, device=generator.device).cpu() for _ in range(tc.ppo_epochs)]
+
+
+class RLUpdate:
+    """The learner side of one RL step; its state (controllers, non-finite streak) is checkpointed."""
+
+    def __init__(self, cfg: RLConfig, learner: Learner, dp: Optional[DataParallel] = None):
+        self.cfg, self.learner = cfg, learner
+        self.dp = dp or DataParallel.single()
+        self.kl_ctl = AdaptiveKLController(cfg.algorithm.kl)
+        self.entropy_ctl = AdaptiveEntropyController(cfg.algorithm.entropy)
+        self.nonfinite_streak = 0
+
+    def state(self) -> dict:
+        return {"nonfinite_streak": self.nonfinite_streak, "kl_coef": self.kl_ctl.value,
+                "entropy_coef": self.entropy_ctl.value}
+
+    def load_state(self, state: dict) -> None:
+        self.nonfinite_streak = int(state["nonfinite_streak"])
+        self.kl_ctl.value = float(state["kl_coef"])
+        self.entropy_ctl.value = float(state["entropy_coef"])
+
+    def learn(self, rollouts: Rollouts, orders: list[torch.Tensor], step: int,
+              baseline: Optional[torch.Tensor] = None) -> dict[str, float]:
+        """Prepare ``rollouts`` (rewards filled) and update on them; ``step`` is 0-based."""
+        comm0 = self.dp.comm_s
+        self.prepare(rollouts, baseline)
+        metrics = self.update(rollouts, orders, step)
+        if "kl/mean" in metrics:
+            metrics["kl/coef"] = self.kl_ctl.update(metrics["kl/mean"], len(rollouts))
+        if "entropy/learner" in metrics and self.entropy_ctl.value > 0:
+            metrics["entropy/coef"] = self.entropy_ctl.update(metrics["entropy/learner"])
+        if self.dp.world > 1:
+            metrics["time/collective_s"] = self.dp.comm_s - comm0
+        return metrics
+
+    # ------------------------------------------------------------------ batch statistics
+    def prepare(self, rollouts: Rollouts, baseline: Optional[torch.Tensor] = None) -> None:
+        """Old / ref log-probs, overlong penalty, advantages (and critic returns), loss mask."""
+        cfg, alg, learner, dp = self.cfg, self.cfg.algorithm, self.learner, self.dp
+        mode = old_logprobs_mode(cfg)
+        if mode == "recompute":
+            rollouts.old_logprobs = dp.gather_rows(rollouts, learner.logprobs)
+        elif mode == "behaviour":
+            rollouts.old_logprobs = rollouts.behaviour_logprobs
+        if learner.ref is not None:
+            rollouts.ref_logprobs = dp.gather_rows(rollouts, lambda b: learner.logprobs(b, "ref"))
+        mask = rollouts.completion_mask
+        if alg.overlong_buffer:
+            penalty = dapo_overlong_penalty(rollouts.completion_lengths, cfg.rollout.max_new_tokens,
+                                            alg.overlong_buffer, alg.overlong_penalty).float()
+            rollouts.reward_components["overlong_penalty"] = penalty
+            rollouts.rewards = rollouts.rewards + penalty
+        logprobs = rollouts.old_logprobs if rollouts.old_logprobs is not None else rollouts.behaviour_logprobs
+        token_rewards = None
+        if alg.kl.in_reward:
+            token_rewards = kl_in_reward(None, logprobs, rollouts.ref_logprobs, mask, self.kl_ctl.value,
+                                         alg.kl.estimator)
+        if learner.critic is not None:
+            rollouts.values = dp.gather_rows(rollouts, learner.values)
+        adv_input = AdvantageInput(
+            rewards=rollouts.rewards, group_ids=rollouts.group_ids, mask=mask,
+            reward_components=rollouts.reward_components, token_rewards=token_rewards, logprobs=logprobs,
+            ref_logprobs=rollouts.ref_logprobs, baseline_rewards=baseline, values=rollouts.values,
+            answers=[str(m.get("canonical", m.get("answer"))) for m in rollouts.metadata],
+        )
+        rollouts.advantages = ADVANTAGES.get(alg.advantage_estimator)(adv_input, alg.advantage).float()
+        if learner.critic is not None:
+            rollouts.returns = gae_returns(adv_input, alg.advantage).float()
+        # Which tokens get a loss: DAPO overlong filtering, 80/20 high-entropy tokens (on the
+        # learner's entropies when the engine records none, as vLLM's does not).
+        loss_mask = mask_truncated(mask, rollouts.truncated) if alg.mask_truncated else mask
+        if alg.entropy.top_quantile < 1.0 and rollouts.entropies is None:
+            rollouts.entropies = dp.gather_rows(rollouts, learner.entropies)
+        rollouts.loss_mask = top_entropy_mask(rollouts.entropies, loss_mask, alg.entropy.top_quantile) \
+            if rollouts.entropies is not None else loss_mask
+
+    # ------------------------------------------------------------------ updates
+    def update(self, rollouts: Rollouts, orders: list[torch.Tensor], step: int) -> dict[str, float]:
+        """PPO epochs x mini-batches of learner updates on one batch; returns mean metrics."""
+        tc, alg, learner, dp = self.cfg.trainer, self.cfg.algorithm, self.learner, self.dp
+        loss_fn = POLICY_LOSSES.get(alg.policy_loss)
+        n = len(rollouts)
+        sums: dict[str, float] = {}
+        counts: dict[str, int] = {}
+
+        def record(key: str, value: float) -> None:
+            sums[key] = sums.get(key, 0.0) + float(value)
+            counts[key] = counts.get(key, 0) + 1
+
+        # The engine's entropies are missing (vLLM): the learner's stand in, in the same pass.
+        want_entropy = self.entropy_ctl.value > 0 or rollouts.entropies is None
+        value_fn = None
+        mini_size = n // tc.mini_batches
+        for epoch in range(tc.ppo_epochs):
+            order = orders[epoch]
+            for m in range(tc.mini_batches):
+                mini = rollouts.select(order[m * mini_size:(m + 1) * mini_size])
+                # The loss is a sum over micro-batches (and ranks) normalised by the whole
+                # mini-batch's counts, so neither split changes the gradient.
+                counts_kw = dict(num_tokens=float(mini.loss_mask.sum()), num_seqs=float(len(mini)),
+                                 norm_length=float(self.cfg.rollout.max_new_tokens))
+                mine = mini.select(torch.tensor(dp.rows(len(mini)))) if dp.world > 1 else mini
+                if learner.critic is not None:
+                    value_fn = lambda micro, values, kw=counts_kw: self._value_loss(micro, values, kw, record)  # noqa: E731
+                learner.zero_grad()
+                total_loss = learner.forward_backward(
+                    mine, lambda micro, logp, ent, kw=counts_kw: self._micro_loss(micro, logp, ent, loss_fn, kw, record),
+                    with_entropy=want_entropy, value_loss_fn=value_fn)
+                dp.all_reduce_gradients(learner)
+                total_loss = dp.sum(total_loss)
+                grad_norm = learner.clip_grad_norm()  # of the summed gradients: equal on every rank
+                record("loss/total", total_loss)
+                record("grad_norm", grad_norm)
+                if not (math.isfinite(total_loss) and math.isfinite(grad_norm)):
+                    learner.zero_grad()
+                    self.nonfinite_streak += 1
+                    record("nonfinite_skipped", 1.0)
+                    if self.nonfinite_streak >= tc.max_nonfinite_steps:
+                        raise NonFiniteLossError(
+                            f"{self.nonfinite_streak} consecutive non-finite loss/gradient steps at step {step + 1}; "
+                            f"lower trainer.lr or check rewards")
+                    continue
+                self.nonfinite_streak = 0
+                for k, v in learner.optim_step(lr_factor(step, tc.steps, tc.warmup_steps, tc.lr_schedule)).items():
+                    record(k, v)
+        out = dp.mean_metrics(sums, counts)
+        out["lr"] = learner.optimizer.param_groups[0]["lr"]
+        return out
+
+    def _value_loss(self, micro: Rollouts, values: torch.Tensor, counts_kw: dict, record: Callable) -> torch.Tensor:
+        """PPO clipped value loss of the critic on one micro-batch, aggregated like the policy loss."""
+        alg = self.cfg.algorithm
+        mask = micro.completion_mask.to(values.device)
+        out = value_loss(values, micro.values.to(values.device), micro.returns.to(values.device), mask,
+                         clip_range=alg.critic.value_clip)
+        loss = aggregate(out.loss, mask, alg.aggregation, **counts_kw)
+        record("critic/loss", float(loss.detach()))
+        for k, v in out.metrics.items():
+            record(f"critic/{k}", float(v))
+        return loss
+
+    def _micro_loss(self, micro: Rollouts, logp: torch.Tensor, entropy: Optional[torch.Tensor], loss_fn: Callable,
+                    counts_kw: dict, record: Callable) -> torch.Tensor:
+        """Policy loss (+ KL, - entropy bonus) of one micro-batch, normalised by mini-batch counts."""
+        alg = self.cfg.algorithm
+        entropy_coef = self.entropy_ctl.value
+        mask = micro.loss_mask.to(logp.device)
+        old = micro.old_logprobs.to(logp.device) if micro.old_logprobs is not None else logp.detach()
+        behaviour = micro.behaviour_logprobs.to(logp.device)
+        is_weights = None
+        if alg.correction.name is not None:
+            corr = CORRECTIONS.get(alg.correction.name)(CorrectionInput(behaviour, old, mask), alg.correction)
+            is_weights, mask = corr.weights, mask * corr.mask
+            for k, v in corr.metrics.items():
+                record(k if "/" in k else f"correction/{k}", float(v))
+        out = loss_fn(
+            PolicyLossInput(logprobs=logp, old_logprobs=old, advantages=micro.advantages.to(logp.device), mask=mask,
+                            is_weights=is_weights, behaviour_logprobs=behaviour,
+                            entropy=entropy if entropy_coef > 0 else None),
+            alg.loss,
+        )
+        loss = aggregate(out.loss, mask, alg.aggregation, **counts_kw)
+        record("loss/policy", float(loss.detach()))
+        for k, v in out.metrics.items():
+            record(f"loss/{k}", float(v))
+        # Train-inference mismatch: behaviour (engine) vs old (learner at rollout weights).
+        for k, v in mismatch_metrics(behaviour, old.detach(), micro.completion_mask.to(logp.device)).items():
+            record(k, float(v))
+        if micro.ref_logprobs is not None:
+            kl = kl_estimate(logp, micro.ref_logprobs.to(logp.device), alg.kl.estimator)
+            record("kl/mean", float((kl.detach() * mask).sum() / mask.sum().clamp_min(1)))
+            if not alg.kl.in_reward:
+                loss = loss + self.kl_ctl.value * aggregate(kl, mask, alg.aggregation, **counts_kw)
+        if entropy is not None:
+            record("entropy/learner", float((entropy.detach() * mask).sum() / mask.sum().clamp_min(1)))
+            if entropy_coef > 0:
+                loss = loss - entropy_coef * aggregate(entropy, mask, alg.aggregation, **counts_kw)
+        return loss

@@ -33,7 +33,7 @@ def _list(args) -> int:
     if args.what == "algorithms":
         from posttrain.algorithms.catalog import catalog
 
-        rows = catalog()
+        rows = catalog() + _selection_rows()
         if args.json:
             print(json.dumps(rows, indent=2))
         else:
@@ -46,6 +46,9 @@ def _list(args) -> int:
             for row in rows:
                 table.add_row(row["kind"], row["name"], row.get("paper") or "")
             Console(width=160).print(table)
+    elif args.what == "selection":
+        for row in _selection_rows():
+            print(f"{row['name']:<20} {row['summary']}  [{row['paper']}]")
     elif args.what == "tasks":
         from posttrain.tasks.registry import TASKS
 
@@ -56,6 +59,13 @@ def _list(args) -> int:
         _builtin()
         print("\n".join(sorted(set(REWARDS) | {"composite"})))
     return 0
+
+
+def _selection_rows() -> list[dict]:
+    from posttrain.selection import SELECTORS
+
+    return [{"kind": "selection", "name": e.name, "paper": e.paper,
+             "summary": (e.fn.__doc__ or "").strip().splitlines()[0]} for e in SELECTORS.entries()]
 
 
 def _report(args) -> int:
@@ -81,8 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     rl.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its latest checkpoint")
     rl.set_defaults(func=_rl)
 
-    ls = sub.add_parser("list", help="list registered algorithms, tasks or rewards")
-    ls.add_argument("what", choices=["algorithms", "tasks", "rewards"])
+    ls = sub.add_parser("list", help="list registered algorithms, selectors, tasks or rewards")
+    ls.add_argument("what", choices=["algorithms", "selection", "tasks", "rewards"])
     ls.add_argument("--json", action="store_true")
     ls.set_defaults(func=_list)
 

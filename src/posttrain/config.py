@@ -19,6 +19,7 @@ from typing import Any, Literal, Optional, Union
 import yaml
 
 from posttrain.algorithms.base import AdvantageConfig, CorrectionConfig, PolicyLossConfig
+from posttrain.selection.base import SelectionConfig
 from posttrain.algorithms.regularizers import EntropyConfig, KLConfig
 
 
@@ -216,14 +217,31 @@ class RLConfig:
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    selection: SelectionConfig = field(default_factory=SelectionConfig)  # which prompts and rollouts to learn from
     output_dir: Optional[str] = None  # default: a new folder under runs/
 
     def __post_init__(self) -> None:
         _check(self.algorithm.overlong_buffer <= self.rollout.max_new_tokens, "algorithm.overlong_buffer",
                "must be <= rollout.max_new_tokens")
-        batch = self.rollout.num_prompts * self.rollout.num_completions
+        sel = self.selection
+        if sel.name is not None:
+            from posttrain.selection import SELECTORS
+
+            _check(sel.name in SELECTORS, "selection.name", f"must be one of {', '.join(SELECTORS.names())}")
+            _check(self.distributed.max_staleness == 0, "selection.name",
+                   "needs distributed.max_staleness=0: a selector decides on scored groups before the next batch is "
+                   "sampled")
+            _check(sel.max_rounds >= 0, "selection.max_rounds", "must be >= 0")
+            _check(0.0 <= sel.low <= sel.high <= 1.0, "selection.low", "and selection.high need 0 <= low <= high <= 1")
+        per_group = self.rollout.num_completions
+        if sel.name == "pods":
+            per_group = sel.keep_completions or max(1, per_group // 2)
+            _check(0 < per_group < self.rollout.num_completions, "selection.keep_completions",
+                   f"must be between 1 and rollout.num_completions - 1 = {self.rollout.num_completions - 1} for pods")
+        batch = self.rollout.num_prompts * per_group
         _check(batch % self.trainer.mini_batches == 0, "trainer.mini_batches",
-               f"must divide the batch of {batch} samples (rollout.num_prompts x rollout.num_completions)")
+               f"must divide the batch of {batch} samples (rollout.num_prompts x rollout.num_completions, or x "
+               f"selection.keep_completions under pods)")
         _check(self.distributed.learners <= batch // self.trainer.mini_batches, "distributed.learners",
                f"must be <= the mini-batch of {batch // self.trainer.mini_batches} samples, so that every "
                f"data-parallel rank gets a row (raise rollout.num_prompts or lower trainer.mini_batches)")

@@ -40,9 +40,11 @@ from posttrain.rollout.batch import Rollouts
 from posttrain.rollout.engine import SamplingParams, resolve_dtype
 from posttrain.rollout.sampler import build_engine, context_window, encode_prompts
 from posttrain.runs import RunDir, load_trainer_state
+from posttrain.selection import build_selector
 from posttrain.tasks.base import Problem
 from posttrain.trainers.learner import Learner, resolve_device
 from posttrain.trainers.rl_update import NonFiniteLossError, RLUpdate, lr_factor, mini_batch_orders
+from posttrain.trainers.selected_batch import sample_selected
 
 __all__ = ["EpochSampler", "EvalResult", "NonFiniteLossError", "RLTrainer", "lr_factor"]
 
@@ -129,6 +131,7 @@ class RLTrainer:
                 self.learner_group.close()
             raise
         self.in_flight: deque = deque()  # (problems, handle) submitted ahead, asynchronous training only
+        self.selector = build_selector(cfg.selection, cfg.rollout.num_completions)
         self.generator = torch.Generator(device=self.device).manual_seed(tc.seed)
         self.step = 0
         self.sampling = SamplingParams(
@@ -146,6 +149,13 @@ class RLTrainer:
         """Fill rewards and components group by group; returns reward-error records."""
         return score_rollouts(rollouts, reward or self.reward, self.cfg.trainer.on_reward_error)
 
+    def sample_and_score(self, problems: list[Problem]) -> tuple[Rollouts, list[dict]]:
+        """Rollouts of ``problems`` with rewards (Ray workers score where they sample)."""
+        rollouts = self.engine.generate(problems, self.cfg.rollout.num_completions, self.sampling, self.generator,
+                                        share_prefill=self.cfg.rollout.share_prompt_prefill)
+        errors = self.score(rollouts) if rollouts.rewards is None else list(self.engine.last_reward_errors)
+        return rollouts, errors
+
     def _greedy_baseline(self, problems: list[Problem], rollouts: Rollouts) -> torch.Tensor:
         """ReMax: the reward of one greedy completion per prompt, broadcast to its group."""
         greedy = SamplingParams(max_new_tokens=self.sampling.max_new_tokens, top_k=1, stop=self.sampling.stop)
@@ -157,11 +167,17 @@ class RLTrainer:
     def train_step(self) -> dict[str, float]:
         cfg, alg, learner = self.cfg, self.cfg.algorithm, self.learner
         t0 = time.perf_counter()
-        problems, rollouts = self._next_batch()
-        gen_stats = dict(self.engine.last_stats)
-        t_gen = time.perf_counter()
-        # Ray workers score where they sample; the in-process engine's rollouts are scored here.
-        errors = self.score(rollouts) if rollouts.rewards is None else list(self.engine.last_reward_errors)
+        selection_metrics = {}
+        if cfg.selection.name is not None:  # filtered, refilled and down-sampled (trainers/selected_batch.py)
+            problems, rollouts, errors, selection_metrics = sample_selected(self)
+            gen_stats = dict(self.engine.last_stats)
+            t_gen = time.perf_counter()
+        else:
+            problems, rollouts = self._next_batch()
+            gen_stats = dict(self.engine.last_stats)
+            t_gen = time.perf_counter()
+            # Ray workers score where they sample; the in-process engine's rollouts are scored here.
+            errors = self.score(rollouts) if rollouts.rewards is None else list(self.engine.last_reward_errors)
         for e in errors:
             self.run.append("reward_errors.jsonl", {"step": self.step + 1, **e})
         baseline = self._greedy_baseline(problems, rollouts) if alg.advantage_estimator == "remax" else None
@@ -176,6 +192,7 @@ class RLTrainer:
         self.engine.load_weights(learner.export_weights(), self.step)
         t_end = time.perf_counter()
         metrics.update(self._rollout_metrics(rollouts))
+        metrics.update(selection_metrics)
         metrics.update({
             "reward_errors": float(len(errors)),
             "time/gen_s": t_gen - t0, "time/learn_s": t_learn - t_gen, "time/sync_s": t_end - t_learn,
@@ -264,6 +281,7 @@ class RLTrainer:
             "generator": self.generator.get_state(),
             "torch_rng": torch.random.get_rng_state(),
             **self.rl_update.state(),
+            "selection": self.selector.state_dict(),
             "config": to_dict(self.cfg),
         }
 
@@ -276,6 +294,8 @@ class RLTrainer:
         self.generator.set_state(state["generator"])
         torch.random.set_rng_state(state["torch_rng"])
         self.rl_update.load_state(state)
+        if "selection" in state:  # checkpoints from before selection existed have none
+            self.selector.load_state_dict(state["selection"])
         if self.learner_group is not None:
             self.learner_group.sync(self.learner, self.rl_update.state())
 

@@ -1,0 +1,101 @@
+"""The selection contract: which prompts to sample, which groups and rollouts to learn from.
+
+A selector is a class registered in ``SELECTORS`` and built from ``SelectionConfig``. The RL
+loop (trainers/selection_loop.py) calls, per step:
+
+    selector.accept(problem, epoch) -> bool          # before sampling: skip this prompt?
+    selector.observe(batch, epoch)                   # after scoring: update statistics
+    selector.keep_groups(batch) -> Tensor[G] bool    # groups that enter the update (refilled if short)
+    selector.keep_rows(batch) -> Tensor[N] bool      # rollouts within the kept groups that enter it
+    selector.metrics() -> dict                       # its state, logged as selection/...
+    selector.state_dict() / load_state_dict(state)   # checkpointed; resume is exact
+
+Every hook sees a ``ScoredGroups``: the scored rollouts with per-sample correctness and the
+group structure already worked out (group g is ``problems[g]``, its rows ``rows_of[g]``). The
+base class accepts and keeps everything, so a selector overrides only the hooks it needs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+
+from posttrain.algorithms.base import Registry
+from posttrain.tasks.base import Problem
+
+
+@dataclass
+class SelectionConfig:
+    """``selection:`` in the RL config. Which fields a selector reads is in its docstring."""
+
+    name: Optional[str] = None  # a registered selector; null: every prompt, every rollout
+    max_rounds: int = 3  # refill: extra generation rounds per step when groups are filtered out
+    low: float = 0.2  # online_difficulty: keep groups with pass rate in [low, high]
+    high: float = 0.8
+    keep_completions: int = 0  # pods: rollouts kept per prompt (0: half of rollout.num_completions)
+
+
+@dataclass
+class ScoredGroups:
+    """One scored batch seen group by group (groups in ``problems`` order)."""
+
+    problems: list[Problem]
+    group_ids: torch.Tensor  # [N] 0..G-1
+    rewards: torch.Tensor  # [N] float
+    correct: torch.Tensor  # [N] bool (the reward's `correct` component, else reward > 0)
+    rows_of: list[torch.Tensor] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.rows_of = [torch.nonzero(self.group_ids == g).squeeze(-1) for g in range(len(self.problems))]
+
+    @property
+    def pass_rates(self) -> torch.Tensor:
+        """[G] fraction of each group's samples that are correct."""
+        return torch.stack([self.correct[r].double().mean() for r in self.rows_of])
+
+    @property
+    def constant_reward(self) -> torch.Tensor:
+        """[G] True where every sample of the group got the same reward (zero GRPO advantage)."""
+        return torch.tensor([bool((self.rewards[r] == self.rewards[r][0]).all()) for r in self.rows_of])
+
+
+class Selector:
+    """Samples every prompt it is handed and keeps every rollout (no selection)."""
+
+    name = "none"
+    refills = False  # keep_groups may reject groups, and the loop samples more prompts to replace them
+
+    def __init__(self, cfg: SelectionConfig, num_completions: int):
+        self.cfg, self.num_completions = cfg, num_completions
+
+    def accept(self, problem: Problem, epoch: int) -> bool:
+        return True
+
+    def observe(self, batch: ScoredGroups, epoch: int) -> None:
+        pass
+
+    def keep_groups(self, batch: ScoredGroups) -> torch.Tensor:
+        return torch.ones(len(batch.problems), dtype=torch.bool)
+
+    def keep_rows(self, batch: ScoredGroups) -> torch.Tensor:
+        return torch.ones(len(batch.rewards), dtype=torch.bool)
+
+    def metrics(self) -> dict[str, float]:
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+
+SELECTORS: Registry[type[Selector]] = Registry("selector")
+
+
+def build_selector(cfg: SelectionConfig, num_completions: int) -> Selector:
+    if cfg.name is None:
+        return Selector(cfg, num_completions)
+    return SELECTORS.get(cfg.name)(cfg, num_completions)

@@ -143,22 +143,25 @@ def _buckets(tensors: list[torch.Tensor], bucket_bytes: int) -> list[list[torch.
     return out
 
 
-def all_reduce_gradients(learner, group=None, bucket_mb: float = BUCKET_MB) -> int:
+def all_reduce_gradients(learner, group=None, bucket_mb: float = BUCKET_MB, meta_group=None) -> int:
     """SUM the learner's optimizer gradients (``learner.fp32_grads()``) over ranks, in place.
 
     A weight with a gradient on some rank but none here gets a zero one first (same layout
     everywhere); one with none on any rank stays None, so AdamW still skips it. Returns the
-    number of gradient collectives (buckets) issued.
+    number of gradient collectives (buckets) issued. ``meta_group`` (default ``group``) carries
+    the small CPU tensors of the layout checks: a gloo group when ``group`` is nccl, which
+    reduces CUDA tensors only.
     """
     _world(group)
+    meta = meta_group if meta_group is not None else group
     grads = learner.fp32_grads()
-    _check_same([len(grads)], "the number of trainable weights", group)
+    _check_same([len(grads)], "the number of trainable weights", meta)
     present = torch.tensor([g is not None for g in grads], dtype=torch.int64)
-    dist.all_reduce(present, op=dist.ReduceOp.SUM, group=group)
+    dist.all_reduce(present, op=dist.ReduceOp.SUM, group=meta)
     grads = learner.fp32_grads(zeros_for=[i for i, c in enumerate(present.tolist()) if c > 0])
     tensors = [g for g in grads if g is not None]
     shapes = ";".join(f"{tuple(g.shape)}{g.dtype}" for g in tensors)
-    _check_same([len(tensors), _crc(shapes)], "the gradient shapes and dtypes", group)
+    _check_same([len(tensors), _crc(shapes)], "the gradient shapes and dtypes", meta)
     buckets = _buckets(tensors, int(bucket_mb * 2**20))
     staging: dict[torch.dtype, torch.Tensor] = {}  # one buffer per dtype, reused by its buckets
     for bucket in buckets:
@@ -256,8 +259,10 @@ class DataParallel:
         means = dp.mean_metrics(sums, counts)   # sums and counts pooled over ranks
     """
 
-    def __init__(self, rank: int = 0, world: int = 1, group=None):
+    def __init__(self, rank: int = 0, world: int = 1, group=None, cpu_group=None):
         self.rank, self.world, self.group = rank, world, group
+        # Everything but the gradients is a small CPU tensor; nccl reduces CUDA tensors only.
+        self.cpu_group = cpu_group if cpu_group is not None else group
         self.comm_s = 0.0  # seconds spent in collectives (including waiting for slower ranks)
 
     @classmethod
@@ -267,7 +272,8 @@ class DataParallel:
     @classmethod
     def from_process_group(cls, group=None) -> "DataParallel":
         rank, world = _world(group)
-        return cls(rank, world, group)
+        nccl = dist.get_backend(group) == "nccl"
+        return cls(rank, world, group, dist.new_group(backend="gloo") if nccl else None)  # every rank calls this
 
     def _timed(self, fn: Callable, *args):
         t0 = time.perf_counter()
@@ -290,29 +296,29 @@ class DataParallel:
         padded = torch.zeros((max(sizes), *width))
         padded[: mine.shape[0]] = mine
         parts = [torch.empty_like(padded) for _ in range(self.world)]
-        self._timed(dist.all_gather, parts, padded, self.group)
+        self._timed(dist.all_gather, parts, padded, self.cpu_group)
         return torch.cat([p[:k] for p, k in zip(parts, sizes)])
 
     def all_reduce_gradients(self, learner) -> int:
-        return self._timed(all_reduce_gradients, learner, self.group) if self.world > 1 else 0
+        return self._timed(all_reduce_gradients, learner, self.group, BUCKET_MB, self.cpu_group) if self.world > 1 else 0
 
     def sum(self, value: float) -> float:
         """SUM of a float over ranks (float64; NaN/inf propagate, so every rank sees them)."""
         if self.world == 1:
             return float(value)
         t = torch.tensor([float(value)], dtype=torch.float64)
-        self._timed(dist.all_reduce, t, dist.ReduceOp.SUM, self.group)
+        self._timed(dist.all_reduce, t, dist.ReduceOp.SUM, self.cpu_group)
         return float(t)
 
     def mean_metrics(self, sums: dict[str, float], counts: dict[str, int]) -> dict[str, float]:
         """Per-key mean over every record of every rank: sum of sums / sum of counts."""
         keys = sorted(sums)
         if self.world > 1:
-            _check_same([len(keys), _crc("\0".join(keys))], f"the metric names {keys}", self.group)
+            _check_same([len(keys), _crc("\0".join(keys))], f"the metric names {keys}", self.cpu_group)
             t = torch.tensor([[sums[k] for k in keys], [counts[k] for k in keys]], dtype=torch.float64)
-            self._timed(dist.all_reduce, t, dist.ReduceOp.SUM, self.group)
+            self._timed(dist.all_reduce, t, dist.ReduceOp.SUM, self.cpu_group)
             sums, counts = dict(zip(keys, t[0].tolist())), dict(zip(keys, t[1].tolist()))
         return {k: sums[k] / counts[k] for k in keys}
 
     def check_replicas_equal(self, learner) -> Optional[int]:
-        return self._timed(check_replicas_equal, learner, self.group) if self.world > 1 else None
+        return self._timed(check_replicas_equal, learner, self.cpu_group) if self.world > 1 else None

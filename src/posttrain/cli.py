@@ -117,18 +117,26 @@ def build_parser() -> argparse.ArgumentParser:
 # Failures of a run that started well (exit 1, one line, no traceback). Named by module so that
 # the CLI never imports torch to check them: an exception of a class whose module was never
 # imported cannot have been raised.
-_RUN_FAILURES = (("posttrain.trainers.rl", "NonFiniteLossError"), ("posttrain.rewards.errors", "RewardError"))
+_RUN_FAILURES = (("posttrain.trainers.rl", "NonFiniteLossError"), ("posttrain.rewards.errors", "RewardError"),
+                 ("posttrain.trainers.learner_group", "LearnerCrashError"),
+                 ("posttrain.trainers.selected_batch", "SelectionExhaustedError"))
+# An optional extra missing or unusable, or a Ray cluster that cannot hold the run: input errors.
+_SETUP_ERRORS = (("posttrain.rollout.vllm_engine", "VLLMNotInstalledError"),
+                 ("posttrain.distributed.ray_pool", "RayUnavailableError"))
 _DISK_FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
 
 
-def _is_run_failure(exc: BaseException) -> bool:
-    if isinstance(exc, OSError) and exc.errno in _DISK_FULL:
-        return True
-    for module, name in _RUN_FAILURES:
+def _is_one_of(exc: BaseException, classes: tuple[tuple[str, str], ...]) -> bool:
+    """Whether ``exc`` is one of these classes (checked only in modules already imported)."""
+    for module, name in classes:
         cls = getattr(sys.modules.get(module), name, None)
         if cls is not None and isinstance(exc, cls):
             return True
     return False
+
+
+def _is_run_failure(exc: BaseException) -> bool:
+    return (isinstance(exc, OSError) and exc.errno in _DISK_FULL) or _is_one_of(exc, _RUN_FAILURES)
 
 
 def _error(exc: BaseException) -> None:
@@ -159,9 +167,12 @@ def main(argv: list[str] | None = None) -> int:
         # Input errors (config, model, task, run dir): one clear line, no traceback.
         _error(exc)
         return 2
-    except Exception as exc:  # noqa: BLE001 - re-raised unless it is a known run failure
-        # Non-finite losses, an aborting reward, a full disk: the run directory keeps its last
-        # checkpoint (the message says which); one line, exit 1. Anything else is a bug: traceback.
+    except Exception as exc:  # noqa: BLE001 - re-raised unless it is a known setup error or run failure
+        if _is_one_of(exc, _SETUP_ERRORS):
+            _error(exc)
+            return 2
+        # Non-finite losses, an aborting reward, a full disk, a dead learner: the run directory keeps
+        # its last checkpoint (the message says which); one line, exit 1. Anything else is a bug: traceback.
         if not _is_run_failure(exc):
             raise
         _error(exc)

@@ -603,3 +603,17 @@ def test_cli_other_errors_still_raise(monkeypatch):
     monkeypatch.setattr(cli, "_rl", other_oserror)
     with pytest.raises(OSError, match="Input/output"):
         cli.main(["rl", "c.yaml"])
+
+
+def test_a_missing_optional_extra_is_one_line_and_exit_2(tmp_path, capsys):
+    """Bug: rollout.engine=vllm without vLLM installed ended in a traceback (found by the generator above)."""
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is not None:
+        pytest.skip("vLLM is installed here")
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("model:\n  name: tiny-random\n")
+    assert main(["rl", str(cfg), "rollout.engine=vllm", "--output-dir", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "vLLM is not usable here" in err and "rollout.engine=hf" in err
+    assert not (tmp_path / "run").exists()

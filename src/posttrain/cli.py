@@ -62,10 +62,11 @@ def _list(args) -> int:
 
 
 def _selection_rows() -> list[dict]:
+    from posttrain.algorithms.catalog import summary_line
     from posttrain.selection import SELECTORS
 
-    return [{"kind": "selection", "name": e.name, "paper": e.paper,
-             "summary": (e.fn.__doc__ or "").strip().splitlines()[0]} for e in SELECTORS.entries()]
+    return [{"kind": "selection", "name": e.name, "paper": e.paper, "summary": summary_line(e.fn.__doc__)}
+            for e in SELECTORS.entries()]
 
 
 def _report(args) -> int:

@@ -233,9 +233,8 @@ class RLConfig:
                    "sampled")
             _check(sel.max_rounds >= 0, "selection.max_rounds", "must be >= 0")
             _check(0.0 <= sel.low <= sel.high <= 1.0, "selection.low", "and selection.high need 0 <= low <= high <= 1")
-        per_group = self.rollout.num_completions
+        per_group = sel.completions_kept(self.rollout.num_completions)
         if sel.name == "pods":
-            per_group = sel.keep_completions or max(1, per_group // 2)
             _check(0 < per_group < self.rollout.num_completions, "selection.keep_completions",
                    f"must be between 1 and rollout.num_completions - 1 = {self.rollout.num_completions - 1} for pods")
         batch = self.rollout.num_prompts * per_group

@@ -8,7 +8,8 @@ from posttrain.algorithms.base import ADVANTAGES, CORRECTIONS, POLICY_LOSSES
 from posttrain.algorithms.kl import KL_ESTIMATORS, KL_INFO
 
 
-def _summary(doc: str | None) -> str:
+def summary_line(doc: str | None) -> str:
+    """The first line of a docstring ("" when there is none)."""
     lines = (doc or "").strip().splitlines()
     return lines[0].strip() if lines else ""
 
@@ -22,7 +23,7 @@ def catalog() -> list[dict]:
     rows: list[dict] = []
     for kind, registry in (("advantage", ADVANTAGES), ("policy_loss", POLICY_LOSSES), ("correction", CORRECTIONS)):
         for entry in registry.entries():
-            rows.append({"kind": kind, "name": entry.name, "paper": entry.paper, "summary": _summary(entry.fn.__doc__)})
+            rows.append({"kind": kind, "name": entry.name, "paper": entry.paper, "summary": summary_line(entry.fn.__doc__)})
     for mode in AGGREGATIONS:
         summary, paper = AGGREGATION_INFO[mode]
         rows.append({"kind": "aggregation", "name": mode, "paper": paper, "summary": summary})

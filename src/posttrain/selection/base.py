@@ -18,6 +18,7 @@ base class accepts and keeps everything, so a selector overrides only the hooks 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, Optional
 
 import torch
@@ -36,6 +37,13 @@ class SelectionConfig:
     high: float = 0.8
     keep_completions: int = 0  # pods: rollouts kept per prompt (0: half of rollout.num_completions)
 
+    def completions_kept(self, num_completions: int) -> int:
+        """Rollouts per prompt that enter the update: ``keep_completions`` (default n // 2) under
+        pods, all n otherwise."""
+        if self.name == "pods":
+            return self.keep_completions or max(1, num_completions // 2)
+        return num_completions
+
 
 @dataclass
 class ScoredGroups:
@@ -50,12 +58,12 @@ class ScoredGroups:
     def __post_init__(self) -> None:
         self.rows_of = [torch.nonzero(self.group_ids == g).squeeze(-1) for g in range(len(self.problems))]
 
-    @property
+    @cached_property
     def pass_rates(self) -> torch.Tensor:
         """[G] fraction of each group's samples that are correct."""
         return torch.stack([self.correct[r].double().mean() for r in self.rows_of])
 
-    @property
+    @cached_property
     def constant_reward(self) -> torch.Tensor:
         """[G] True where every sample of the group got the same reward (zero GRPO advantage)."""
         return torch.tensor([bool((self.rewards[r] == self.rewards[r][0]).all()) for r in self.rows_of])

@@ -116,10 +116,7 @@ class PODS(Selector):
 
     def __init__(self, cfg: SelectionConfig, num_completions: int):
         super().__init__(cfg, num_completions)
-        self.m = cfg.keep_completions or max(1, num_completions // 2)
-        if not 0 < self.m < num_completions:
-            raise ValueError(f"selection.keep_completions={self.m} must be between 1 and rollout.num_completions - 1 "
-                             f"= {num_completions - 1} for pods")
+        self.m = cfg.completions_kept(num_completions)  # its range is checked with the config
 
     def keep_rows(self, batch: ScoredGroups) -> torch.Tensor:
         keep = torch.zeros(len(batch.rewards), dtype=torch.bool)

@@ -132,30 +132,28 @@ class LearnerGroup:
         joined = [a.join.remote(address, port) for a in self.actors]
         dist.init_process_group(_backend(learner.device), init_method=f"tcp://{address}:{port}", rank=0,
                                 world_size=self.world, timeout=COLLECTIVE_TIMEOUT)
-        self._get(joined, "joining the process group")
+        self._get(joined, "while joining the process group")
         self.dp = DataParallel.from_process_group()
         self.sync(learner, None)
 
-    def _get(self, refs: list, what: str, step: Optional[int] = None):
-        try:
-            return self.ray.get(refs)
-        except self.ray.exceptions.RayActorError as exc:
-            rank = next((r for r, ref in enumerate(refs, 1) if _failed(self.ray, ref)), "?")
-            when = f"during step {step + 1}" if step is not None else f"while {what}"
-            raise LearnerCrashError(
-                f"data-parallel learner rank {rank} died {when} ({type(exc).__name__}); the run stopped. "
-                f"Continue from its last checkpoint with `posttrain rl --resume RUN_DIR`") from exc
+    def _get(self, refs: list, when: str) -> None:
+        """Wait for one call per actor (rank = position + 1); a failed one is a ``LearnerCrashError``."""
+        for rank, ref in enumerate(refs, 1):
+            try:
+                self.ray.get(ref)
+            except self.ray.exceptions.RayError as exc:
+                raise _crash(self.ray, rank, when, exc) from exc
 
     def sync(self, learner, rl_state: Optional[dict]) -> None:
         """Every actor := rank 0's learner (and RLUpdate) state, then prove it bit for bit."""
         payload = self.ray.put(learner.replica_state())
-        self._get([a.sync.remote(payload, rl_state) for a in self.actors], "copying rank 0's state")
+        self._get([a.sync.remote(payload, rl_state) for a in self.actors], "while copying rank 0's state")
         self.check_replicas_equal(learner)
 
     def check_replicas_equal(self, learner=None) -> None:
         refs = [a.check_replicas_equal.remote() for a in self.actors]
         self.dp.check_replicas_equal(learner or self.learner)
-        self._get(refs, "comparing replicas")
+        self._get(refs, "while comparing replicas")
 
     def learn(self, rollouts, orders, step: int, baseline, local: Callable[[], dict]) -> dict:
         """Ranks 1..M-1 learn on ``rollouts`` while ``local()`` (rank 0's RLUpdate.learn) runs here."""
@@ -166,16 +164,14 @@ class LearnerGroup:
         except Exception as local_error:
             # A rank that died or failed explains rank 0's broken collective better than gloo does.
             ready, _ = self.ray.wait(refs, num_returns=len(refs), timeout=30)
-            for ref in ready:
-                try:
-                    self.ray.get(ref)
-                except self.ray.exceptions.RayActorError:
-                    self._get(refs, "learning", step)
-                except self.ray.exceptions.RayTaskError as remote_error:
-                    raise LearnerCrashError(f"data-parallel learner rank {refs.index(ref) + 1} failed during step "
-                                            f"{step + 1}: {remote_error}") from local_error
+            for rank, ref in enumerate(refs, 1):
+                if ref in ready:
+                    try:
+                        self.ray.get(ref)
+                    except self.ray.exceptions.RayError as remote_error:
+                        raise _crash(self.ray, rank, f"during step {step + 1}", remote_error) from local_error
             raise
-        self._get(refs, "learning", step)
+        self._get(refs, f"during step {step + 1}")
         return metrics
 
     def where(self) -> list[tuple[int, str]]:
@@ -189,11 +185,8 @@ class LearnerGroup:
             dist.destroy_process_group()
 
 
-def _failed(ray, ref) -> bool:
-    try:
-        ray.get(ref, timeout=0)
-        return False
-    except ray.exceptions.GetTimeoutError:
-        return False
-    except Exception:
-        return True
+def _crash(ray, rank: int, when: str, exc: BaseException) -> LearnerCrashError:
+    if isinstance(exc, ray.exceptions.RayActorError):  # the process is gone (kill -9, node loss)
+        return LearnerCrashError(f"data-parallel learner rank {rank} died {when} ({type(exc).__name__}); the run "
+                                 f"stopped. Continue from its last checkpoint with `posttrain rl --resume RUN_DIR`")
+    return LearnerCrashError(f"data-parallel learner rank {rank} failed {when}: {exc}")

@@ -149,18 +149,24 @@ class RLTrainer:
         """Fill rewards and components group by group; returns reward-error records."""
         return score_rollouts(rollouts, reward or self.reward, self.cfg.trainer.on_reward_error)
 
+    def _generate(self, problems: list[Problem]) -> Rollouts:
+        return self.engine.generate(problems, self.cfg.rollout.num_completions, self.sampling, self.generator,
+                                    share_prefill=self.cfg.rollout.share_prompt_prefill)
+
+    def _scored(self, rollouts: Rollouts) -> list[dict]:
+        """Reward errors of ``rollouts``, scoring them here unless Ray workers already did where they sampled."""
+        return self.score(rollouts) if rollouts.rewards is None else list(self.engine.last_reward_errors)
+
     def sample_and_score(self, problems: list[Problem]) -> tuple[Rollouts, list[dict]]:
-        """Rollouts of ``problems`` with rewards (Ray workers score where they sample)."""
-        rollouts = self.engine.generate(problems, self.cfg.rollout.num_completions, self.sampling, self.generator,
-                                        share_prefill=self.cfg.rollout.share_prompt_prefill)
-        errors = self.score(rollouts) if rollouts.rewards is None else list(self.engine.last_reward_errors)
-        return rollouts, errors
+        """Rollouts of ``problems`` with rewards, and the reward errors."""
+        rollouts = self._generate(problems)
+        return rollouts, self._scored(rollouts)
 
     def _greedy_baseline(self, problems: list[Problem], rollouts: Rollouts) -> torch.Tensor:
         """ReMax: the reward of one greedy completion per prompt, broadcast to its group."""
         greedy = SamplingParams(max_new_tokens=self.sampling.max_new_tokens, top_k=1, stop=self.sampling.stop)
         base = self.engine.generate(problems, 1, greedy, self.generator)
-        self.score(base)
+        self._scored(base)
         return base.rewards[rollouts.group_ids]
 
     # ------------------------------------------------------------------ one step
@@ -170,14 +176,11 @@ class RLTrainer:
         selection_metrics = {}
         if cfg.selection.name is not None:  # filtered, refilled and down-sampled (trainers/selected_batch.py)
             problems, rollouts, errors, selection_metrics = sample_selected(self)
-            gen_stats = dict(self.engine.last_stats)
-            t_gen = time.perf_counter()
+            gen_stats, t_gen = dict(self.engine.last_stats), time.perf_counter()
         else:
             problems, rollouts = self._next_batch()
-            gen_stats = dict(self.engine.last_stats)
-            t_gen = time.perf_counter()
-            # Ray workers score where they sample; the in-process engine's rollouts are scored here.
-            errors = self.score(rollouts) if rollouts.rewards is None else list(self.engine.last_reward_errors)
+            gen_stats, t_gen = dict(self.engine.last_stats), time.perf_counter()
+            errors = self._scored(rollouts)
         for e in errors:
             self.run.append("reward_errors.jsonl", {"step": self.step + 1, **e})
         baseline = self._greedy_baseline(problems, rollouts) if alg.advantage_estimator == "remax" else None
@@ -220,8 +223,7 @@ class RLTrainer:
         n, num_prompts = cfg.rollout.num_completions, cfg.rollout.num_prompts
         if not hasattr(self.engine, "submit"):  # in-process: sample now
             problems = self.data.next(num_prompts)
-            return problems, self.engine.generate(problems, n, self.sampling, self.generator,
-                                                  share_prefill=cfg.rollout.share_prompt_prefill)
+            return problems, self._generate(problems)
         while len(self.in_flight) <= cfg.distributed.max_staleness:
             problems = self.data.next(num_prompts)
             self.in_flight.append((problems, self.engine.submit(problems, n, self.sampling, self.generator)))

@@ -27,6 +27,10 @@ class Problem:
     answer: Optional[str] = None
     tests: Optional[str] = None  # code tasks: test code appended to the program
     difficulty: Optional[float] = None
+    # What curricula group prompts by (posttrain.selection): ``category`` is a kind or difficulty
+    # level the generator knows (e.g. "digits=3"), ``source`` the task a mixture drew it from.
+    category: Optional[str] = None
+    source: Optional[str] = None
     metadata: dict = field(default_factory=dict, compare=False, hash=False)
 
 

@@ -65,6 +65,19 @@ def test_id_field_nested_fields_and_tests(tmp_path):
     assert p.prompt == "write f4" and p.answer is None and p.tests == "assert f4() == 4\nassert True"
 
 
+def test_category_field(tmp_path):
+    records = [{"q": f"What is {i} + 1?", "a": i + 1, "meta": {"topic": ["add", 7][i % 2]}} for i in range(40)]
+    path = write_jsonl(tmp_path / "data.jsonl", records)
+    task = JsonlTask(path, fields={"prompt": "q", "answer": "a", "category": "meta.topic"}, test_fraction=0.25)
+    for p in task.problems("train") + task.problems("test"):
+        assert p.category == ("add" if int(p.prompt.split()[2]) % 2 == 0 else "7")  # numbers become text
+    plain = JsonlTask(path, fields={"prompt": "q", "answer": "a"}, test_fraction=0.25)
+    assert {p.category for p in plain.problems("train")} == {None}
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"q": "x", "a": 1, "topic": ["a"]}])
+    with pytest.raises(ValueError, match=r"bad.jsonl, line 1: field 'topic' \(category\) must be a string"):
+        JsonlTask(bad, fields={"prompt": "q", "answer": "a", "category": "topic"})
+
+
 def test_separate_test_file_is_decontaminated(tmp_path):
     train_path = write_jsonl(tmp_path / "train.jsonl", qa(20))
     test_path = write_jsonl(tmp_path / "test.jsonl", qa(5, start=15))  # overlaps train on 15..19

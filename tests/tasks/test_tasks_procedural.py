@@ -224,6 +224,40 @@ def test_multi_digit_arithmetic():
     assert not {p.id for p in task.problems("train")} & {p.id for p in task.problems("test")}
 
 
+# ----------------------------------------------------------------------------- categories
+
+
+def test_multi_digit_arithmetic_category_is_the_width():
+    for digits in (1, 2, 4):
+        task = multi_digit_arithmetic(digits=digits, test_size=10, train_size=50)
+        for p in task.problems("train") + task.problems("test"):
+            widths = {len(x) for x in re.findall(r"\d+", p.metadata["expr"])}
+            assert widths == {digits} and p.category == f"digits={digits}"
+
+
+def test_arithmetic_category_follows_each_problem_widest_operand():
+    task = build_task({"name": "arithmetic", "min_operand": 0, "max_operand": 150, "ops": ["+"],
+                       "test_size": 50, "train_size": 3000})
+    problems = task.problems("train") + task.problems("test")
+    for p in problems:
+        assert p.category == f"digits={max(len(x) for x in re.findall(r'[0-9]+', p.metadata['expr']))}"
+    assert {p.category for p in problems} == {"digits=1", "digits=2", "digits=3"}
+
+
+def test_generator_categories_follow_their_knob():
+    sorting = SortingTask(min_length=2, max_length=4, **SMALL).problems("train")
+    assert all(p.category == f"length={len(p.metadata['numbers'])}" for p in sorting)
+    assert {p.category for p in sorting} == {"length=2", "length=3", "length=4"}
+    lists = ListOpsTask(min_length=3, max_length=5, **SMALL).problems("test")
+    assert all(p.category == f"length={len(p.metadata['numbers'])}" for p in lists)
+    countdown = CountdownTask(min_numbers=3, max_numbers=4, **SMALL).problems("train")
+    assert all(p.category == f"numbers={len(p.metadata['numbers'])}" for p in countdown)
+    assert {p.category for p in countdown} == {"numbers=3", "numbers=4"}
+    assert {p.category for p in LogicTask(kind="boolean", depth=2, **SMALL).problems("test")} == {"depth=2"}
+    knights = LogicTask(kind="knights", num_people=3, test_size=5, train_size=10).problems("test")
+    assert {p.category for p in knights} == {"num_people=3"}
+
+
 # ----------------------------------------------------------------------------- difficulty knobs
 
 

@@ -28,6 +28,7 @@ def test_sizes_and_disjoint_splits(task):
     assert len(questions(train)) == 100  # deduplicated by question text
     for p in train + test:
         assert p.metadata["rg_dataset"] == "basic_arithmetic"
+        assert p.category == "dataset=basic_arithmetic"
         assert p.answer == p.metadata["rg_entry"]["answer"]
         assert p.metadata["question"] in p.prompt and "<answer>" in p.prompt
 

@@ -79,6 +79,8 @@ class ArithmeticTask:
             prompt=self.cfg.template.format(expr=expr),
             answer=str(value),
             difficulty=float(len(str(abs(value)))),
+            # the widest operand: a range of widths in one task gives one category per width
+            category=f"digits={max(len(str(abs(x))) for x in operands)}",
             metadata={"expr": expr},
         )
 

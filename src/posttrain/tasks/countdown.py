@@ -177,5 +177,6 @@ class CountdownTask(ProceduralTask):
             prompt=self.cfg.template.format(numbers=", ".join(map(str, shown)), target=target_text),
             answer=target_text,
             difficulty=float(len(nums)),
+            category=f"numbers={len(nums)}",
             metadata={"numbers": shown, "target": int(target_text), "solution": solution},
         )

@@ -3,9 +3,11 @@ library reads from disk (``HFDatasetTask``: json / csv / parquet; never the hub)
 
 A field mapping says which record field feeds which ``Problem`` attribute::
 
-    fields={"prompt": "question", "answer": "answer", "tests": None, "id": None, "difficulty": None}
+    fields={"prompt": "question", "answer": "answer", "tests": None, "id": None, "difficulty": None,
+            "category": None}
 
-``None`` leaves the attribute unset (``id`` then becomes a hash of the prompt). Nested fields
+``None`` leaves the attribute unset (``id`` then becomes a hash of the prompt). ``category``
+(what curricula group prompts by) is kept as text: ``"Algebra"``, or ``3`` -> ``"3"``. Nested fields
 are written with dots (``"meta.level"``). A mapped field that a record lacks is an error
 naming the file, the line (or row) and the field.
 
@@ -44,6 +46,7 @@ DEFAULT_FIELDS: dict[str, Optional[str]] = {
     "tests": None,
     "id": None,
     "difficulty": None,
+    "category": None,
 }
 
 _MISSING = object()
@@ -192,6 +195,15 @@ class RecordMapper:
                 difficulty = _difficulty(difficulty)
             except ValueError as exc:
                 raise ValueError(f"{where}: field {self.fields['difficulty']!r} (difficulty): {exc}") from None
+        category = self._get(record, "category", where, required=False)
+        if category is not None:
+            if isinstance(category, (dict, list)):
+                raise ValueError(
+                    f"{where}: field {self.fields['category']!r} (category) must be a string or a number, "
+                    f"got {type(category).__name__}"
+                )
+            category = str(category)
+            _check_unicode(category, where, self.fields["category"])
         pid = self._get(record, "id", where, required=True)
         key = _prompt_key(raw_prompt)
         _check_unicode(key, where, self.fields["prompt"])
@@ -204,6 +216,7 @@ class RecordMapper:
             answer=answer,
             tests=tests,
             difficulty=difficulty,
+            category=category,
             metadata={**metadata, "prompt_key": key},
         )
 

@@ -75,7 +75,7 @@ class SortingConfig(SplitConfig):
 
 
 class SortingTask(ProceduralTask):
-    """Sort a list of integers; ``difficulty`` is the list length."""
+    """Sort a list of integers; ``difficulty`` is the list length (``category`` "length=N")."""
 
     name = "sorting"
     config_cls = SortingConfig
@@ -95,6 +95,7 @@ class SortingTask(ProceduralTask):
             prompt=self.cfg.template.format(order=order, numbers=numbers),
             answer=format_list(answer),
             difficulty=float(len(values)),
+            category=f"length={len(values)}",
             metadata={"numbers": values, "order": order},
         )
 
@@ -130,7 +131,8 @@ class ListOpsConfig(SplitConfig):
 
 
 class ListOpsTask(ProceduralTask):
-    """One operation (reverse / max / min / sum / length) on a list; ``difficulty`` = length."""
+    """One operation (reverse / max / min / sum / length) on a list; ``difficulty`` = length
+    (``category`` "length=N")."""
 
     name = "list_ops"
     config_cls = ListOpsConfig
@@ -148,6 +150,7 @@ class ListOpsTask(ProceduralTask):
             prompt=template.format(numbers=numbers),
             answer=str(fn(values)),
             difficulty=float(len(values)),
+            category=f"length={len(values)}",
             metadata={"numbers": values, "op": op},
         )
 
@@ -300,6 +303,7 @@ class LogicTask(ProceduralTask):
             ),
             answer=str(_eval_formula(formula, env)),
             difficulty=float(self.cfg.depth),
+            category=f"depth={self.cfg.depth}",
             metadata={"kind": "boolean", "formula": formula, "assignment": env},
         )
 
@@ -343,6 +347,7 @@ class LogicTask(ProceduralTask):
             prompt=prompt,
             answer=", ".join(knights) if knights else "none",
             difficulty=float(len(names)),
+            category=f"num_people={len(names)}",
             metadata={"kind": "knights", "names": names, "statements": statements, "knights": knights},
         )
 

@@ -113,6 +113,7 @@ class ReasoningGymTask(HashSplitTask):
             prompt=self._prompt(question),
             answer=None if entry.get("answer") is None else str(entry["answer"]),
             difficulty=difficulty,
+            category=f"dataset={c.dataset}",
             metadata={
                 "rg_dataset": c.dataset,
                 "rg_options": dict(c.options),

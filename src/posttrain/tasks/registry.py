@@ -112,6 +112,13 @@ def _humaneval(params: dict[str, Any]) -> TaskSource:
     return HumanEvalTask(_from_dataclass(HumanEvalConfig, params, "humaneval"))
 
 
+@register_task("mixture")
+def _mixture(params: dict[str, Any]) -> TaskSource:
+    from posttrain.tasks.mixture import MixtureConfig, MixtureTask
+
+    return MixtureTask(_from_dataclass(MixtureConfig, params, "mixture"))
+
+
 def build_task(spec: dict[str, Any]) -> TaskSource:
     """``spec["name"]`` picks the task; the other keys are its options."""
     params = dict(spec)

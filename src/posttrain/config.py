@@ -233,6 +233,12 @@ class RLConfig:
                    "sampled")
             _check(sel.max_rounds >= 0, "selection.max_rounds", "must be >= 0")
             _check(0.0 <= sel.low <= sel.high <= 1.0, "selection.low", "and selection.high need 0 <= low <= high <= 1")
+            _check(0.0 < sel.alpha <= 1.0, "selection.alpha", "must be in (0, 1] (the TD(0) step size of sec; 0.5 "
+                   "is the paper's)")
+            _check(sel.temperature > 0, "selection.temperature", "must be > 0 (the softmax temperature over the arms "
+                   "of sec and dump; lower is greedier)")
+            _check(sel.window >= 1, "selection.window", "must be >= 1 (recent |advantages| kept per arm by dump)")
+            _check(sel.ucb_c >= 0, "selection.ucb_c", "must be >= 0 (0 turns off dump's exploration bonus)")
         per_group = sel.completions_kept(self.rollout.num_completions)
         if sel.name == "pods":
             _check(0 < per_group < self.rollout.num_completions, "selection.keep_completions",

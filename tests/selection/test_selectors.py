@@ -2,6 +2,7 @@
 
 import itertools
 import json
+import re
 import subprocess
 import sys
 
@@ -75,7 +76,7 @@ def test_pods_subset_is_the_brute_force_optimum(values, data):
 
 
 def test_selection_config_errors_name_the_fix():
-    with pytest.raises(ConfigError, match="selection.name must be one of dynamic_sampling"):
+    with pytest.raises(ConfigError, match=re.escape(f"selection.name must be one of {', '.join(SELECTORS.names())}")):
         load_config(None, ["selection.name=nope"])
     with pytest.raises(ConfigError, match="needs distributed.max_staleness=0"):
         load_config(None, ["selection.name=dynamic_sampling", "distributed.rollout_workers=1",

@@ -1,7 +1,7 @@
 """The selection contract: which prompts to sample, which groups and rollouts to learn from.
 
 A selector is a class registered in ``SELECTORS`` and built from ``SelectionConfig``. The RL
-loop (trainers/selection_loop.py) calls, per step:
+loop (trainers/selected_batch.py) calls, per step:
 
     selector.accept(problem, epoch) -> bool          # before sampling: skip this prompt?
     selector.observe(batch, epoch)                   # after scoring: update statistics
@@ -9,6 +9,12 @@ loop (trainers/selection_loop.py) calls, per step:
     selector.keep_rows(batch) -> Tensor[N] bool      # rollouts within the kept groups that enter it
     selector.metrics() -> dict                       # its state, logged as selection/...
     selector.state_dict() / load_state_dict(state)   # checkpointed; resume is exact
+
+A selector with ``chooses = True`` picks the prompts itself (curricula.py): the loop calls
+``bind(train_problems, seed)`` once, before its first draw, and then ``choose(k) -> k prompts``
+instead of walking the epoch sampler with ``accept``. Its randomness comes from a
+``random.Random(seed)`` it owns and checkpoints, and ``load_state_dict`` may come before ``bind``
+(a resume), so the state it restores must not be reset by ``bind``.
 
 Every hook sees a ``ScoredGroups``: the scored rollouts with per-sample correctness and the
 group structure already worked out (group g is ``problems[g]``, its rows ``rows_of[g]``). The
@@ -36,6 +42,10 @@ class SelectionConfig:
     low: float = 0.2  # online_difficulty: keep groups with pass rate in [low, high]
     high: float = 0.8
     keep_completions: int = 0  # pods: rollouts kept per prompt (0: half of rollout.num_completions)
+    alpha: float = 0.5  # sec: TD(0) step size of the arm values
+    temperature: float = 1.0  # sec, dump: softmax temperature over the arms
+    window: int = 300  # dump: recent per-sample |advantages| kept per arm
+    ucb_c: float = 1.0  # dump: weight of the UCB exploration bonus
 
     def completions_kept(self, num_completions: int) -> int:
         """Rollouts per prompt that enter the update: ``keep_completions`` (default n // 2) under
@@ -74,9 +84,17 @@ class Selector:
 
     name = "none"
     refills = False  # keep_groups may reject groups, and the loop samples more prompts to replace them
+    chooses = False  # choose() picks the prompts (after bind()); accept() is then not asked
 
     def __init__(self, cfg: SelectionConfig, num_completions: int):
         self.cfg, self.num_completions = cfg, num_completions
+
+    def bind(self, problems: list[Problem], seed: int) -> None:
+        """The train split to choose from and the run's seed (called once, only when ``chooses``)."""
+
+    def choose(self, k: int) -> list[Problem]:
+        """The next ``k`` prompts to sample (only when ``chooses``)."""
+        raise NotImplementedError(f"selector {self.name!r} does not choose prompts")
 
     def accept(self, problem: Problem, epoch: int) -> bool:
         return True

@@ -1,6 +1,7 @@
 """One step's batch under a selector (posttrain.selection): draw, sample, score, filter, refill.
 
-    problems = draw(num_prompts)                      # prompts the selector accepts, in epoch order
+    problems = draw(num_prompts)                      # prompts the selector accepts, in epoch order,
+                                                      # or, when selector.chooses, selector.choose(num_prompts)
     loop:
         rollouts = sample and score(problems)
         selector.observe(groups); kept += groups selector.keep_groups
@@ -33,8 +34,16 @@ class SelectionExhaustedError(RuntimeError):
 
 
 def draw(trainer, k: int) -> list[Problem]:
-    """The next ``k`` prompts of the epoch sampler that the selector accepts."""
+    """The next ``k`` prompts of the epoch sampler that the selector accepts, or the ``k`` prompts a
+    choosing selector picks (bound to the train split on first use). ``data.position`` counts the
+    prompts handed out either way (the ``data/position`` metric)."""
     data, selector, out, refused = trainer.data, trainer.selector, [], 0
+    if selector.chooses:
+        if not getattr(selector, "bound", False):
+            selector.bind(data.problems, trainer.cfg.trainer.seed)
+        out = selector.choose(k)
+        data.position += len(out)
+        return out
     while len(out) < k:
         epoch = data.position // len(data.problems)
         (problem,) = data.next(1)

@@ -52,8 +52,8 @@ def test_counts_are_exact_for_decimal_weights():
 def test_sources_categories_and_ids():
     task = mixture(add(2, label="easy"), add(4, label="hard"), {"name": "sorting", "test_size": 4, "train_size": 10})
     test = task.problems("test")
-    # test: every part's whole test split, in part order
-    assert [p.source for p in test] == ["easy"] * 5 + ["hard"] * 5 + ["sorting"] * 4
+    # test: every part's whole test split, round-robin; the shorter part drops out at its end
+    assert [p.source for p in test] == ["easy", "hard", "sorting"] * 4 + ["easy", "hard"]
     originals = build_task(add(4)).problems("test")
     assert [p.id for p in test if p.source == "hard"] == [f"hard/{p.id}" for p in originals]
     for p in test + task.problems("train"):

@@ -15,7 +15,8 @@ repeats) and ``weight`` (> 0, default 1). A part's problems get ``source = label
   n_j <= len(train split of j) and n_j proportional to weight_j, rounded down; so part j's share
   is weight_j / sum(weights). Weights 2:1 over train splits of 10 and 10 give 10 and 5. The
   chosen problems are interleaved by a shuffle seeded with ``seed``.
-* test: every part's whole test split, in part order (for per-source evaluation).
+* test: every part's whole test split, interleaved round-robin (part 1's first, part 2's first,
+  ...; a part that runs out drops out), so the prefix ``trainer.eval_problems`` takes is balanced.
 * Each part keeps its own splits apart, but two parts may share a prompt (overlapping knobs of
   one task, the same file twice), so a training prompt that is also a test prompt is an error.
 
@@ -139,9 +140,12 @@ class MixtureTask:
                                  "disjoint knobs (e.g. different digits) or drop one of them")
         return train
 
+    def _test(self) -> list[Problem]:
+        tests = [self._tag(j, list(part.problems("test"))) for j, part in enumerate(self.parts)]
+        return [t[i] for i in range(max(map(len, tests), default=0)) for t in tests if i < len(t)]
+
     def problems(self, split: str) -> list[Problem]:
         check_split(split)
         if split not in self._cache:
-            self._cache[split] = (self._train() if split == "train" else
-                                  [p for j, part in enumerate(self.parts) for p in self._tag(j, part.problems("test"))])
+            self._cache[split] = self._train() if split == "train" else self._test()
         return list(self._cache[split])

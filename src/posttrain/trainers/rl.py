@@ -26,7 +26,7 @@ from __future__ import annotations
 import random
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -82,10 +82,11 @@ class EvalResult:
     n_problems: int
     mean_reward: float
     mean_length: float
+    by_source: dict[str, float] = field(default_factory=dict)  # accuracy per Problem.source (mixtures)
 
     def as_dict(self) -> dict:
         return {"accuracy": self.accuracy, "n_problems": self.n_problems, "mean_reward": self.mean_reward,
-                "mean_length": self.mean_length}
+                "mean_length": self.mean_length, **{f"accuracy/{k}": v for k, v in self.by_source.items()}}
 
 
 class RLTrainer:
@@ -271,7 +272,11 @@ class RLTrainer:
             correct += [float(f) for f in flags]
             rewards += r.rewards.tolist()
             lengths += r.completion_lengths.tolist()
-        return EvalResult(float(np.mean(correct)), len(problems), float(np.mean(rewards)), float(np.mean(lengths)))
+        sources = [p.source for p in problems]
+        by_source = {src: float(np.mean([c for c, s in zip(correct, sources) if s == src]))
+                     for src in dict.fromkeys(sources) if src is not None}
+        return EvalResult(float(np.mean(correct)), len(problems), float(np.mean(rewards)), float(np.mean(lengths)),
+                          by_source)
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:

@@ -239,14 +239,31 @@ class RLConfig:
                    "of sec and dump; lower is greedier)")
             _check(sel.window >= 1, "selection.window", "must be >= 1 (recent |advantages| kept per arm by dump)")
             _check(sel.ucb_c >= 0, "selection.ucb_c", "must be >= 0 (0 turns off dump's exploration bonus)")
+            _check(0.0 < sel.token_fraction <= 1.0, "selection.token_fraction", "must be in (0, 1] (the fraction of "
+                   "tokens d3s keeps; 1 keeps all)")
+            _check(sel.anneal_steps >= 0, "selection.anneal_steps", "must be >= 0 (0: d3s keeps a constant fraction)")
+            _check(sel.replay_size >= 1, "selection.replay_size", "must be >= 1 (groups the replay buffer holds)")
+            _check(sel.max_replay_age >= 0, "selection.max_replay_age", "must be >= 0 (steps a group may be replayed "
+                   "after it was sampled)")
+        if sel.name == "replay":
+            # A replayed sample is off-policy: only the correction reweights it by pi_theta / pi_behaviour,
+            # and with old = behaviour log-probs that ratio is 1.
+            _check(self.algorithm.correction.name is not None, "selection.name",
+                   "replay needs an off-policy correction for its stale samples: set algorithm.correction.name "
+                   "(e.g. tis_token)")
+            _check(self.trainer.old_logprobs != "behaviour", "selection.name",
+                   "replay needs trainer.old_logprobs auto or recompute: with behaviour log-probs as the old ones "
+                   "the correction's ratio pi_old / pi_behaviour is 1 for a replayed sample")
         per_group = sel.completions_kept(self.rollout.num_completions)
-        if sel.name == "pods":
-            _check(0 < per_group < self.rollout.num_completions, "selection.keep_completions",
-                   f"must be between 1 and rollout.num_completions - 1 = {self.rollout.num_completions - 1} for pods")
+        if sel.name in ("pods", "d3s"):  # d3s may keep all n and select tokens only
+            top = self.rollout.num_completions - (sel.name == "pods")
+            _check(0 < per_group <= top, "selection.keep_completions",
+                   f"must be between 1 and rollout.num_completions{' - 1' * (sel.name == 'pods')} = {top} for "
+                   f"{sel.name}")
         batch = self.rollout.num_prompts * per_group
         _check(batch % self.trainer.mini_batches == 0, "trainer.mini_batches",
                f"must divide the batch of {batch} samples (rollout.num_prompts x rollout.num_completions, or x "
-               f"selection.keep_completions under pods)")
+               f"selection.keep_completions under pods and d3s)")
         _check(self.distributed.learners <= batch // self.trainer.mini_batches, "distributed.learners",
                f"must be <= the mini-batch of {batch // self.trainer.mini_batches} samples, so that every "
                f"data-parallel rank gets a row (raise rollout.num_prompts or lower trainer.mini_batches)")

@@ -4,6 +4,6 @@
 """
 
 from posttrain.selection.base import SELECTORS, ScoredGroups, SelectionConfig, Selector, build_selector
-from posttrain.selection import curricula, selectors  # noqa: F401,E402  (fill SELECTORS)
+from posttrain.selection import curricula, downsampling, replay, selectors  # noqa: F401,E402  (fill SELECTORS)
 
 __all__ = ["SELECTORS", "ScoredGroups", "SelectionConfig", "Selector", "build_selector"]

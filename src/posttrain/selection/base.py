@@ -7,6 +7,8 @@ loop (trainers/selected_batch.py) calls, per step:
     selector.observe(batch, epoch)                   # after scoring: update statistics
     selector.keep_groups(batch) -> Tensor[G] bool    # groups that enter the update (refilled if short)
     selector.keep_rows(batch) -> Tensor[N] bool      # rollouts within the kept groups that enter it
+    selector.replay(k, step) / remember(groups, step) # a buffer that fills a short batch (replay.py)
+    selector.keep_tokens(adv, entropy, mask, step)   # on every learner rank: the loss mask (d3s)
     selector.metrics() -> dict                       # its state, logged as selection/...
     selector.state_dict() / load_state_dict(state)   # checkpointed; resume is exact
 
@@ -46,11 +48,15 @@ class SelectionConfig:
     temperature: float = 1.0  # sec, dump: softmax temperature over the arms
     window: int = 300  # dump: recent per-sample |advantages| kept per arm
     ucb_c: float = 1.0  # dump: weight of the UCB exploration bonus
+    token_fraction: float = 0.5  # d3s: fraction of tokens kept by |A| x entropy (at step 0 when annealed)
+    anneal_steps: int = 0  # d3s: steps over which the kept fraction rises to 1 (0: constant)
+    replay_size: int = 64  # replay: groups the buffer holds
+    max_replay_age: int = 4  # replay: a group is replayed at most this many steps after it was sampled
 
     def completions_kept(self, num_completions: int) -> int:
         """Rollouts per prompt that enter the update: ``keep_completions`` (default n // 2) under
-        pods, all n otherwise."""
-        if self.name == "pods":
+        pods and d3s, all n otherwise."""
+        if self.name in ("pods", "d3s"):
             return self.keep_completions or max(1, num_completions // 2)
         return num_completions
 
@@ -85,6 +91,7 @@ class Selector:
     name = "none"
     refills = False  # keep_groups may reject groups, and the loop samples more prompts to replace them
     chooses = False  # choose() picks the prompts (after bind()); accept() is then not asked
+    selects_tokens = False  # keep_tokens() narrows the loss mask (built again on every learner rank)
 
     def __init__(self, cfg: SelectionConfig, num_completions: int):
         self.cfg, self.num_completions = cfg, num_completions
@@ -107,6 +114,18 @@ class Selector:
 
     def keep_rows(self, batch: ScoredGroups) -> torch.Tensor:
         return torch.ones(len(batch.rewards), dtype=torch.bool)
+
+    def replay(self, k: int, step: int) -> list[tuple[Problem, Any]]:
+        """Up to ``k`` earlier (problem, single-group Rollouts) to fill a short batch at ``step``."""
+        return []
+
+    def remember(self, groups: list[tuple[Problem, Any]], step: int) -> None:
+        """The fresh groups that entered this step's batch (``replay``'s buffer)."""
+
+    def keep_tokens(self, advantages: torch.Tensor, entropies: torch.Tensor, mask: torch.Tensor,
+                    step: int) -> torch.Tensor:
+        """[N, T] loss mask within ``mask`` (only when ``selects_tokens``; must be stateless)."""
+        return mask
 
     def metrics(self) -> dict[str, float]:
         return {}

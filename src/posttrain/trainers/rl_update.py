@@ -44,6 +44,7 @@ from posttrain.algorithms.regularizers import AdaptiveEntropyController, Adaptiv
 from posttrain.config import RLConfig
 from posttrain.distributed.data_parallel import DataParallel
 from posttrain.rollout.batch import Rollouts
+from posttrain.selection import build_selector
 from posttrain.trainers.learner import Learner
 
 
@@ -89,6 +90,8 @@ class RLUpdate:
         self.kl_ctl = AdaptiveKLController(cfg.algorithm.kl)
         self.entropy_ctl = AdaptiveEntropyController(cfg.algorithm.entropy)
         self.nonfinite_streak = 0
+        selector = build_selector(cfg.selection, cfg.rollout.num_completions)
+        self.token_selector = selector if selector.selects_tokens else None
 
     def state(self) -> dict:
         return {"nonfinite_streak": self.nonfinite_streak, "kl_coef": self.kl_ctl.value,
@@ -103,7 +106,7 @@ class RLUpdate:
               baseline: Optional[torch.Tensor] = None) -> dict[str, float]:
         """Prepare ``rollouts`` (rewards filled) and update on them; ``step`` is 0-based."""
         comm0 = self.dp.comm_s
-        self.prepare(rollouts, baseline)
+        self.prepare(rollouts, baseline, step)
         metrics = self.update(rollouts, orders, step)
         if "kl/mean" in metrics:
             metrics["kl/coef"] = self.kl_ctl.update(metrics["kl/mean"], len(rollouts))
@@ -114,7 +117,7 @@ class RLUpdate:
         return metrics
 
     # ------------------------------------------------------------------ batch statistics
-    def prepare(self, rollouts: Rollouts, baseline: Optional[torch.Tensor] = None) -> None:
+    def prepare(self, rollouts: Rollouts, baseline: Optional[torch.Tensor] = None, step: int = 0) -> None:
         """Old / ref log-probs, overlong penalty, advantages (and critic returns), loss mask."""
         cfg, alg, learner, dp = self.cfg, self.cfg.algorithm, self.learner, self.dp
         mode = old_logprobs_mode(cfg)
@@ -153,6 +156,11 @@ class RLUpdate:
             rollouts.entropies = dp.gather_rows(rollouts, learner.entropies)
         rollouts.loss_mask = top_entropy_mask(rollouts.entropies, loss_mask, alg.entropy.top_quantile) \
             if rollouts.entropies is not None else loss_mask
+        if self.token_selector is not None:  # e.g. d3s: the tokens with the largest |A| x entropy
+            if rollouts.entropies is None:
+                rollouts.entropies = dp.gather_rows(rollouts, learner.entropies)
+            rollouts.loss_mask = self.token_selector.keep_tokens(rollouts.advantages, rollouts.entropies,
+                                                                 rollouts.loss_mask, step)
 
     # ------------------------------------------------------------------ updates
     def update(self, rollouts: Rollouts, orders: list[torch.Tensor], step: int) -> dict[str, float]:

@@ -8,8 +8,9 @@
         stop when num_prompts groups are kept, the selector does not refill, or after
         selection.max_rounds extra rounds; else draw more (as many as the keep rate so far
         suggests, at most num_prompts) and go on
-    short of num_prompts after the last round: top up with rejected groups, in order (logged as
-    selection/short_groups), so every step trains on the configured number of groups
+    still short: top up from selector.replay(missing, step) (earlier groups), then with
+    rejected groups, in order (logged as selection/short_groups), so every step trains on the configured number of groups
+    selector.remember(kept fresh groups, step)         # replay's buffer, for later steps
     rows = selector.keep_rows(groups)                  # rollout-level down-sampling
 
 Only the synchronous loop uses this: with ``distributed.max_staleness`` >= 1 the next batches
@@ -97,8 +98,11 @@ def sample_selected(trainer) -> tuple[list[Problem], Rollouts, list[dict], dict[
         # As many prompts as the keep rate so far says will fill the gap (all of a batch when none passed).
         rate = len(kept) / sampled
         problems = draw(trainer, min(want, math.ceil((want - len(kept)) / rate)) if rate > 0 else want)
-    short = max(0, want - len(kept))
-    problems, rollouts = take_groups(kept[:want] + rejected[:short])
+    fresh = kept[:want]
+    replayed = selector.replay(want - len(fresh), trainer.step)  # asked every step, k = 0 included
+    selector.remember(fresh, trainer.step)  # after replay: a group never appears twice in one batch
+    short = max(0, want - len(fresh) - len(replayed))
+    problems, rollouts = take_groups(fresh + replayed + rejected[:short])
     groups = scored_groups(problems, rollouts)
     rows = selector.keep_rows(groups)
     if not bool(rows.all()):

@@ -11,6 +11,7 @@ from posttrain.algorithms import (  # noqa: F401  (fill the registries)
     corrections,
     losses,
     losses_sequence,
+    preference,
 )
 from posttrain.algorithms.advantages_token import gae_returns, value_loss
 from posttrain.algorithms.aggregation import AGGREGATIONS, aggregate

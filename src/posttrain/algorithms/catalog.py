@@ -6,6 +6,7 @@ import posttrain.algorithms  # noqa: F401  (importing the package fills the regi
 from posttrain.algorithms.aggregation import AGGREGATION_INFO, AGGREGATIONS
 from posttrain.algorithms.base import ADVANTAGES, CORRECTIONS, POLICY_LOSSES
 from posttrain.algorithms.kl import KL_ESTIMATORS, KL_INFO
+from posttrain.algorithms.preference import PREFERENCE_LOSSES
 
 
 def summary_line(doc: str | None) -> str:
@@ -17,11 +18,13 @@ def summary_line(doc: str | None) -> str:
 def catalog() -> list[dict]:
     """One dict per item: {"kind", "name", "paper", "summary"}.
 
-    kinds: "advantage", "policy_loss", "correction", "aggregation", "kl". ``paper`` is
+    kinds: "advantage", "policy_loss", "correction", "preference_loss", "aggregation", "kl". ``paper`` is
     "Title (arXiv:id)" or "" for textbook methods; ``summary`` is the first docstring line.
     """
     rows: list[dict] = []
-    for kind, registry in (("advantage", ADVANTAGES), ("policy_loss", POLICY_LOSSES), ("correction", CORRECTIONS)):
+    registries = (("advantage", ADVANTAGES), ("policy_loss", POLICY_LOSSES), ("correction", CORRECTIONS),
+                  ("preference_loss", PREFERENCE_LOSSES))
+    for kind, registry in registries:
         for entry in registry.entries():
             rows.append({"kind": kind, "name": entry.name, "paper": entry.paper, "summary": summary_line(entry.fn.__doc__)})
     for mode in AGGREGATIONS:

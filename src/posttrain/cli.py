@@ -9,9 +9,11 @@ import sys
 from pathlib import Path
 
 
-def _rl(args) -> int:
+def _train(args, command: str, cls, train, example: str) -> int:
+    """``posttrain rl|sft CONFIG [overrides]`` or ``--resume RUN_DIR [overrides]``."""
+    from pathlib import Path
+
     from posttrain.config import load_config
-    from posttrain.trainers.rl_run import load_for_resume, train_rl
 
     if args.resume:
         if args.config and "=" in args.config:  # `posttrain rl --resume DIR key=value`
@@ -19,14 +21,27 @@ def _rl(args) -> int:
             args.config = None
         if args.config:
             raise ValueError("give either a config file or --resume RUN_DIR, not both")
-        cfg = load_for_resume(args.resume, args.overrides)
-        train_rl(cfg, output_dir=args.resume, resume=True)
+        train(load_config(Path(args.resume) / "config.yaml", args.overrides, cls=cls), output_dir=args.resume,
+              resume=True)
     else:
         if not args.config:
-            raise ValueError("posttrain rl needs a config file (e.g. examples/arithmetic.yaml) or --resume RUN_DIR")
-        cfg = load_config(args.config, args.overrides)
-        train_rl(cfg, output_dir=args.output_dir)
+            raise ValueError(f"posttrain {command} needs a config file (e.g. {example}) or --resume RUN_DIR")
+        train(load_config(args.config, args.overrides, cls=cls), output_dir=args.output_dir)
     return 0
+
+
+def _rl(args) -> int:
+    from posttrain.config import RLConfig
+    from posttrain.trainers.rl_run import train_rl
+
+    return _train(args, "rl", RLConfig, train_rl, "examples/arithmetic.yaml")
+
+
+def _sft(args) -> int:
+    from posttrain.config import SFTConfig
+    from posttrain.trainers.sft import train_sft
+
+    return _train(args, "sft", SFTConfig, train_sft, "examples/sft.yaml")
 
 
 def _list(args) -> int:
@@ -85,12 +100,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="posttrain", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    rl = sub.add_parser("rl", help="RL post-training (GRPO family, PPO)")
-    rl.add_argument("config", nargs="?", help="YAML config file")
-    rl.add_argument("overrides", nargs="*", help="dotted overrides, e.g. trainer.lr=1e-5")
-    rl.add_argument("--output-dir", help="run directory (default: a new folder under runs/)")
-    rl.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its latest checkpoint")
-    rl.set_defaults(func=_rl)
+    for name, func, help_ in (("rl", _rl, "RL post-training (GRPO family, PPO)"),
+                              ("sft", _sft, "supervised fine-tuning on demonstrations (JSONL or a task's answers)")):
+        cmd = sub.add_parser(name, help=help_)
+        cmd.add_argument("config", nargs="?", help="YAML config file")
+        cmd.add_argument("overrides", nargs="*", help="dotted overrides, e.g. trainer.lr=1e-5")
+        cmd.add_argument("--output-dir", help="run directory (default: a new folder under runs/)")
+        cmd.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its latest checkpoint")
+        cmd.set_defaults(func=func)
 
     ls = sub.add_parser("list", help="list registered algorithms, selectors, tasks or rewards")
     ls.add_argument("what", choices=["algorithms", "selection", "tasks", "rewards"])

@@ -269,6 +269,35 @@ class RLConfig:
                f"data-parallel rank gets a row (raise rollout.num_prompts or lower trainer.mini_batches)")
 
 
+@dataclass
+class SFTDataConfig:
+    """``data:`` of ``posttrain sft``: where the demonstrations come from (trainers/sft_data.py)."""
+
+    path: Optional[str] = None  # JSONL: {"prompt", "completion"} or {"messages"}; null: the task's demonstrations
+    validation_path: Optional[str] = None  # JSONL for the held-out loss; null: the task's test demonstrations
+    completion: Literal["answer", "solution"] = "answer"  # task demonstrations: the answer, or metadata["solution"]
+    batch_size: int = 16  # demonstrations per optimizer step
+    max_length: int = 1024  # prompt + completion tokens; a longer demonstration is an error
+
+    def __post_init__(self) -> None:
+        _check(self.batch_size >= 1, "data.batch_size", "must be >= 1")
+        _check(self.max_length >= 2, "data.max_length", "must be >= 2")
+
+
+@dataclass
+class SFTConfig:
+    """``posttrain sft``: supervised fine-tuning on demonstrations through the same Learner as RL.
+    ``task``/``reward``/``rollout`` serve the held-out task accuracy (sampled as in RL)."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: SFTDataConfig = field(default_factory=SFTDataConfig)
+    task: dict = field(default_factory=lambda: {"name": "arithmetic"})
+    reward: dict = field(default_factory=lambda: {"type": "numeric"})
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    output_dir: Optional[str] = None
+
+
 def _check(ok: bool, key: str, message: str) -> None:
     if not ok:
         raise ConfigError(f"{key} {message}")

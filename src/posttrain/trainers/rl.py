@@ -26,15 +26,12 @@ from __future__ import annotations
 import random
 import time
 from collections import deque
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
 import torch
 
 from posttrain.config import RLConfig, to_dict
-from posttrain.evaluation.runner import correct_flags
 from posttrain.rewards.errors import score_rollouts
 from posttrain.rollout.batch import Rollouts
 from posttrain.rollout.engine import SamplingParams, resolve_dtype
@@ -42,6 +39,7 @@ from posttrain.rollout.sampler import build_engine, context_window, encode_promp
 from posttrain.runs import RunDir, load_trainer_state
 from posttrain.selection import build_selector
 from posttrain.tasks.base import Problem
+from posttrain.trainers.held_out import EvalResult, held_out_accuracy
 from posttrain.trainers.learner import Learner, resolve_device
 from posttrain.trainers.rl_update import NonFiniteLossError, RLUpdate, lr_factor, mini_batch_orders
 from posttrain.trainers.selected_batch import sample_selected
@@ -74,19 +72,6 @@ class EpochSampler:
             out.append(self.problems[self._epoch_order(epoch)[i]])
             self.position += 1
         return out
-
-
-@dataclass
-class EvalResult:
-    accuracy: float
-    n_problems: int
-    mean_reward: float
-    mean_length: float
-    by_source: dict[str, float] = field(default_factory=dict)  # accuracy per Problem.source (mixtures)
-
-    def as_dict(self) -> dict:
-        return {"accuracy": self.accuracy, "n_problems": self.n_problems, "mean_reward": self.mean_reward,
-                "mean_length": self.mean_length, **{f"accuracy/{k}": v for k, v in self.by_source.items()}}
 
 
 class RLTrainer:
@@ -263,20 +248,8 @@ class RLTrainer:
                                 temperature=self.cfg.trainer.eval_temperature,
                                 top_p=self.cfg.rollout.top_p, top_k=self.cfg.rollout.top_k,
                                 stop=tuple(self.cfg.rollout.stop))
-        gen = torch.Generator(device=self.device).manual_seed(self.cfg.trainer.seed + 7919)
-        correct, rewards, lengths = [], [], []
-        for s in range(0, len(problems), chunk):
-            r = self.engine.generate(problems[s:s + chunk], 1, params, gen)
-            self.score(r, self.eval_reward)
-            flags, _ = correct_flags({k: v.tolist() for k, v in r.reward_components.items()}, r.rewards.tolist())
-            correct += [float(f) for f in flags]
-            rewards += r.rewards.tolist()
-            lengths += r.completion_lengths.tolist()
-        sources = [p.source for p in problems]
-        by_source = {src: float(np.mean([c for c, s in zip(correct, sources) if s == src]))
-                     for src in dict.fromkeys(sources) if src is not None}
-        return EvalResult(float(np.mean(correct)), len(problems), float(np.mean(rewards)), float(np.mean(lengths)),
-                          by_source)
+        return held_out_accuracy(self.engine, problems, self.eval_reward, params, self.cfg.trainer.seed + 7919,
+                                 self.device, self.cfg.trainer.on_reward_error, chunk)
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:

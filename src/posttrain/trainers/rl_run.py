@@ -11,7 +11,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 from posttrain.config import RLConfig, dump_config, load_config
 from posttrain.models.loading import describe_source, load_model_and_tokenizer
@@ -38,7 +38,12 @@ def prepare(cfg: RLConfig, output_dir: Optional[str], resume: bool):
     build_reward(cfg.reward)  # validates the spec; rebuilt with the tokenizer later
     if cfg.eval_reward is not None:
         build_reward(cfg.eval_reward)
-    path = Path(output_dir or cfg.output_dir or new_run_dir())
+    return task, run_path(output_dir or cfg.output_dir, resume)
+
+
+def run_path(output_dir: Optional[str], resume: bool, kind: str = "rl") -> Path:
+    """The run directory: new and empty (or absent), or an existing run when resuming; writable."""
+    path = Path(output_dir or new_run_dir(name=kind))
     if resume:
         if not (path / "config.yaml").exists():
             raise RunDirError(f"--resume {path}: no config.yaml there, so it is not a run directory")
@@ -46,14 +51,14 @@ def prepare(cfg: RLConfig, output_dir: Optional[str], resume: bool):
         raise RunDirError(f"run directory {path} already exists and is not empty; use --resume {path} to continue it "
                           "or choose another --output-dir")
     check_writable(path)
-    return task, path
+    return path
 
 
-def _progress(total: int, start: int, enabled: bool):
+def _progress(total: int, start: int, enabled: bool, title: str):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     progress = Progress(
-        TextColumn("[bold]RL[/]"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+        TextColumn(f"[bold]{title}[/]"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
         TextColumn("{task.fields[info]}"), disable=not enabled, transient=False,
     )
     task_id = progress.add_task("train", total=total, completed=start, info="")
@@ -85,13 +90,16 @@ def train_rl(cfg: RLConfig, output_dir: Optional[str] = None, resume: bool = Fal
             shutil.rmtree(path)  # nothing half-written is left behind
         raise
     try:
-        return _train(trainer, cfg, run, path, resume, stop_after, quiet)
+        return run_loop(trainer, cfg, run, path, resume, stop_after, quiet, _step_info)
     finally:
         trainer.close()
 
 
-def _train(trainer: RLTrainer, cfg: RLConfig, run: RunDir, path: Path, resume: bool, stop_after: Optional[int],
-           quiet: bool) -> dict:
+def run_loop(trainer, cfg, run: RunDir, path: Path, resume: bool, stop_after: Optional[int], quiet: bool,
+             step_info: Callable[[dict], str], kind: str = "rl") -> dict:
+    """The loop every trainer shares: resume, evaluate before, train_step / log / evaluate /
+    checkpoint, evaluate after, summary. ``trainer`` has step, eval_problems, train_step(),
+    evaluate() -> .as_dict() with "accuracy", load_state(), save_checkpoint(), learner, engine."""
     # On resume too (overrides such as trainer.steps are kept); atomic, since a torn config.yaml
     # would silently resume with defaults for the keys it lost.
     tmp_config = path / f"config.yaml.tmp{os.getpid()}"
@@ -120,7 +128,7 @@ def _train(trainer: RLTrainer, cfg: RLConfig, run: RunDir, path: Path, resume: b
     wall_start = time.perf_counter()
     done_rows = run.read_jsonl("metrics.jsonl")
     prior_wall = float(done_rows[-1].get("time/train_wall_s", 0.0)) if done_rows else 0.0
-    progress, bar = _progress(tc.steps, trainer.step, enabled=not quiet and sys.stdout.isatty())
+    progress, bar = _progress(tc.steps, trainer.step, not quiet and sys.stdout.isatty(), kind.upper())
     end = tc.steps if stop_after is None else min(tc.steps, trainer.step + stop_after)
     with progress:
         while trainer.step < end:
@@ -133,9 +141,9 @@ def _train(trainer: RLTrainer, cfg: RLConfig, run: RunDir, path: Path, resume: b
                 raise type(exc)(f"{exc} ({where})") from exc
             metrics["time/train_wall_s"] = prior_wall + time.perf_counter() - wall_start
             run.log_metrics(trainer.step, metrics)
-            progress.update(bar, completed=trainer.step, info=_step_info(metrics))
+            progress.update(bar, completed=trainer.step, info=step_info(metrics))
             if not progress.live.is_started and not quiet:
-                print(f"step {trainer.step}/{tc.steps} {_step_info(metrics)}", flush=True)
+                print(f"step {trainer.step}/{tc.steps} {step_info(metrics)}", flush=True)
             last = trainer.step == tc.steps
             if tc.eval_every and trainer.step % tc.eval_every == 0 and not last:
                 result = trainer.evaluate().as_dict()
@@ -166,7 +174,7 @@ def _train(trainer: RLTrainer, cfg: RLConfig, run: RunDir, path: Path, resume: b
     run.write_json("summary.json", summary)
     run.close()
     if not quiet:
-        _print_summary(summary)
+        _print_summary(summary, kind)
     return summary
 
 
@@ -214,11 +222,11 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def _print_summary(s: dict) -> None:
+def _print_summary(s: dict, kind: str) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title="posttrain rl: summary")
+    table = Table(title=f"posttrain {kind}: summary")
     table.add_column("metric")
     table.add_column("value", justify="right")
     table.add_row("held-out accuracy before", f"{s['eval_before']['accuracy']:.3f}")

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from posttrain.config import RLConfig, dump_config, load_config
-from posttrain.models.loading import describe_source, load_model_and_tokenizer
+from posttrain.models.loading import describe_source, latest_checkpoint, load_model_and_tokenizer
 from posttrain.rewards.registry import build_reward
 from posttrain.runs import KILL_ENV, RunDir, RunDirError, check_writable, maybe_kill, new_run_dir
 from posttrain.tasks.registry import build_task
@@ -38,7 +38,51 @@ def prepare(cfg: RLConfig, output_dir: Optional[str], resume: bool):
     build_reward(cfg.reward)  # validates the spec; rebuilt with the tokenizer later
     if cfg.eval_reward is not None:
         build_reward(cfg.eval_reward)
-    return task, run_path(output_dir or cfg.output_dir, resume)
+    path = run_path(output_dir or cfg.output_dir, resume)
+    if resume:
+        check_resume(path, cfg, ("critic.safetensors",) if cfg.algorithm.uses_critic else ())
+    return task, path
+
+
+class ResumeError(ValueError):
+    """A run cannot continue from its checkpoint with this config (nothing was changed)."""
+
+
+# What a checkpoint holds depends on these keys: changing one on --resume could not load it, or
+# would silently load state of another shape (the split-master optimizer's layout differs).
+STATE_KEYS = ("model.name", "selection.name", "trainer.split_master_weights", "trainer.autocast")
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def check_resume(path: Path, cfg, extra_files: tuple[str, ...] = ()) -> None:
+    """Before anything loads or is written: the run has a complete checkpoint with its files,
+    and the overrides leave what it holds alone (``STATE_KEYS``; a critic must stay a critic)."""
+    import yaml
+
+    from posttrain.config import to_dict
+
+    checkpoint = latest_checkpoint(path)
+    if checkpoint is None:
+        return  # nothing saved yet: the run starts again from step 0
+    missing = [f for f in ("model.safetensors", "trainer_state.pt", *extra_files) if not (checkpoint / f).is_file()]
+    if missing:
+        raise ResumeError(f"cannot resume {path}: {checkpoint} lacks {', '.join(missing)}"
+                          + (" (a critic is saved only by runs with advantage_estimator: gae; the overrides ask for "
+                             "one)" if "critic.safetensors" in missing else "")
+                          + f"; {path / 'config.yaml'} is unchanged")
+    old, new = _flat(yaml.safe_load((path / "config.yaml").read_text()) or {}), _flat(to_dict(cfg))
+    changed = [k for k in STATE_KEYS if k in old and old.get(k) != new.get(k)]
+    if changed:
+        raise ResumeError(f"cannot resume {path} with {', '.join(f'{k}={new.get(k)!r}' for k in changed)}: the "
+                          f"checkpoint was trained with {', '.join(f'{k}={old.get(k)!r}' for k in changed)}, and its "
+                          f"state would not fit. Drop the override (config.yaml is unchanged) or start a new run "
+                          f"from it with model.name={path}")
 
 
 def run_path(output_dir: Optional[str], resume: bool, kind: str = "rl") -> Path:
@@ -100,16 +144,24 @@ def run_loop(trainer, cfg, run: RunDir, path: Path, resume: bool, stop_after: Op
     """The loop every trainer shares: resume, evaluate before, train_step / log / evaluate /
     checkpoint, evaluate after, summary. ``trainer`` has step, eval_problems, train_step(),
     evaluate() -> .as_dict() with "accuracy", load_state(), save_checkpoint(), learner, engine."""
+    # A resume is transactional: the checkpoint is loaded before anything in the run directory
+    # changes, so a refused or failed resume leaves config.yaml (and the rest) as it was.
+    checkpoint = run.latest_checkpoint() if resume else None
+    if checkpoint is not None:
+        try:
+            trainer.load_state(checkpoint)
+        except Exception as exc:  # noqa: BLE001 - re-raised as one clear error naming the checkpoint
+            raise ResumeError(f"cannot resume {path} from {checkpoint.name}: {type(exc).__name__}: "
+                              f"{' '.join(str(exc).split())}. {path / 'config.yaml'} is unchanged; resume "
+                              "without the overrides that change the model or its state, or from another "
+                              "checkpoint") from exc
+    if resume:
+        run.clean_stale()  # half-written checkpoints of a killed process (never loaded)
     # On resume too (overrides such as trainer.steps are kept); atomic, since a torn config.yaml
     # would silently resume with defaults for the keys it lost.
     tmp_config = path / f"config.yaml.tmp{os.getpid()}"
     dump_config(cfg, tmp_config)
     os.replace(tmp_config, path / "config.yaml")
-    if resume:
-        run.clean_stale()  # half-written checkpoints of a killed process (never loaded)
-    checkpoint = run.latest_checkpoint() if resume else None
-    if checkpoint is not None:
-        trainer.load_state(checkpoint)
     _install_kill_hooks(trainer)
     # Rows written after the checkpoint belong to steps that will be redone.
     for name in ("metrics.jsonl", "eval.jsonl", "reward_errors.jsonl"):

@@ -148,7 +148,7 @@ def train_sft(cfg: SFTConfig, output_dir: Optional[str] = None, resume: bool = F
     from posttrain.models.loading import describe_source, load_model_and_tokenizer
     from posttrain.rewards.registry import build_reward
     from posttrain.tasks.registry import build_task
-    from posttrain.trainers.rl_run import run_loop, run_path
+    from posttrain.trainers.rl_run import check_resume, run_loop, run_path
 
     describe_source(cfg.model.name)
     resolve_device(cfg.trainer.device)
@@ -156,6 +156,8 @@ def train_sft(cfg: SFTConfig, output_dir: Optional[str] = None, resume: bool = F
     demos = load_demonstrations(cfg.data, task)
     build_reward(cfg.reward)
     path = run_path(output_dir or cfg.output_dir, resume, kind="sft")
+    if resume:
+        check_resume(path, cfg)
     created = not path.exists()
     try:
         path.mkdir(parents=True, exist_ok=True)

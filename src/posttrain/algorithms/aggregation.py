@@ -3,9 +3,16 @@
 Every mode divides by counts of the *whole* mini-batch (passed in), never of the micro-batch,
 so splitting a mini-batch into micro-batches and summing their losses gives the same loss and
 gradient as one pass (gradient accumulation invariance).
+
+Masked positions may hold anything (NaN, inf: padding of a vLLM rollout, environment tokens):
+every reduction here *selects* with ``torch.where(mask > 0, x * mask, 0)`` instead of
+multiplying by the mask (0 * inf = NaN), so a masked value changes neither the result nor the
+gradient of any unmasked position, and the gradient reaching a masked position is exactly 0.
 """
 
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 
@@ -33,6 +40,33 @@ AGGREGATION_INFO: dict[str, tuple[str, str]] = {
 }
 
 
+def masked(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``x * mask`` where ``mask > 0`` and exactly 0 elsewhere, whatever ``x`` holds there.
+
+    ``torch.where`` routes no gradient to the unselected branch, so the gradient reaching ``x``
+    at a masked position is 0, not ``0 * NaN``. Pass values computed from garbage through this
+    *before* any op whose derivative could be non-finite there (see ``losses.clean``).
+    """
+    return torch.where(mask > 0, x * mask, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
+def masked_sum(x: torch.Tensor, mask: torch.Tensor, dim: Optional[int] = None, keepdim: bool = False) -> torch.Tensor:
+    """Sum of ``x`` over the positions where ``mask > 0`` (weighted by the mask)."""
+    kept = masked(x, mask)
+    return kept.sum() if dim is None else kept.sum(dim, keepdim=keepdim)
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: Optional[int] = None, keepdim: bool = False) -> torch.Tensor:
+    """Mean of ``x`` over the positions where ``mask > 0``; 0 when there are none.
+
+    The same value as ``base.masked_mean`` for finite inputs, but masked positions may hold NaN
+    or inf.
+    """
+    if dim is None:
+        return masked_sum(x, mask) / mask.sum().clamp_min(1.0)
+    return masked_sum(x, mask, dim, keepdim) / mask.sum(dim, keepdim=keepdim).clamp_min(1.0)
+
+
 def aggregate(
     loss: torch.Tensor,
     mask: torch.Tensor,
@@ -50,17 +84,19 @@ def aggregate(
     seq-mean-token-sum-norm:  sum_{i,t} m l / (num_seqs * norm_length)   (Dr.GRPO constant,
                               "Understanding R1-Zero-Like Training", arXiv:2503.20783)
     token-sum:                sum_{i,t} m l
+
+    m l is ``masked(loss, mask)``: a masked position contributes exactly 0 whatever it holds.
     """
-    masked = loss * mask
+    kept = masked(loss, mask)
     if mode == "token-mean":
-        return masked.sum() / max(num_tokens, 1.0)
+        return kept.sum() / max(num_tokens, 1.0)
     if mode == "seq-mean-token-mean":
-        per_seq = masked.sum(-1) / mask.sum(-1).clamp_min(1.0)
+        per_seq = kept.sum(-1) / mask.sum(-1).clamp_min(1.0)
         return per_seq.sum() / max(num_seqs, 1.0)
     if mode == "seq-mean-token-sum":
-        return masked.sum() / max(num_seqs, 1.0)
+        return kept.sum() / max(num_seqs, 1.0)
     if mode == "seq-mean-token-sum-norm":
-        return masked.sum() / (max(num_seqs, 1.0) * norm_length)
+        return kept.sum() / (max(num_seqs, 1.0) * norm_length)
     if mode == "token-sum":
-        return masked.sum()
+        return kept.sum()
     raise ValueError(f"unknown aggregation {mode!r}; use one of {', '.join(AGGREGATIONS)}")

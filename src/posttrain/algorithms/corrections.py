@@ -6,13 +6,18 @@ as ``is_weights``) and ``mask`` [N, T] (the tokens kept; use it for the loss *an
 aggregation counts). Ratios are w = pi_old / mu = exp(old - behaviour), log-ratios clamped to
 [-20, 20]. Weights and masks carry no gradient. ``mismatch_metrics`` gives the numbers to log
 every step, whatever correction (if any) is active.
+
+Masked positions may hold anything (NaN, inf): log-ratios, weights and per-sequence sums
+select with ``torch.where(mask > 0, x, 0)`` rather than multiplying by the mask, so garbage at
+a padded position changes no weight, no kept mask and no metric.
 """
 
 from __future__ import annotations
 
 import torch
 
-from posttrain.algorithms.base import CORRECTIONS, CorrectionConfig, CorrectionInput, CorrectionOutput, masked_mean
+from posttrain.algorithms.aggregation import masked, masked_mean, masked_sum
+from posttrain.algorithms.base import CORRECTIONS, CorrectionConfig, CorrectionInput, CorrectionOutput
 from posttrain.algorithms.kl import kl_estimate
 
 _TIS_PAPER = (
@@ -26,7 +31,7 @@ _STABILIZING_PAPER = "Stabilizing Reinforcement Learning with LLMs: Formulation 
 
 def token_log_ratio(inp: CorrectionInput) -> torch.Tensor:
     """log(pi_old / mu) per token, clamped to [-20, 20], 0 on padding."""
-    return ((inp.old_logprobs - inp.behaviour_logprobs).clamp(-20.0, 20.0) * inp.mask).detach()
+    return masked((inp.old_logprobs - inp.behaviour_logprobs).clamp(-20.0, 20.0), inp.mask).detach()
 
 
 def sequence_log_ratio(inp: CorrectionInput) -> torch.Tensor:
@@ -38,7 +43,7 @@ def _out(weights: torch.Tensor, keep: torch.Tensor, inp: CorrectionInput, cap: f
     """Mask, detach, and the metrics every correction logs; ``cap``: the truncation threshold,
     whose share of tokens reaching it is logged as ``correction/truncated_frac``."""
     mask = inp.mask * keep.to(inp.mask.dtype)
-    weights = (weights * mask).detach()
+    weights = masked(weights, mask).detach()
     metrics = {
         "correction/weight_mean": masked_mean(weights, mask),
         "correction/masked_frac": 1.0 - mask.sum() / inp.mask.sum().clamp_min(1.0),
@@ -109,8 +114,8 @@ def mis_sequence(inp: CorrectionInput, cfg: CorrectionConfig) -> CorrectionOutpu
 
 def _reject(inp: CorrectionInput, cfg: CorrectionConfig, kind: str) -> CorrectionOutput:
     # samples come from mu, so KL(mu || pi_old) is estimated with logp = behaviour, ref = old
-    per_token = kl_estimate(inp.behaviour_logprobs, inp.old_logprobs, kind).detach()
-    mean = (per_token * inp.mask).sum(-1, keepdim=True) / inp.mask.sum(-1, keepdim=True).clamp_min(1.0)
+    per_token = kl_estimate(inp.behaviour_logprobs, inp.old_logprobs, kind, mask=inp.mask).detach()
+    mean = masked_sum(per_token, inp.mask, dim=-1, keepdim=True) / inp.mask.sum(-1, keepdim=True).clamp_min(1.0)
     keep = (mean.abs() <= cfg.kl_threshold).expand_as(inp.mask)
     out = _out(torch.ones_like(inp.mask), keep, inp)
     out.metrics["correction/seq_kl_mean"] = mean.mean()
@@ -149,8 +154,8 @@ def mismatch_metrics(behaviour: torch.Tensor, old: torch.Tensor, mask: torch.Ten
     """
     with torch.no_grad():
         m = mask > 0
-        k1 = kl_estimate(behaviour, old, "k1")
-        k3 = kl_estimate(behaviour, old, "k3")
+        k1 = kl_estimate(behaviour, old, "k1", mask=mask)
+        k3 = kl_estimate(behaviour, old, "k3", mask=mask)
         ratio = torch.exp((old - behaviour).clamp(-20.0, 20.0))[m].to(torch.float64)
         out = {"mismatch/kl_k1": masked_mean(k1, mask), "mismatch/kl_k3": masked_mean(k3, mask)}
         if ratio.numel() == 0:

@@ -24,9 +24,15 @@ samples via the ratio rho instead, so no extra data path is needed.
 Any kind followed by ``+`` (``k1+``, ``k3+``, ``low_var_kl+``, ...) is straight-through: its
 forward value is that estimator, its gradient that of k2 (value = k2 - sg(k2) + sg(kind)), as in
 verl. All estimators clamp delta to [-20, 20].
+
+With ``mask`` given, delta is selected (``torch.where``) to 0 where ``mask == 0`` before any
+estimator runs, so NaN / inf log-probs at padded positions give a 0 estimate there and a
+gradient of exactly 0 (not 0 * NaN) to those positions.
 """
 
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 
@@ -76,9 +82,17 @@ def _base(delta: torch.Tensor, kind: str) -> torch.Tensor:
     raise ValueError(f"unknown KL estimator {kind!r}; use one of {', '.join(KL_ESTIMATORS)} (or any base kind + '+')")
 
 
-def kl_estimate(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, kind: str = "k3") -> torch.Tensor:
-    """Per-token divergence estimate [N, T] (see the module docstring for the formulas)."""
-    delta = (ref_logprobs - logprobs).clamp(-20.0, 20.0)
+def kl_estimate(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, kind: str = "k3",
+                mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Per-token divergence estimate [N, T] (see the module docstring for the formulas).
+
+    ``mask`` [N, T]: positions with ``mask == 0`` get exactly 0 (value and gradient), whatever
+    the log-probs hold there.
+    """
+    delta = ref_logprobs - logprobs
+    if mask is not None:
+        delta = torch.where(mask > 0, delta, torch.zeros((), dtype=delta.dtype, device=delta.device))
+    delta = delta.clamp(-20.0, 20.0)
     if kind.endswith("+"):
         value = _base(delta, kind[:-1])
         k2 = 0.5 * delta**2

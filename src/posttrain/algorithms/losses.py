@@ -6,6 +6,11 @@ r = exp(logp - old) (log-ratio clamped to +-20), A = advantage, sg = stop-gradie
 Every loss multiplies its per-token loss by ``is_weights`` (mismatch correction) when given.
 Sequence-level losses (GSPO, GSPO-token, LUSPO, GMPO) are in ``losses_sequence.py``.
 
+Masked positions may hold anything (NaN, inf): every loss first passes its input through
+``clean``, which selects 0 at masked positions with ``torch.where`` (so nothing non-finite
+enters a ratio, a clip or a product, and no gradient reaches those positions), and returns a
+loss that is exactly 0 there; metrics are means over the mask that select, never multiply.
+
 Micro-batch invariance: every loss here except ``kl_cov`` and ``clip_cov`` is computed token by
 token, so splitting a mini-batch and passing global counts to ``aggregate`` reproduces the full
 loss. KL-Cov and Clip-Cov select tokens by a covariance over the tokens they are given: call
@@ -14,9 +19,32 @@ them on the whole mini-batch (or accept that selection is per micro-batch).
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
-from posttrain.algorithms.base import POLICY_LOSSES, PolicyLossConfig, PolicyLossInput, PolicyLossOutput, masked_mean
+
+from posttrain.algorithms.aggregation import masked, masked_mean
+from posttrain.algorithms.base import POLICY_LOSSES, PolicyLossConfig, PolicyLossInput, PolicyLossOutput
+
+
+_PER_TOKEN = ("logprobs", "old_logprobs", "advantages", "is_weights", "behaviour_logprobs", "entropy")
+
+
+def clean(inp: PolicyLossInput) -> PolicyLossInput:
+    """``inp`` with every per-token tensor set to 0 where ``mask == 0`` (``torch.where``).
+
+    Padded positions may hold NaN or inf (vLLM rollouts, environment tokens); after this they
+    hold 0, so every loss computes finite values there and the gradient reaching them is exactly
+    0. Idempotent (a loss that calls another cleans twice, harmlessly).
+    """
+    keep = inp.mask > 0
+    changes = {}
+    for name in _PER_TOKEN:
+        value = getattr(inp, name)
+        if value is not None:
+            changes[name] = torch.where(keep, value, torch.zeros((), dtype=value.dtype, device=value.device))
+    return dataclasses.replace(inp, **changes)
 
 
 def log_ratio(inp: PolicyLossInput) -> torch.Tensor:
@@ -25,9 +53,11 @@ def log_ratio(inp: PolicyLossInput) -> torch.Tensor:
 
 
 def finish(loss: torch.Tensor, inp: PolicyLossInput, metrics: dict[str, torch.Tensor]) -> PolicyLossOutput:
-    """Apply the mismatch-correction weights and add the metrics every loss reports."""
+    """Apply the mismatch-correction weights, zero the masked positions (selected, so whatever
+    they held is gone) and add the metrics every loss reports."""
     if inp.is_weights is not None:
         loss = loss * inp.is_weights
+    loss = masked(loss, inp.mask)
     lr = log_ratio(inp).detach()
     metrics = {
         **metrics,
@@ -46,6 +76,7 @@ def ppo_clip(inp: PolicyLossInput, cfg: PolicyLossConfig) -> PolicyLossOutput:
     DAPO's clip-higher ("DAPO", arXiv:2503.14476) is this loss with eps_high = 0.28.
     Gradient in the unclipped region: dl/dlogp = -r * A.
     """
+    inp = clean(inp)
     lr = log_ratio(inp)
     ratio = torch.exp(lr)
     adv = inp.advantages
@@ -76,6 +107,7 @@ def gpg(inp: PolicyLossInput, cfg: PolicyLossConfig) -> PolicyLossOutput:
     Paper: arXiv:2504.02546 (pair with the ``gpg`` advantage). Valid only on-policy (one
     update per batch). Gradient: dl/dlogp = -A.
     """
+    inp = clean(inp)
     return finish(-inp.logprobs * inp.advantages, inp, {})
 
 
@@ -91,6 +123,7 @@ def cispo(inp: PolicyLossInput, cfg: PolicyLossConfig) -> PolicyLossOutput:
     upper one; TRL recommends an upper bound (its epsilon_high) of 5.0, our default.
     ``cispo_min_ratio`` gives verl's two-sided variant. Gradient: dl/dlogp = -clip(r) * A.
     """
+    inp = clean(inp)
     ratio = torch.exp(log_ratio(inp)).detach()
     weight = ratio.clamp(max=cfg.cispo_max_ratio)
     if cfg.cispo_min_ratio is not None:
@@ -108,6 +141,7 @@ def sapo(inp: PolicyLossInput, cfg: PolicyLossConfig) -> PolicyLossOutput:
     gradient equals the policy gradient -A) and decays smoothly as r leaves 1.
     Gradient: dl/dlogp = -A * 4 sigma (1 - sigma) * r.
     """
+    inp = clean(inp)
     ratio = torch.exp(log_ratio(inp))
     tau = torch.where(
         inp.advantages > 0,
@@ -130,6 +164,7 @@ def dro(inp: PolicyLossInput, cfg: PolicyLossConfig) -> PolicyLossOutput:
     anchoring to pi_old gives this per-token policy-gradient form (as in verl and Tinker, with
     beta = ``dro_beta``). Gradient: dl/dlogp = -A + beta (logp - old).
     """
+    inp = clean(inp)
     delta = inp.logprobs - inp.old_logprobs
     loss = -(inp.logprobs * inp.advantages - 0.5 * cfg.dro_beta * delta**2)
     return finish(loss, inp, {})
@@ -150,6 +185,7 @@ def reinforce_is(inp: PolicyLossInput, cfg: PolicyLossConfig) -> PolicyLossOutpu
     on-policy. C = ``is_cap`` (default 2.0, verl's). Do not also pass a TIS correction as
     ``is_weights``: it would correct twice. Gradient: dl/dlogp = -min(w, C) * A.
     """
+    inp = clean(inp)
     base = inp.behaviour_logprobs if inp.behaviour_logprobs is not None else inp.old_logprobs
     raw = torch.exp((inp.logprobs.detach() - base).clamp(-20.0, 20.0))
     weight = raw.clamp(max=cfg.is_cap)
@@ -183,6 +219,7 @@ def dppo_tv(inp: PolicyLossInput, cfg: PolicyLossConfig) -> PolicyLossOutput:
     "safe" direction are always allowed). C = ``dppo_ratio_cap``: the paper recommends a large
     truncation (20). Gradient on kept tokens: dl/dlogp = -A * min(r, C).
     """
+    inp = clean(inp)
     p = torch.exp(inp.logprobs.detach())
     p_old = torch.exp(inp.old_logprobs)
     diff = p - p_old
@@ -209,6 +246,7 @@ def dppo_kl(inp: PolicyLossInput, cfg: PolicyLossConfig) -> PolicyLossOutput:
     with A <= 0 if the binary KL <= dppo_low or p >= p_old.
     Gradient on kept tokens: dl/dlogp = -A * min(r, C).
     """
+    inp = clean(inp)
     p = torch.exp(inp.logprobs.detach())
     p_old = torch.exp(inp.old_logprobs)
     kl = binary_kl(p_old, p)
@@ -237,6 +275,7 @@ def kl_cov(inp: PolicyLossInput, cfg: PolicyLossConfig) -> PolicyLossOutput:
     cov_t = (A_t - mean A)(logp_t - mean logp) (means over valid tokens), and does not clip.
     Defaults (paper): kl_cov_ratio = 2e-3, coefficient 1.0. Batch-dependent: see module docs.
     """
+    inp = clean(inp)
     ratio = torch.exp(log_ratio(inp))
     loss = -ratio * inp.advantages
     m = inp.mask > 0
@@ -265,6 +304,7 @@ def clip_cov(inp: PolicyLossInput, cfg: PolicyLossConfig) -> PolicyLossOutput:
     gradient (their loss value is kept). Defaults (paper): ratio 2e-4, bounds (1, 5).
     Batch-dependent: see module docs.
     """
+    inp = clean(inp)
     lr = log_ratio(inp)
     ratio = torch.exp(lr)
     unclipped = -ratio * inp.advantages

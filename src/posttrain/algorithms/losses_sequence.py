@@ -4,20 +4,23 @@ These losses are defined per sequence. To keep the uniform [N, T] contract, the 
 L_i is written on every completion token of sample i, so that ``seq-mean-token-mean``
 aggregation gives exactly mean_i L_i (the papers' objective); other aggregation modes weigh
 sequences by their length, which is the user's explicit choice, never overridden here.
-Each L_i depends only on sample i, so these losses are micro-batch invariant.
+Each L_i depends only on sample i, so these losses are micro-batch invariant. As in
+``losses.py``, inputs pass through ``clean`` and every per-sequence reduction selects with
+``torch.where``, so NaN / inf at masked positions cannot reach a sequence's ratio or loss.
 """
 
 from __future__ import annotations
 
 import torch
 
-from posttrain.algorithms.base import POLICY_LOSSES, PolicyLossConfig, PolicyLossInput, PolicyLossOutput, masked_mean
-from posttrain.algorithms.losses import finish
+from posttrain.algorithms.aggregation import masked, masked_mean
+from posttrain.algorithms.base import POLICY_LOSSES, PolicyLossConfig, PolicyLossInput, PolicyLossOutput
+from posttrain.algorithms.losses import clean, finish
 
 
 def _seq_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Per-sequence mean over completion tokens, [N, 1]."""
-    return ((x * mask).sum(-1) / mask.sum(-1).clamp_min(1.0)).unsqueeze(-1)
+    return masked_mean(x, mask, dim=-1, keepdim=True)
 
 
 def sequence_log_ratio(inp: PolicyLossInput) -> torch.Tensor:
@@ -35,7 +38,7 @@ def _gspo_terms(inp: PolicyLossInput, cfg: PolicyLossConfig, log_s: torch.Tensor
         "clip_frac": masked_mean((clipped > unclipped).float(), inp.mask),
         "seq_ratio_mean": masked_mean(s.detach().expand_as(inp.mask), inp.mask),
     }
-    return finish(loss * inp.mask, inp, metrics)
+    return finish(masked(loss, inp.mask), inp, metrics)
 
 
 @POLICY_LOSSES.register("gspo", paper="Group Sequence Policy Optimization (arXiv:2507.18071)")
@@ -48,6 +51,7 @@ def gspo(inp: PolicyLossInput, cfg: PolicyLossConfig) -> PolicyLossOutput:
     every token (with A_{i,t}); the gradient flows through s_i into every token of the sequence:
     unclipped, dL_i/dlogp_t = -s_i A_i / |o_i|.
     """
+    inp = clean(inp)
     return _gspo_terms(inp, cfg, sequence_log_ratio(inp))
 
 
@@ -59,6 +63,7 @@ def gspo_token(inp: PolicyLossInput, cfg: PolicyLossConfig) -> PolicyLossOutput:
     of s_{i,t} equals s_i; the gradient of token t is -s_i A_{i,t} (unclipped), so with a
     sequence-constant advantage and ``seq-mean-token-mean`` it equals GSPO's gradient.
     """
+    inp = clean(inp)
     log_s = sequence_log_ratio(inp).detach() + inp.logprobs - inp.logprobs.detach()
     return _gspo_terms(inp, cfg, log_s)
 
@@ -76,6 +81,7 @@ def luspo(inp: PolicyLossInput, cfg: PolicyLossConfig) -> PolicyLossOutput:
     loss by |o_i| removes the bias. Same clip and defaults as ``gspo``; aggregate with
     ``seq-mean-token-mean`` to get mean_i |o_i| L_i^GSPO (TRL's ``luspo``).
     """
+    inp = clean(inp)
     out = gspo(inp, cfg)
     lengths = inp.mask.sum(-1, keepdim=True)
     return PolicyLossOutput(loss=out.loss * lengths, metrics=out.metrics)
@@ -92,6 +98,7 @@ def gmpo(inp: PolicyLossInput, cfg: PolicyLossConfig) -> PolicyLossOutput:
     [e^-0.4, e^0.4]). A_i is the sequence's mean advantage over its tokens. L_i is written on every
     token. Unclipped gradient: dL_i/dlogp_t = -A_i * ratio_i / |o_i|.
     """
+    inp = clean(inp)
     m = inp.mask
     lr = inp.logprobs - inp.old_logprobs
     adv_seq = _seq_mean(inp.advantages, m)
@@ -99,7 +106,7 @@ def gmpo(inp: PolicyLossInput, cfg: PolicyLossConfig) -> PolicyLossOutput:
     clamped = lr.clamp(-cfg.gmpo_clip_low, cfg.gmpo_clip_high)
     lr_clip = sign * torch.minimum(sign * lr, sign * clamped)
     ratio = torch.exp(_seq_mean(lr_clip, m))
-    loss = (-adv_seq * ratio).expand_as(lr) * m
+    loss = masked((-adv_seq * ratio).expand_as(lr), m)
     clipped = (lr_clip != lr) & (sign != 0)
     metrics = {
         "clip_frac": masked_mean(clipped.float(), m),

@@ -20,6 +20,7 @@ from typing import Optional
 
 import torch
 
+from posttrain.algorithms.aggregation import masked
 from posttrain.algorithms.kl import BASE_KL_ESTIMATORS, KL_ESTIMATORS, kl_estimate
 
 
@@ -81,9 +82,10 @@ def kl_in_reward(
 
     PPO (InstructGPT) and REINFORCE++ put the per-token KL to the reference in the reward;
     the classic choice is k1 = log pi_old - log pi_ref. NaN step markers in ``token_rewards``
-    (PURE) are preserved.
+    (PURE) are preserved. Positions with ``mask == 0`` get no KL term, whatever the log-probs
+    hold there (selected with ``torch.where``, not multiplied: 0 * inf would be NaN).
     """
-    kl = kl_estimate(logprobs.detach(), ref_logprobs.detach(), estimator) * mask
+    kl = masked(kl_estimate(logprobs.detach(), ref_logprobs.detach(), estimator, mask=mask), mask)
     base = torch.zeros_like(kl) if token_rewards is None else token_rewards
     return base - coef * kl
 

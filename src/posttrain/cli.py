@@ -10,7 +10,7 @@ from pathlib import Path
 
 
 def _train(args, command: str, cls, train, example: str) -> int:
-    """``posttrain rl|sft CONFIG [overrides]`` or ``--resume RUN_DIR [overrides]``."""
+    """``posttrain rl|sft|dpo CONFIG [overrides]`` or ``--resume RUN_DIR [overrides]``."""
     from pathlib import Path
 
     from posttrain.config import load_config
@@ -42,6 +42,13 @@ def _sft(args) -> int:
     from posttrain.trainers.sft import train_sft
 
     return _train(args, "sft", SFTConfig, train_sft, "examples/sft.yaml")
+
+
+def _dpo(args) -> int:
+    from posttrain.config import DPOConfig
+    from posttrain.trainers.dpo import train_dpo
+
+    return _train(args, "dpo", DPOConfig, train_dpo, "examples/dpo.yaml")
 
 
 def _list(args) -> int:
@@ -101,7 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     for name, func, help_ in (("rl", _rl, "RL post-training (GRPO family, PPO)"),
-                              ("sft", _sft, "supervised fine-tuning on demonstrations (JSONL or a task's answers)")):
+                              ("sft", _sft, "supervised fine-tuning on demonstrations (JSONL or a task's answers)"),
+                              ("dpo", _dpo, "preference optimisation on chosen/rejected pairs (DPO, IPO, SimPO, "
+                                            "ORPO, ...)")):
         cmd = sub.add_parser(name, help=help_)
         cmd.add_argument("config", nargs="?", help="YAML config file")
         cmd.add_argument("overrides", nargs="*", help="dotted overrides, e.g. trainer.lr=1e-5")

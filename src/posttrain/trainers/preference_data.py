@@ -78,13 +78,14 @@ def load_preferences(path: str | Path) -> list[PreferencePair]:
     return pairs
 
 
-def synthetic_arithmetic_pairs(n: int = 512, seed: int = 0) -> list[PreferencePair]:
-    """Pairs from the arithmetic task's train split: chosen = the answer, rejected = the answer
-    off by 1..3 (one pair per problem, at most ``n``)."""
+def synthetic_arithmetic_pairs(n: int = 512, seed: int = 0, problems=None) -> list[PreferencePair]:
+    """Pairs from the arithmetic task's train split (``problems``: that of a configured arithmetic
+    task; default: the default task's): chosen = the answer, rejected = the answer off by 1..3
+    (one pair per problem, at most ``n``)."""
     from posttrain.tasks.arithmetic import ArithmeticTask
 
     rng = random.Random(seed)
-    problems = list(ArithmeticTask().problems("train"))[:n]
+    problems = list(ArithmeticTask().problems("train") if problems is None else problems)[:n]
     pairs = []
     for p in problems:
         wrong = int(p.answer) + rng.choice([-3, -2, -1, 1, 2, 3])

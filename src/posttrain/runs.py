@@ -24,15 +24,17 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
 import signal
+import struct
 import time
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 
-from posttrain.models.loading import latest_checkpoint
+from posttrain.models.loading import CorruptFileError, checkpoint_fix, latest_checkpoint, safetensors_problem
 
 
 class RunDirError(ValueError):
@@ -222,5 +224,52 @@ def _discard(checkpoint: Path) -> None:
     shutil.rmtree(doomed, ignore_errors=True)
 
 
+class CheckpointFileError(CorruptFileError):
+    """A file of a run checkpoint is missing, truncated or damaged; the message names it and says
+    which other checkpoints the run has."""
+
+
+class UnsafeCheckpointError(CheckpointFileError, pickle.UnpicklingError):
+    """``trainer_state.pt`` is no plain pickle of tensors and built-in types (damaged, or it would
+    run code when loaded): refused by ``torch.load(weights_only=True)``."""
+
+
+def check_checkpoint_files(checkpoint: Path) -> None:
+    """Every ``*.safetensors`` file of ``checkpoint`` has a sound header and the size it states
+    (no tensor is read), else ``CheckpointFileError`` naming the file and the fix."""
+    for f in sorted(Path(checkpoint).glob("*.safetensors")):
+        problem = safetensors_problem(f)
+        if problem is not None:
+            raise CheckpointFileError(f, problem, checkpoint_fix(Path(checkpoint)))
+
+
 def load_trainer_state(checkpoint: Path) -> dict[str, Any]:
-    return torch.load(checkpoint / "trainer_state.pt", weights_only=True)
+    """The trainer state of ``checkpoint``, after checking its weight files (so a truncated
+    ``model.safetensors`` is named here, before the learner reads it).
+
+    ``trainer_state.pt`` is loaded with ``weights_only=True``: tensors and built-in types only.
+    A missing, truncated or foreign file is a ``CheckpointFileError`` (a ``ValueError``) naming
+    the file and the checkpoints to fall back on; a refused pickle an ``UnsafeCheckpointError``
+    (also a ``pickle.UnpicklingError``).
+    """
+    checkpoint = Path(checkpoint)
+    check_checkpoint_files(checkpoint)
+    path = checkpoint / "trainer_state.pt"
+    fix = checkpoint_fix(checkpoint)
+    if not path.is_file():
+        raise CheckpointFileError(path, "missing", fix)
+    try:
+        state = torch.load(path, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        detail = " ".join(str(exc).split())[:300]
+        raise UnsafeCheckpointError(path, f"truncated, damaged or not a trainer state: torch.load(weights_only=True) "
+                                          f"refused it ({detail})", fix) from exc
+    except (RuntimeError, EOFError, OSError, ValueError, struct.error, UnicodeDecodeError, KeyError) as exc:
+        # a cut zip archive: RuntimeError "failed finding central directory"; garbage: EOFError, ...
+        detail = " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
+        raise CheckpointFileError(path, f"truncated or not a trainer state saved by torch.save ({detail})",
+                                  fix) from exc
+    if not isinstance(state, dict) or "step" not in state:
+        raise CheckpointFileError(path, f"not a posttrain trainer state (a {type(state).__name__} without 'step')",
+                                  fix)
+    return state

@@ -178,11 +178,12 @@ class Learner:
         N, T = batch.completion_ids.shape
         out = torch.zeros((N, T))
         buckets = length_buckets(batch, self.cfg.micro_batch_size, self.cfg.micro_batch_tokens)
+        extra = self._extra_passes(len(buckets)) if lockstep else 0  # before any pass: a collective too
         with torch.no_grad():
             for rows in buckets:
                 part = fn(trim(batch.select(rows))).float().cpu()
                 out[rows, : part.shape[1]] = part
-            for _ in range(self._extra_passes(len(buckets)) if lockstep else 0):
+            for _ in range(extra):
                 fn(trim(batch.select(buckets[0][:1])))  # output discarded
         return out
 
@@ -228,6 +229,7 @@ class Learner:
         # Longest first: its activations are freed while the fp32 gradients are first
         # allocated, so the two do not stack at the memory peak.
         buckets = list(reversed(length_buckets(batch, cfg.micro_batch_size, cfg.micro_batch_tokens)))
+        extra = self._extra_passes(len(buckets))  # fsdp2: agreed before any pass (it is a collective too)
         for rows in buckets:
             micro = trim(batch.select(rows), trim_prompt=shared is None)
             logp, entropy = self._logprobs(self.model, micro, with_entropy,
@@ -239,7 +241,7 @@ class Learner:
                 value_loss_fn(micro, self._values(micro)).backward()
         if shared is not None:
             shared.backward()
-        for _ in range(self._extra_passes(len(buckets))):  # fsdp2: zero-weight passes, collectives aligned
+        for _ in range(extra):  # fsdp2: zero-weight passes keep the ranks' collectives aligned
             logp, _ = self._logprobs(self.model, trim(batch.select(buckets[-1][:1])))
             (logp.sum() * 0.0).backward()
         self.model.eval()

@@ -195,6 +195,9 @@ class DistributedConfig:
     max_staleness: int = 0
     learners: int = 1  # data-parallel learner processes: this one (rank 0) + learners-1 Ray actors
     cpus_per_learner: int = 1  # Ray CPUs (and torch threads, on every rank) per learner when learners > 1
+    # ddp: every learner holds a full replica; fsdp2: weights, gradients and optimizer state are
+    # sharded over the learners (torch fully_shard; posttrain.distributed.fsdp), needs learners >= 2
+    strategy: str = "ddp"
 
     def __post_init__(self) -> None:
         _check(self.rollout_workers >= 0, "distributed.rollout_workers", "must be >= 0")
@@ -204,6 +207,10 @@ class DistributedConfig:
                "needs distributed.rollout_workers >= 1 (the in-process engine cannot sample while the learner trains)")
         _check(self.learners >= 1, "distributed.learners", "must be >= 1")
         _check(self.cpus_per_learner >= 1, "distributed.cpus_per_learner", "must be >= 1")
+        _check(self.strategy in ("ddp", "fsdp2"), "distributed.strategy", "must be ddp or fsdp2")
+        _check(self.strategy != "fsdp2" or self.learners >= 2, "distributed.strategy",
+               "fsdp2 shards over data-parallel learners and needs distributed.learners >= 2 (one learner has nothing "
+               "to shard over); set distributed.learners=2 or more, or distributed.strategy=ddp")
 
 
 @dataclass
@@ -261,6 +268,9 @@ class RLConfig:
             _check(0 < per_group <= top, "selection.keep_completions",
                    f"must be between 1 and rollout.num_completions{' - 1' * (sel.name == 'pods')} = {top} for "
                    f"{sel.name}")
+        _check(self.distributed.strategy != "fsdp2" or not self.algorithm.uses_critic, "distributed.strategy",
+               f"fsdp2 does not shard a critic (algorithm.advantage_estimator={self.algorithm.advantage_estimator} "
+               f"trains a value model); use distributed.strategy=ddp with it")
         batch = self.rollout.num_prompts * per_group
         _check(batch % self.trainer.mini_batches == 0, "trainer.mini_batches",
                f"must divide the batch of {batch} samples (rollout.num_prompts x rollout.num_completions, or x "

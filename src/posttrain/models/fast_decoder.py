@@ -27,6 +27,7 @@ attention alone sees the padded grid (``Packing``).
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -329,6 +330,14 @@ def _layer(layer, x, cos, sin, mask, kv: KVStore, index: int, heads: int, kv_hea
     return x + SwiGLUFn.apply(h, mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight)
 
 
+def hookable_layer_calls(decoder) -> None:
+    """Give each layer a ``lean_forward`` attribute that ``decoder_forward`` calls instead of
+    ``_layer``: a wrapper can then hook it as the layer's forward (posttrain.distributed.fsdp
+    registers it with FSDP, which must gather a layer's weights around every call)."""
+    for layer in decoder.layers:
+        layer.lean_forward = functools.partial(_layer, layer)
+
+
 def decoder_forward(decoder, input_ids: torch.Tensor, position_ids: torch.Tensor, key_mask: torch.Tensor,
                     kv: Optional[KVStore] = None, *, use_sdpa: bool = False, checkpoint_layers: bool = False,
                     last_only: bool = False, tokens: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -356,11 +365,11 @@ def decoder_forward(decoder, input_ids: torch.Tensor, position_ids: torch.Tensor
         cos, sin = cos[0], sin[0]
     mask = additive_mask(key_mask, L, compute_dtype(x))
     for i, layer in enumerate(decoder.layers):
+        call = getattr(layer, "lean_forward", None) or functools.partial(_layer, layer)
         if checkpoint_layers and torch.is_grad_enabled():
-            x = checkpoint(_layer, layer, x, cos, sin, mask, kv, i, heads, kv_heads, use_sdpa, packing,
-                           use_reentrant=False)
+            x = checkpoint(call, x, cos, sin, mask, kv, i, heads, kv_heads, use_sdpa, packing, use_reentrant=False)
         else:
-            x = _layer(layer, x, cos, sin, mask, kv, i, heads, kv_heads, use_sdpa, packing)
+            x = call(x, cos, sin, mask, kv, i, heads, kv_heads, use_sdpa, packing)
     norm = decoder.norm
     if packing is not None:
         x = packing.unpack(RMSNormFn.apply(x, norm.weight, norm.variance_epsilon))

@@ -24,6 +24,7 @@ a GPU has the memory for a plain fp32 master at the model sizes this library tar
 from __future__ import annotations
 
 import copy
+import functools
 from contextlib import nullcontext
 from typing import Callable, Iterable, Optional
 
@@ -63,14 +64,17 @@ class Learner:
 
     def __init__(self, policy, trainer: TrainerConfig, model_cfg: ModelConfig, *, temperature: float,
                  device: torch.device, sampler_dtype: torch.dtype, reference: bool = False,
-                 critic_lr: Optional[float] = None):
+                 critic_lr: Optional[float] = None, shard: bool = False):
         self.cfg, self.model_cfg, self.temperature, self.device = trainer, model_cfg, temperature, device
+        self.sampler_dtype, self.will_shard = sampler_dtype, shard
+        self.fsdp = None  # a posttrain.distributed.fsdp.FSDPShards once ``shard()`` has run
         policy = policy.to(device)
         use_bf16 = trainer.autocast == "bfloat16" or (trainer.autocast == "auto" and bf16_supported(device))
         self.dtype = torch.bfloat16 if use_bf16 else torch.float32
         fp32_policy = next(policy.parameters()).dtype == torch.float32
+        # Under fsdp2 the model stays fp32 (the sharded masters); FSDP's mixed precision computes in bf16.
         self.split_master = (use_bf16 and sampler_dtype == torch.bfloat16 and trainer.split_master_weights
-                             and device.type == "cpu" and fp32_policy)
+                             and device.type == "cpu" and fp32_policy and not shard)
         if trainer.activation_checkpointing and not uses_fast_decoder(policy.get_decoder(), model_cfg.decoder):
             why = ("model.decoder=hf" if model_cfg.decoder == "hf"
                    else fast_decoder.unsupported_reason(policy.get_decoder()))
@@ -90,7 +94,9 @@ class Learner:
             # From here the policy holds bf16 weights; the fp32 masters live in the optimizer.
             self.optimizer = SplitMasterAdamW(policy.parameters(), **adam)
         else:
-            if use_bf16 and fp32_policy and sampler_dtype == torch.bfloat16:
+            if shard:
+                pass
+            elif use_bf16 and fp32_policy and sampler_dtype == torch.bfloat16:
                 self.model = low_precision_copy(policy, torch.bfloat16)
                 self._route_grads_to_master()
             elif use_bf16:
@@ -102,6 +108,28 @@ class Learner:
         self.ref = None
         if reference:  # in the learner's precision, so KL is exactly 0 at the start
             self.ref = copy.deepcopy(self.model).eval().requires_grad_(False)
+            if shard:  # a whole local copy in the compute dtype (FSDP's param_dtype)
+                self.ref.to(self.dtype)
+
+    def shard(self, group=None) -> None:
+        """fully_shard the policy over the data-parallel group (``distributed.strategy=fsdp2``;
+        every rank at once, each holding the same whole state): posttrain.distributed.fsdp."""
+        from posttrain.distributed.fsdp import shard_learner
+
+        shard_learner(self, group)
+
+    def sampler_model(self):
+        """The model an in-process rollout engine samples from: ``self.model`` (shared), or under
+        fsdp2 a whole copy in the sampler's dtype (the sharded model only runs in lockstep)."""
+        if not self.will_shard:
+            return self.model
+        if self.fsdp is not None:
+            raise RuntimeError("the sampling copy must be made before the learner is sharded")
+        return copy.deepcopy(self.policy).to(self.sampler_dtype).eval().requires_grad_(False)
+
+    def _extra_passes(self, count: int) -> int:
+        """How many zero-weight passes keep this rank in lockstep with the others (fsdp2)."""
+        return self.fsdp.lockstep(count) - count if self.fsdp is not None else 0
 
     def _refresh_compute_copy(self) -> None:
         """The bf16 compute copy := the fp32 masters, rounded (no-op when the two are one model)."""
@@ -123,12 +151,17 @@ class Learner:
     # ------------------------------------------------------------------ log-prob passes
     def _logprobs(self, model, batch: Rollouts, with_entropy: bool = False, prompt_states=None):
         cfg, mc = self.cfg, self.model_cfg
+        call = completion_logprobs
+        sharded = self.fsdp is not None and model is self.model
+        if sharded:  # through the root's FSDP forward; one decoder pass per call on every rank
+            call = functools.partial(model.posttrain_call, completion_logprobs)
         with self.autocast():
-            return completion_logprobs(
+            return call(
                 model, batch.prompt_ids, batch.prompt_mask, batch.completion_ids, batch.completion_mask,
                 temperature=self.temperature, chunk_tokens=cfg.logprob_chunk_tokens, with_entropy=with_entropy,
-                share_prompts=cfg.share_prompt_pass, attention=mc.attention, prompt_states=prompt_states,
-                decoder_mode=mc.decoder, checkpoint_layers=cfg.activation_checkpointing,  # a no-op under no_grad
+                share_prompts=cfg.share_prompt_pass and not sharded, attention=mc.attention,
+                prompt_states=prompt_states, decoder_mode=mc.decoder,
+                checkpoint_layers=cfg.activation_checkpointing,  # a no-op under no_grad
             )
 
     def _values(self, batch: Rollouts) -> torch.Tensor:
@@ -138,14 +171,20 @@ class Learner:
                                share_prompts=self.cfg.share_prompt_pass, attention=mc.attention,
                                decoder_mode=mc.decoder)
 
-    def _no_grad_pass(self, batch: Rollouts, fn: Callable[[Rollouts], torch.Tensor]) -> torch.Tensor:
-        """[N, T] from ``fn`` run per length bucket on padding-trimmed rows, zero-padded, in row order."""
+    def _no_grad_pass(self, batch: Rollouts, fn: Callable[[Rollouts], torch.Tensor],
+                      lockstep: bool = False) -> torch.Tensor:
+        """[N, T] from ``fn`` run per length bucket on padding-trimmed rows, zero-padded, in row
+        order. ``lockstep``: ``fn`` runs the sharded model, so every rank runs as many passes."""
         N, T = batch.completion_ids.shape
         out = torch.zeros((N, T))
+        buckets = length_buckets(batch, self.cfg.micro_batch_size, self.cfg.micro_batch_tokens)
+        extra = self._extra_passes(len(buckets)) if lockstep else 0  # before any pass: a collective too
         with torch.no_grad():
-            for rows in length_buckets(batch, self.cfg.micro_batch_size, self.cfg.micro_batch_tokens):
+            for rows in buckets:
                 part = fn(trim(batch.select(rows))).float().cpu()
                 out[rows, : part.shape[1]] = part
+            for _ in range(extra):
+                fn(trim(batch.select(buckets[0][:1])))  # output discarded
         return out
 
     def logprobs(self, batch: Rollouts, which: str = "current") -> torch.Tensor:
@@ -153,11 +192,12 @@ class Learner:
         model = {"current": self.model, "ref": self.ref}[which]
         if model is None:
             raise ValueError("no reference model: the learner was built with reference=False")
-        return self._no_grad_pass(batch, lambda micro: self._logprobs(model, micro)[0])
+        return self._no_grad_pass(batch, lambda micro: self._logprobs(model, micro)[0], lockstep=model is self.model)
 
     def entropies(self, batch: Rollouts) -> torch.Tensor:
         """Per-token entropy of the current policy (for engines that do not record it)."""
-        return self._no_grad_pass(batch, lambda micro: self._logprobs(self.model, micro, with_entropy=True)[1])
+        return self._no_grad_pass(batch, lambda micro: self._logprobs(self.model, micro, with_entropy=True)[1],
+                                  lockstep=True)
 
     def values(self, batch: Rollouts) -> torch.Tensor:
         return self._no_grad_pass(batch, self._values)
@@ -180,14 +220,17 @@ class Learner:
         cfg, mc = self.cfg, self.model_cfg
         self.model.train()
         shared = None
-        if cfg.share_prompt_pass and share_prompts_across_micro_batches(batch, cfg.micro_batch_size):
+        if (cfg.share_prompt_pass and self.fsdp is None
+                and share_prompts_across_micro_batches(batch, cfg.micro_batch_size)):
             with self.autocast():
                 shared = SharedPromptPass(self.model, batch.prompt_ids, batch.prompt_mask, mc.attention,
                                           batch.prompt_ids.shape[1] + batch.completion_ids.shape[1], mc.decoder)
         total = 0.0
         # Longest first: its activations are freed while the fp32 gradients are first
         # allocated, so the two do not stack at the memory peak.
-        for rows in reversed(length_buckets(batch, cfg.micro_batch_size, cfg.micro_batch_tokens)):
+        buckets = list(reversed(length_buckets(batch, cfg.micro_batch_size, cfg.micro_batch_tokens)))
+        extra = self._extra_passes(len(buckets))  # fsdp2: agreed before any pass (it is a collective too)
+        for rows in buckets:
             micro = trim(batch.select(rows), trim_prompt=shared is None)
             logp, entropy = self._logprobs(self.model, micro, with_entropy,
                                            shared.rows(rows) if shared is not None else None)
@@ -198,6 +241,9 @@ class Learner:
                 value_loss_fn(micro, self._values(micro)).backward()
         if shared is not None:
             shared.backward()
+        for _ in range(extra):  # fsdp2: zero-weight passes keep the ranks' collectives aligned
+            logp, _ = self._logprobs(self.model, trim(batch.select(buckets[-1][:1])))
+            (logp.sum() * 0.0).backward()
         self.model.eval()
         return total
 
@@ -235,7 +281,8 @@ class Learner:
         max_norm = self.cfg.max_grad_norm
         if self.split_master:
             return float(self.optimizer.clip_grad_norm_(max_norm))
-        return float(torch.nn.utils.clip_grad_norm_(self.policy.parameters(), max_norm))
+        norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), max_norm)
+        return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # a DTensor under fsdp2
 
     def optim_step(self, lr_scale: float) -> dict[str, float]:
         """One optimizer step at ``trainer.lr * lr_scale`` on the accumulated (clipped) gradients;
@@ -244,6 +291,8 @@ class Learner:
             group["lr"] = self.cfg.lr * lr_scale
         self.optimizer.step()
         self._refresh_compute_copy()
+        if self.fsdp is not None:
+            self.fsdp.steps += 1  # the gathered weights are stale
         out = {"lr": self.optimizer.param_groups[0]["lr"]}
         if self.critic is not None:
             out["critic/grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.critic.parameters(),
@@ -256,14 +305,29 @@ class Learner:
     # ------------------------------------------------------------------ weights and state
     def export_weights(self) -> dict[str, torch.Tensor]:
         """The compute weights by Hugging Face name (bf16 when the sampler is bf16): what a
-        Sampler's ``load_weights`` takes. Views, not copies: the in-process engine shares them."""
+        Sampler's ``load_weights`` takes. Views, not copies: the in-process engine shares them.
+        Under fsdp2 (sharded) whole copies in the sampler's dtype: a collective every rank runs
+        after each step (trainers.learner_group), cached until the next optimizer step."""
+        if self.fsdp is not None:
+            return self.fsdp.full_weights(self.policy, self.sampler_dtype)
         return {name: p.detach() for name, p in self.model.named_parameters()}
+
+    def checkpoint_model(self):
+        """What a checkpoint saves with ``save_pretrained``: the policy, or under fsdp2 the
+        policy with its whole fp32 weights (gathered by ``state_dict``'s collective)."""
+        if self.fsdp is None:
+            return self.policy
+        from posttrain.distributed.fsdp import WholeWeights
+
+        return WholeWeights(self.policy, self.fsdp.full_state(self)["weights"])
 
     def fp32_policy(self):
         """Context in which ``self.policy`` holds its fp32 master weights (save or load them)."""
         return self.optimizer.materialized() if self.split_master else nullcontext()
 
     def state_dict(self) -> dict:
+        if self.fsdp is not None:  # the whole optimizer state (a collective; cached per step)
+            return {"optimizer": self.fsdp.full_state(self)["optimizer"], "critic_optimizer": None}
         return {"optimizer": self.optimizer.state_dict(),
                 "critic_optimizer": self.critic_optimizer.state_dict() if self.critic is not None else None}
 
@@ -274,6 +338,7 @@ class Learner:
         """Weights (exact fp32 masters), optimizer state and critic from a checkpoint directory."""
         from safetensors.torch import load_file, load_model
 
+        self._not_sharded("load a checkpoint")
         with self.fp32_policy():
             load_model(self.policy, str(checkpoint / "model.safetensors"), strict=False)
         critic = load_file(str(checkpoint / "critic.safetensors")) if self.critic is not None else None
@@ -282,6 +347,7 @@ class Learner:
     def replica_state(self) -> dict:
         """Everything another replica needs to continue exactly as this one: fp32 master weights,
         optimizer and critic state (copies; plain tensors, so it pickles through Ray)."""
+        self._not_sharded("copy its state to another replica")
         with self.fp32_policy():
             weights = {k: v.detach().clone() for k, v in self.policy.state_dict().items()}
         return {"weights": weights, **self.state_dict(),
@@ -289,9 +355,14 @@ class Learner:
 
     def load_replica_state(self, payload: dict) -> None:
         """The inverse of ``replica_state``: this learner becomes bit-identical to the sender."""
+        self._not_sharded("take a replica's state")
         with self.fp32_policy():
             self.policy.load_state_dict(payload["weights"], strict=False)
         self._load(payload, payload["critic"])
+
+    def _not_sharded(self, what: str) -> None:
+        if self.fsdp is not None:
+            raise RuntimeError(f"a sharded (fsdp2) learner cannot {what}: that happens before sharding")
 
     def _load(self, state: dict, critic: Optional[dict]) -> None:
         self._refresh_compute_copy()

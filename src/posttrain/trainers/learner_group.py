@@ -19,6 +19,13 @@ masters, optimizer, critic; once at start and after every resume), and a checksu
 of every replica tensor proves they agree. On another machine the model source must resolve to
 the same weights there (a path on shared storage, or the cached GGUF conversion).
 
+Under ``distributed.strategy=fsdp2`` (posttrain.distributed.fsdp) the ranks start and resume
+whole, as above, and shard their state at the start of their first ``learn``. From then on every
+full-weight gather is a collective the group runs on every rank at the same point: after each
+``learn`` (rank 0 keeps the weights for its rollout engine) and in ``before_checkpoint`` (rank 0
+keeps the whole fp32 weights and optimizer state it saves). A sharded group cannot ``sync``:
+there is no replica to copy, which is why a resume happens before sharding.
+
 Threads. Replicas stay bit-identical only if every rank computes with the same thread count, so
 each rank, this one included, runs ``distributed.cpus_per_learner`` torch threads.
 
@@ -71,7 +78,8 @@ class LearnerActor:
         model, _ = load_model_and_tokenizer(self.cfg.model.name)
         self.learner = Learner(model, tc, self.cfg.model, temperature=self.cfg.rollout.temperature,
                                device=self.device, sampler_dtype=resolve_dtype(self.cfg.rollout.dtype, self.device),
-                               reference=alg.uses_reference, critic_lr=alg.critic.lr if alg.uses_critic else None)
+                               reference=alg.uses_reference, critic_lr=alg.critic.lr if alg.uses_critic else None,
+                               shard=self.cfg.distributed.strategy == "fsdp2")
         self.rl_update = None
 
     def join(self, address: str, port: int) -> None:
@@ -94,9 +102,16 @@ class LearnerActor:
     def check_replicas_equal(self) -> None:
         self.rl_update.dp.check_replicas_equal(self.learner)
 
+    def gather_full_state(self) -> None:
+        self.learner.state_dict()  # fsdp2: this rank's part of the gathers; rank 0 keeps the result
+
     def learn(self, rollouts, orders, step: int, baseline) -> None:
         try:
+            if self.learner.will_shard and self.learner.fsdp is None:
+                self.learner.shard()
             self.rl_update.learn(rollouts, orders, step, baseline)
+            if self.learner.fsdp is not None:
+                self.learner.export_weights()  # the gather rank 0 runs for its rollout engine
         except BaseException:
             # Closing this rank's sockets makes the other ranks' pending collectives fail now
             # rather than at the timeout; the error itself still reaches the driver.
@@ -146,9 +161,25 @@ class LearnerGroup:
 
     def sync(self, learner, rl_state: Optional[dict]) -> None:
         """Every actor := rank 0's learner (and RLUpdate) state, then prove it bit for bit."""
+        if learner.fsdp is not None:
+            raise RuntimeError("a sharded (fsdp2) learner group cannot sync replicas: resume before the first step")
         payload = self.ray.put(learner.replica_state())
         self._get([a.sync.remote(payload, rl_state) for a in self.actors], "while copying rank 0's state")
         self.check_replicas_equal(learner)
+
+    def before_checkpoint(self) -> None:
+        """What rank 0 needs before it saves for all: under ddp proof that the replicas agree;
+        under fsdp2 (sharded) the whole weights and optimizer state, gathered on every rank."""
+        if self.learner.fsdp is None:
+            self.check_replicas_equal()
+            return
+        refs = [a.gather_full_state.remote() for a in self.actors]
+        try:
+            self.learner.state_dict()  # gathers, and caches what the checkpoint writes
+        except Exception:
+            self._get(refs, "while gathering the sharded state for a checkpoint")
+            raise
+        self._get(refs, "while gathering the sharded state for a checkpoint")
 
     def check_replicas_equal(self, learner=None) -> None:
         refs = [a.check_replicas_equal.remote() for a in self.actors]
@@ -160,7 +191,11 @@ class LearnerGroup:
         batch = self.ray.put(rollouts)  # serialised once, before rank 0's pass mutates it
         refs = [a.learn.remote(batch, orders, step, baseline) for a in self.actors]
         try:
+            if self.learner.will_shard and self.learner.fsdp is None:  # fsdp2: every rank shards now
+                self.learner.shard()
             metrics = local()
+            if self.learner.fsdp is not None:
+                self.learner.export_weights()  # a gather every rank runs; cached for the rollout engine
         except Exception as local_error:
             # A rank that died or failed explains rank 0's broken collective better than gloo does.
             ready, _ = self.ray.wait(refs, num_returns=len(refs), timeout=30)

@@ -97,7 +97,8 @@ class RLTrainer:
         sampler_dtype = resolve_dtype(cfg.rollout.dtype, self.device)
         self.learner = Learner(policy, tc, cfg.model, temperature=cfg.rollout.temperature, device=self.device,
                                sampler_dtype=sampler_dtype, reference=alg.uses_reference,
-                               critic_lr=alg.critic.lr if alg.uses_critic else None)
+                               critic_lr=alg.critic.lr if alg.uses_critic else None,
+                               shard=cfg.distributed.strategy == "fsdp2")
         self.learner_group = None
         if cfg.distributed.learners > 1:  # this process is rank 0; Ray actors are ranks 1..M-1
             from posttrain.trainers.learner_group import LearnerGroup
@@ -109,9 +110,10 @@ class RLTrainer:
                 from posttrain.distributed.ray_pool import RayRolloutPool
 
                 self.engine = RayRolloutPool(cfg, tokenizer, self.learner.export_weights(), sampler_dtype)
-            else:  # the hf engine shares the learner's compute weights when the dtypes agree (no sync)
-                self.engine = build_engine(cfg.rollout, cfg.model, self.learner.model, tokenizer, sampler_dtype,
-                                           tc.seed)
+            else:  # the hf engine shares the learner's compute weights when the dtypes agree (no sync);
+                # under fsdp2 it gets a whole copy of its own
+                self.engine = build_engine(cfg.rollout, cfg.model, self.learner.sampler_model(), tokenizer,
+                                           sampler_dtype, tc.seed)
         except BaseException:
             if self.learner_group is not None:  # no actors or process group outlive a failed start
                 self.learner_group.close()
@@ -280,11 +282,11 @@ class RLTrainer:
             self.learner_group.sync(self.learner, self.rl_update.state())
 
     def save_checkpoint(self) -> Path:
-        if self.learner_group is not None:  # rank 0 saves for all: first prove they hold the same state
-            self.learner_group.check_replicas_equal()
+        if self.learner_group is not None:  # rank 0 saves for all: replicas checked, or shards gathered
+            self.learner_group.before_checkpoint()
         with self.learner.fp32_policy():  # checkpoints hold the fp32 masters either way
-            return self.run.save_checkpoint(self.step, self.learner.policy, self.tokenizer, self.state_dict(),
-                                            keep=self.cfg.trainer.keep_checkpoints,
+            return self.run.save_checkpoint(self.step, self.learner.checkpoint_model(), self.tokenizer,
+                                            self.state_dict(), keep=self.cfg.trainer.keep_checkpoints,
                                             extra_weights=self.learner.extra_weights())
 
     def close(self) -> None:

@@ -194,7 +194,8 @@ class RLUpdate:
                 total_loss = learner.forward_backward(
                     mine, lambda micro, logp, ent, kw=counts_kw: self._micro_loss(micro, logp, ent, loss_fn, kw, record),
                     with_entropy=want_entropy, value_loss_fn=value_fn)
-                dp.all_reduce_gradients(learner)
+                if learner.fsdp is None:  # fsdp2 has reduce-scattered (SUM) them in the backward
+                    dp.all_reduce_gradients(learner)
                 total_loss = dp.sum(total_loss)
                 grad_norm = learner.clip_grad_norm()  # of the summed gradients: equal on every rank
                 record("loss/total", total_loss)

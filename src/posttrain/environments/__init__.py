@@ -1,0 +1,49 @@
+"""Environments: multi-turn episodes, tools and games, producing the pipeline's one batch type.
+
+``base`` is the contract (``Environment.reset/step``, ``StepResult``, ``SingleTurn``: a task's
+Reward as the one-step case); ``episodes.run_episodes`` samples a batch of episodes with any
+rollout engine into a ``Rollouts`` whose environment tokens carry no loss; ``tools`` holds the
+tool-call format, the ``python``/``calculator``/``search`` tools, user tools from Python
+functions and ``ToolEnvironment``; ``games`` holds guess-the-number.
+"""
+
+from posttrain.environments.base import EpisodeState, Environment, SingleTurn, StepResult, prompt_messages
+from posttrain.environments.episodes import between_turn_tokens, episode_metrics, run_episodes
+from posttrain.environments.games import GuessTheNumber, guess_the_number_problems
+from posttrain.environments.search import BM25Index
+from posttrain.environments.tools import (
+    TOOLS,
+    Tool,
+    ToolCall,
+    ToolEnvironment,
+    ToolError,
+    build_tool,
+    calculate,
+    parse_tool_call,
+    run_tool,
+    tool_from_function,
+)
+
+__all__ = [
+    "BM25Index",
+    "EpisodeState",
+    "Environment",
+    "GuessTheNumber",
+    "SingleTurn",
+    "StepResult",
+    "TOOLS",
+    "Tool",
+    "ToolCall",
+    "ToolEnvironment",
+    "ToolError",
+    "between_turn_tokens",
+    "build_tool",
+    "calculate",
+    "episode_metrics",
+    "guess_the_number_problems",
+    "parse_tool_call",
+    "prompt_messages",
+    "run_episodes",
+    "run_tool",
+    "tool_from_function",
+]

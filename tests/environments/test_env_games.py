@@ -56,3 +56,14 @@ def test_secrets():
     assert all(1 <= int(p.answer) <= 10 for p in probs) and len({p.answer for p in probs}) > 3
     assert "between 1 and 10" in probs[0].prompt and "4 guesses" in probs[0].prompt
     assert last_integer("maybe 3, no, -4") == -4 and last_integer("none") is None
+
+
+def test_task_source():
+    from posttrain.environments.games import GuessTheNumberTask
+
+    task = GuessTheNumberTask(1, 50, max_turns=6, train_size=30, test_size=5, seed=2)
+    train, test = task.problems("train"), task.problems("test")
+    assert (len(train), len(test)) == (30, 5) and train == task.problems("train")
+    assert not {p.id for p in train} & {p.id for p in test}
+    with pytest.raises(ValueError, match="unknown split"):
+        task.problems("val")

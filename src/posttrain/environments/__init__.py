@@ -4,12 +4,14 @@
 Reward as the one-step case); ``episodes.run_episodes`` samples a batch of episodes with any
 rollout engine into a ``Rollouts`` whose environment tokens carry no loss; ``tools`` holds the
 tool-call format, the ``python``/``calculator``/``search`` tools, user tools from Python
-functions and ``ToolEnvironment``; ``games`` holds guess-the-number.
+functions and ``ToolEnvironment``; ``games`` holds guess-the-number; ``registry.build_environment``
+builds one from a config dict.
 """
 
 from posttrain.environments.base import EpisodeState, Environment, SingleTurn, StepResult, prompt_messages
 from posttrain.environments.episodes import between_turn_tokens, episode_metrics, run_episodes
-from posttrain.environments.games import GuessTheNumber, guess_the_number_problems
+from posttrain.environments.games import GuessTheNumber, GuessTheNumberTask, guess_the_number_problems
+from posttrain.environments.registry import ENVIRONMENTS, build_environment, register_environment
 from posttrain.environments.search import BM25Index
 from posttrain.environments.tools import (
     TOOLS,
@@ -26,9 +28,11 @@ from posttrain.environments.tools import (
 
 __all__ = [
     "BM25Index",
+    "ENVIRONMENTS",
     "EpisodeState",
     "Environment",
     "GuessTheNumber",
+    "GuessTheNumberTask",
     "SingleTurn",
     "StepResult",
     "TOOLS",
@@ -37,12 +41,14 @@ __all__ = [
     "ToolEnvironment",
     "ToolError",
     "between_turn_tokens",
+    "build_environment",
     "build_tool",
     "calculate",
     "episode_metrics",
     "guess_the_number_problems",
     "parse_tool_call",
     "prompt_messages",
+    "register_environment",
     "run_episodes",
     "run_tool",
     "tool_from_function",

@@ -18,9 +18,9 @@ import re
 from typing import Optional
 
 from posttrain.environments.base import Environment, EpisodeState, StepResult
-from posttrain.tasks.base import Problem
+from posttrain.tasks.base import Problem, check_split
 
-__all__ = ["GuessTheNumber", "guess_the_number_problems", "last_integer"]
+__all__ = ["GuessTheNumber", "GuessTheNumberTask", "guess_the_number_problems", "last_integer"]
 
 _INT = re.compile(r"-?\d+")
 
@@ -42,6 +42,22 @@ def guess_the_number_problems(count: int, low: int = 1, high: int = 100, max_tur
     return [Problem(id=f"guess-{split}-{seed}-{i}", prompt=_prompt(low, high, max_turns),
                     answer=str(rng.randint(low, high)), category=f"range={low}-{high}", source="guess_the_number")
             for i in range(count)]
+
+
+class GuessTheNumberTask:
+    """A ``TaskSource`` of guess-the-number problems; train and test secrets come from different
+    seeded streams (the model never sees a secret, so a shared value is no leak)."""
+
+    name = "guess_the_number"
+
+    def __init__(self, low: int = 1, high: int = 100, max_turns: int = 7, train_size: int = 1000,
+                 test_size: int = 100, seed: int = 0):
+        self.low, self.high, self.max_turns, self.seed = low, high, max_turns, seed
+        self.sizes = {"train": train_size, "test": test_size}
+
+    def problems(self, split: str) -> list[Problem]:
+        check_split(split)
+        return guess_the_number_problems(self.sizes[split], self.low, self.high, self.max_turns, self.seed, split)
 
 
 class GuessTheNumber(Environment):

@@ -243,6 +243,19 @@ def check_checkpoint_files(checkpoint: Path) -> None:
             raise CheckpointFileError(f, problem, checkpoint_fix(Path(checkpoint)))
 
 
+def _refusal(exc: BaseException) -> str:
+    """The specific part of torch's weights-only refusal, without its generic advice (which
+    suggests weights_only=False: never right for a damaged or foreign file)."""
+    keep = []
+    for part in (p.strip() for p in str(exc).splitlines()):
+        if not part or part.startswith(("Weights only load failed", "Check the documentation")):
+            continue
+        if part.startswith("Please file an issue"):
+            part = part.rsplit(":", 2)[-2].strip() + ":" if part.rstrip().endswith(":") else part
+        keep.append(part)
+    return " ".join(keep)[:300] or type(exc).__name__
+
+
 def load_trainer_state(checkpoint: Path) -> dict[str, Any]:
     """The trainer state of ``checkpoint``, after checking its weight files (so a truncated
     ``model.safetensors`` is named here, before the learner reads it).
@@ -261,9 +274,9 @@ def load_trainer_state(checkpoint: Path) -> dict[str, Any]:
     try:
         state = torch.load(path, weights_only=True)
     except pickle.UnpicklingError as exc:
-        detail = " ".join(str(exc).split())[:300]
-        raise UnsafeCheckpointError(path, f"truncated, damaged or not a trainer state: torch.load(weights_only=True) "
-                                          f"refused it ({detail})", fix) from exc
+        raise UnsafeCheckpointError(path, "truncated, damaged or not a trainer state (which holds only tensors and "
+                                          f"plain data): torch.load(weights_only=True) refused it ({_refusal(exc)})",
+                                    fix) from exc
     except (RuntimeError, EOFError, OSError, ValueError, struct.error, UnicodeDecodeError, KeyError) as exc:
         # a cut zip archive: RuntimeError "failed finding central directory"; garbage: EOFError, ...
         detail = " ".join(f"{type(exc).__name__}: {exc}".split())[:300]

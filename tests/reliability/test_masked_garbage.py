@@ -215,8 +215,9 @@ def test_a_rejected_token_holding_garbage_is_ignored_too():
 
 
 # ---------------------------------------------------------------- the count after a correction
-def _stub_update(correction: str, mask: torch.Tensor, behaviour: torch.Tensor, old: torch.Tensor):
-    """RLUpdate.update on a stub learner whose log-probs equal ``old``: returns loss/policy."""
+def _stub_step(correction: str, mask: torch.Tensor, behaviour: torch.Tensor, old: torch.Tensor) -> float:
+    """RLUpdate.prepare + update on a stub learner whose log-probs are ``old`` (advantages set to
+    1 after prepare, so gpg's per-token loss is -logp); returns the logged loss/policy."""
     from posttrain.config import load_config
     from posttrain.rollout.batch import Rollouts
     from posttrain.trainers.rl_update import RLUpdate
@@ -228,7 +229,12 @@ def _stub_update(correction: str, mask: torch.Tensor, behaviour: torch.Tensor, o
 
     class StubLearner:
         critic = None
+        ref = None
+        fsdp = None
         optimizer = SimpleNamespace(param_groups=[{"lr": 1.0}])
+
+        def logprobs(self, batch, which="policy"):
+            return old[: len(batch)].clone()
 
         def zero_grad(self):
             pass
@@ -244,19 +250,21 @@ def _stub_update(correction: str, mask: torch.Tensor, behaviour: torch.Tensor, o
 
     rollouts = Rollouts(
         prompt_ids=torch.zeros(n, 1, dtype=torch.long), prompt_mask=torch.ones(n, 1, dtype=torch.long),
-        completion_ids=torch.zeros(n, t, dtype=torch.long), completion_mask=mask, group_ids=torch.zeros(n, dtype=torch.long),
-        behaviour_logprobs=behaviour, entropies=torch.zeros(n, t), truncated=torch.zeros(n, dtype=torch.bool),
-        texts=[""] * n, problems=[None] * n, advantages=torch.ones(n, t), old_logprobs=old, loss_mask=mask)
+        completion_ids=torch.zeros(n, t, dtype=torch.long), completion_mask=mask,
+        group_ids=torch.zeros(n, dtype=torch.long), behaviour_logprobs=behaviour, entropies=torch.zeros(n, t),
+        truncated=torch.zeros(n, dtype=torch.bool), texts=[""] * n, problems=[None] * n, rewards=torch.zeros(n))
     update = RLUpdate(cfg, StubLearner())
     update.entropy_ctl.value = 0.0
+    update.prepare(rollouts)
+    rollouts.advantages = torch.ones(n, t)
     return update.update(rollouts, [torch.arange(n)], 0)["loss/policy"]
 
 
-def test_the_token_count_is_the_kept_count_without_a_correction():
+def test_the_token_count_without_a_rejection():
     mask = torch.ones(2, 2)
     lp = torch.full((2, 2), -1.0)
     # gpg: l = -logp * A = 1 per token; token-mean over 4 tokens = 1
-    assert _stub_update("tis_token", mask, lp, lp) == pytest.approx(1.0)
+    assert _stub_step("tis_token", mask, lp, lp) == pytest.approx(1.0)
 
 
 @pytest.mark.xfail(strict=True, reason="rl_update.py counts the mask from before the correction's rejection mask "
@@ -267,4 +275,4 @@ def test_the_token_count_is_the_kept_count_after_a_rejecting_correction():
     behaviour = old.clone()
     behaviour[1] = -30.0  # row 1's ratio pi_old / mu is huge: mis_sequence rejects the whole row
     # kept: row 0's 2 tokens, each l = 1, so the token mean over the kept tokens is 1 (today: 2 / 4)
-    assert _stub_update("mis_sequence", mask, behaviour, old) == pytest.approx(1.0)
+    assert _stub_step("mis_sequence", mask, behaviour, old) == pytest.approx(1.0)

@@ -267,12 +267,10 @@ def test_the_token_count_without_a_rejection():
     assert _stub_step("tis_token", mask, lp, lp) == pytest.approx(1.0)
 
 
-@pytest.mark.xfail(strict=True, reason="rl_update.py counts the mask from before the correction's rejection mask "
-                                       "(num_tokens from mini.loss_mask); see the issue 22 report")
 def test_the_token_count_is_the_kept_count_after_a_rejecting_correction():
     mask = torch.ones(2, 2)
     old = torch.full((2, 2), -1.0)
     behaviour = old.clone()
     behaviour[1] = -30.0  # row 1's ratio pi_old / mu is huge: mis_sequence rejects the whole row
-    # kept: row 0's 2 tokens, each l = 1, so the token mean over the kept tokens is 1 (today: 2 / 4)
+    # kept: row 0's 2 tokens, each l = 1, so the token mean over the kept tokens is 1 (counting the rejected row too would give 2 / 4)
     assert _stub_step("mis_sequence", mask, behaviour, old) == pytest.approx(1.0)

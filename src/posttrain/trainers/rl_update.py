@@ -66,10 +66,14 @@ def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
 
 def old_logprobs_mode(cfg: RLConfig) -> str:
     """``trainer.old_logprobs``; auto = "current" when the policy cannot move before the loss
-    (one epoch, one mini-batch: old = current.detach() exactly, no extra pass), else "recompute"."""
+    (one epoch, one mini-batch: old = current.detach() exactly, no extra pass) and no correction
+    needs the old log-probs before the update, else "recompute". A correction's rejection mask
+    must be known before the loss so that the token count normalising it counts only kept tokens
+    (verl computes its rollout corrections from recomputed old log-probs too)."""
     mode = cfg.trainer.old_logprobs
     if mode == "auto":
-        return "current" if cfg.trainer.ppo_epochs == 1 and cfg.trainer.mini_batches == 1 else "recompute"
+        one_pass = cfg.trainer.ppo_epochs == 1 and cfg.trainer.mini_batches == 1
+        return "current" if one_pass and cfg.algorithm.correction.name is None else "recompute"
     return mode
 
 
@@ -90,6 +94,7 @@ class RLUpdate:
         self.kl_ctl = AdaptiveKLController(cfg.algorithm.kl)
         self.entropy_ctl = AdaptiveEntropyController(cfg.algorithm.entropy)
         self.nonfinite_streak = 0
+        self.correction_metrics: dict[str, float] = {}  # this step's, from prepare()
         selector = build_selector(cfg.selection, cfg.rollout.num_completions)
         self.token_selector = selector if selector.selects_tokens else None
 
@@ -108,6 +113,7 @@ class RLUpdate:
         comm0 = self.dp.comm_s
         self.prepare(rollouts, baseline, step)
         metrics = self.update(rollouts, orders, step)
+        metrics.update(self.correction_metrics)
         if "kl/mean" in metrics:
             metrics["kl/coef"] = self.kl_ctl.update(metrics["kl/mean"], len(rollouts))
         if "entropy/learner" in metrics and self.entropy_ctl.value > 0:
@@ -161,6 +167,14 @@ class RLUpdate:
                 rollouts.entropies = dp.gather_rows(rollouts, learner.entropies)
             rollouts.loss_mask = self.token_selector.keep_tokens(rollouts.advantages, rollouts.entropies,
                                                                  rollouts.loss_mask, step)
+        self.correction_metrics = {}
+        if alg.correction.name is not None:
+            # Behaviour and old log-probs are fixed for the step, so the rejection mask is too: apply
+            # it to the whole batch here, and every mini-batch's token count counts only kept tokens.
+            corr = CORRECTIONS.get(alg.correction.name)(
+                CorrectionInput(rollouts.behaviour_logprobs, rollouts.old_logprobs, rollouts.loss_mask), alg.correction)
+            rollouts.loss_mask = rollouts.loss_mask * corr.mask
+            self.correction_metrics = {k if "/" in k else f"correction/{k}": float(v) for k, v in corr.metrics.items()}
 
     # ------------------------------------------------------------------ updates
     def update(self, rollouts: Rollouts, orders: list[torch.Tensor], step: int) -> dict[str, float]:
@@ -238,10 +252,9 @@ class RLUpdate:
         behaviour = micro.behaviour_logprobs.to(logp.device)
         is_weights = None
         if alg.correction.name is not None:
+            # the weights; the rejection mask is already in loss_mask (prepare), with its metrics
             corr = CORRECTIONS.get(alg.correction.name)(CorrectionInput(behaviour, old, mask), alg.correction)
             is_weights, mask = corr.weights, mask * corr.mask
-            for k, v in corr.metrics.items():
-                record(k if "/" in k else f"correction/{k}", float(v))
         out = loss_fn(
             PolicyLossInput(logprobs=logp, old_logprobs=old, advantages=micro.advantages.to(logp.device), mask=mask,
                             is_weights=is_weights, behaviour_logprobs=behaviour,

@@ -226,11 +226,16 @@ class RLConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     selection: SelectionConfig = field(default_factory=SelectionConfig)  # which prompts and rollouts to learn from
+    # multi-turn episodes: {type: tools | guess_the_number | single_turn, ...}; null: one completion per sample
+    environment: Optional[dict] = None
     output_dir: Optional[str] = None  # default: a new folder under runs/
 
     def __post_init__(self) -> None:
         _check(self.algorithm.overlong_buffer <= self.rollout.max_new_tokens, "algorithm.overlong_buffer",
                "must be <= rollout.max_new_tokens")
+        _check(self.environment is None or self.distributed.rollout_workers == 0, "environment",
+               "runs episodes in the trainer's process: set distributed.rollout_workers=0 (Ray workers sample "
+               "single turns only)")
         sel = self.selection
         if sel.name is not None:
             from posttrain.selection import SELECTORS

@@ -30,12 +30,12 @@ def test_guess_the_number_episodes_structure_and_learner_logprobs(tiny):
         L = int(lengths[i])
         # completion_mask: every real token, contiguous; loss only on model tokens
         assert r.completion_mask[i, :L].eq(1).all() and r.completion_mask[i, L:].eq(0).all()
-        assert (r.loss_mask[i] <= r.completion_mask[i]).all() and L <= env.max_tokens
-        env_tok = (r.completion_mask[i] == 1) & (r.loss_mask[i] == 0)
+        assert (r.action_mask[i] <= r.completion_mask[i]).all() and L <= env.max_tokens
+        env_tok = (r.completion_mask[i] == 1) & (r.action_mask[i] == 0)
         assert r.behaviour_logprobs[i][env_tok].eq(0).all() and r.entropies[i][env_tok].eq(0).all()
-        assert (r.behaviour_logprobs[i][r.loss_mask[i] == 1] < 0).all()
+        assert (r.behaviour_logprobs[i][r.action_mask[i] == 1] < 0).all()
         assert 1 <= meta["turns"] <= 3 and meta["stop_reason"] in ("done", "max_tokens")
-        assert meta["model_tokens"] == int(r.loss_mask[i].sum()) <= 5 * meta["turns"]
+        assert meta["model_tokens"] == int(r.action_mask[i].sum()) <= 5 * meta["turns"]
         assert meta["env_tokens"] == int(env_tok.sum()) and len(meta["step_rewards"]) == meta["turns"]
         assert r.rewards[i] == sum(meta["step_rewards"]) and meta["secret"] == int(r.problems[i].answer)
         roles = [m["role"] for m in meta["messages"]]
@@ -49,7 +49,7 @@ def test_guess_the_number_episodes_structure_and_learner_logprobs(tiny):
         lp, _ = completion_logprobs(model, r.prompt_ids, r.prompt_mask, r.completion_ids, r.completion_mask)
     exact = torch.tensor([m["retokenized"] == 0 for m in r.metadata])
     assert any(m["retokenized"] == 0 and m["turns"] > 1 for m in r.metadata)
-    mask = r.loss_mask.bool() & exact[:, None]
+    mask = r.action_mask.bool() & exact[:, None]
     assert torch.allclose(lp[mask], r.behaviour_logprobs[mask], atol=1e-4)
     metrics = episode_metrics(r)
     assert metrics["env/turns_mean"] == sum(m["turns"] for m in r.metadata) / 4
@@ -67,7 +67,8 @@ def test_single_turn_episode_equals_the_engine_batch(tiny):
     for name in ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask", "behaviour_logprobs", "entropies",
                  "group_ids", "truncated", "rewards"):
         assert torch.equal(getattr(r, name), getattr(ref, name)), name
-    assert torch.equal(r.loss_mask, r.completion_mask) and r.texts == ref.texts
+    assert r.action_mask is None or torch.equal(r.action_mask, r.completion_mask)
+    assert r.texts == ref.texts
     assert set(r.reward_components) == set(ref.reward_components)
     assert all(m["turns"] == 1 and m["stop_reason"] == "done" for m in r.metadata)
 

@@ -44,7 +44,7 @@ def split(r, i):
     """(row tokens: prompt + continuation, model-token flags, behaviour log-probs) of row i."""
     prompt = r.prompt_ids[i][r.prompt_mask[i].bool()].tolist()
     real = r.completion_mask[i].bool()
-    return prompt + r.completion_ids[i][real].tolist(), r.loss_mask[i][real].tolist(), r.behaviour_logprobs[i][real]
+    return prompt + r.completion_ids[i][real].tolist(), r.action_mask[i][real].tolist(), r.behaviour_logprobs[i][real]
 
 
 @pytest.mark.parametrize("first_turn_ended", [True, False], ids=["eos", "cut"])
@@ -80,7 +80,7 @@ def test_two_turn_tool_episode_equals_the_template_rendered_at_once(smollm2_toke
     expected_logps = [-0.25 - 0.01 * k for k in range(len(turn1))] + [0.0] * len(env_tokens) + \
         [-0.25 - 0.01 * k for k in range(len(turn2))]
     assert torch.allclose(logps, torch.tensor(expected_logps))
-    assert torch.equal(r.entropies[0] == 0, r.loss_mask[0] == 0)
+    assert torch.equal(r.entropies[0] == 0, r.action_mask[0] == 0)
     assert r.rewards.tolist() == [1.0] and meta["step_rewards"] == [0.0, 1.0]
     assert (meta["turns"], meta["tool_calls"], meta["tool_errors"], meta["stop_reason"]) == (2, 1, 0, "done")
     assert meta["retokenized"] == 0 and meta["env_tokens"] == len(env_tokens)

@@ -26,7 +26,7 @@ Who does what:
   ``reset``'s messages and the completion is the whole continuation: model turn 1, environment
   tokens, model turn 2, ... ``completion_mask`` is 1 on every real token of the continuation
   (model and environment: the learner attends to both and counts positions over both);
-  ``loss_mask`` is 1 on model tokens only, so environment tokens get no loss;
+  ``action_mask`` is 1 on model tokens only, so environment tokens get no loss;
   ``behaviour_logprobs`` (and ``entropies``) hold the sampled log-probs on model tokens and 0 on
   environment tokens.
 * Rewards. The episode's reward (``Rollouts.rewards``) is the sum of its steps' rewards: an

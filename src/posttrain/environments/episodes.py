@@ -20,7 +20,7 @@ the row keeps the sampled tokens, and ``metadata["retokenized"]`` counts the tur
 engine's context differed from the row (the learner's recomputed old log-probs are then the
 exact ones; the behaviour log-probs of the next turn were sampled in a slightly different context).
 
-Masks (the contract's): ``completion_mask`` 1 on every real continuation token, ``loss_mask``
+Masks (the contract's): ``completion_mask`` 1 on every real continuation token, ``action_mask``
 1 on model tokens only, ``behaviour_logprobs``/``entropies`` 0 on environment tokens.
 ``truncated``: the last model turn ended without EOS or stop string, or a cap ended an episode
 the environment had not ended. The messages given to the environment and stored in the
@@ -251,7 +251,7 @@ def _to_rollouts(episodes: list[_Episode], n: int, tok, version: int, entropies:
     prompt_ids = torch.full((N, P), pad, dtype=torch.long)
     prompt_mask = torch.zeros((N, P), dtype=torch.long)
     completion_ids = torch.full((N, T), pad, dtype=torch.long)
-    completion_mask, loss_mask = torch.zeros((N, T)), torch.zeros((N, T))
+    completion_mask, action_mask = torch.zeros((N, T)), torch.zeros((N, T))
     logps, ents = torch.zeros((N, T)), torch.zeros((N, T))
     components: dict[str, torch.Tensor] = {}
     for i, ep in enumerate(episodes):
@@ -259,7 +259,7 @@ def _to_rollouts(episodes: list[_Episode], n: int, tok, version: int, entropies:
         prompt_ids[i, P - p:], prompt_mask[i, P - p:] = torch.tensor(ep.prompt), 1
         if t:
             completion_ids[i, :t], completion_mask[i, :t] = torch.tensor(ep.ids), 1.0
-            loss_mask[i, :t] = torch.tensor(ep.model)
+            action_mask[i, :t] = torch.tensor(ep.model)
             logps[i, :t], ents[i, :t] = torch.tensor(ep.logps), torch.tensor(ep.ents)
         for info in ep.infos:
             for name, value in info.get("components", {}).items():
@@ -277,7 +277,7 @@ def _to_rollouts(episodes: list[_Episode], n: int, tok, version: int, entropies:
         problems=[ep.state.problem for ep in episodes],
         rewards=torch.tensor([sum(ep.rewards) for ep in episodes], dtype=torch.float32),
         reward_components=components,
-        loss_mask=loss_mask,
+        action_mask=action_mask,
         metadata=[_metadata(ep) for ep in episodes],
         policy_version=torch.full((N,), int(version), dtype=torch.long),
     )

@@ -37,6 +37,9 @@ class Rollouts:
     loss_mask: Optional[torch.Tensor] = None  # [N, T] tokens that get a loss (default: completion_mask)
     metadata: list[dict[str, Any]] = field(default_factory=list)  # per-sample extras
     policy_version: Optional[torch.Tensor] = None  # [N] long, the sampler's weights version per sample
+    # [N, T] 1 on tokens the policy sampled, 0 on tokens an environment inserted (tool results,
+    # observations: attended to, never trained on); None: every completion token was sampled
+    action_mask: Optional[torch.Tensor] = None
 
     def __post_init__(self) -> None:
         if not self.metadata:
@@ -44,6 +47,12 @@ class Rollouts:
 
     def __len__(self) -> int:
         return int(self.completion_ids.shape[0])
+
+    @property
+    def policy_mask(self) -> torch.Tensor:
+        """[N, T] the completion tokens the policy produced: what advantages, losses and
+        train-inference metrics are about."""
+        return self.completion_mask if self.action_mask is None else self.completion_mask * self.action_mask
 
     @property
     def completion_lengths(self) -> torch.Tensor:

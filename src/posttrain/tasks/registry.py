@@ -42,6 +42,17 @@ def _multi_digit_arithmetic(params: dict[str, Any]) -> TaskSource:
     return multi_digit_arithmetic(_from_dataclass(MultiDigitArithmeticConfig, params, "multi_digit_arithmetic"))
 
 
+@register_task("guess_the_number")
+def _guess_the_number(params: dict[str, Any]) -> TaskSource:
+    from posttrain.tasks.guess_the_number import GuessTheNumberTask
+
+    allowed = {"low", "high", "max_turns", "train_size", "test_size", "seed"}
+    unknown = sorted(set(params) - allowed)
+    if unknown:
+        raise ValueError(f"task 'guess_the_number' has no option(s) {unknown}; allowed: {sorted(allowed)}")
+    return GuessTheNumberTask(**params)
+
+
 @register_task("countdown")
 def _countdown(params: dict[str, Any]) -> TaskSource:
     from posttrain.tasks.countdown import CountdownConfig, CountdownTask

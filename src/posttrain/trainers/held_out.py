@@ -30,15 +30,21 @@ class EvalResult:
 
 
 def held_out_accuracy(engine, problems: Sequence[Problem], reward, params: SamplingParams, seed: int,
-                      device: torch.device, on_error: str = "zero", chunk: int = 64) -> EvalResult:
+                      device: torch.device, on_error: str = "zero", chunk: int = 64, env=None) -> EvalResult:
     """One sample per problem at ``params``; accuracy = the reward's ``correct`` component (else
     reward > 0). A generator of its own, seeded with ``seed``, so evaluating never shifts the
-    training RNG and every evaluation of a run samples alike."""
+    training RNG and every evaluation of a run samples alike. With ``env`` (an Environment) each
+    problem is one episode, scored by the environment."""
     gen = torch.Generator(device=device).manual_seed(seed)
     correct, rewards, lengths = [], [], []
     for s in range(0, len(problems), chunk):
-        r = engine.generate(problems[s:s + chunk], 1, params, gen)
-        score_rollouts(r, reward, on_error)
+        if env is not None:
+            from posttrain.environments.episodes import run_episodes
+
+            r = run_episodes(engine, env, problems[s:s + chunk], 1, params, gen)
+        else:
+            r = engine.generate(problems[s:s + chunk], 1, params, gen)
+            score_rollouts(r, reward, on_error)
         flags, _ = correct_flags({k: v.tolist() for k, v in r.reward_components.items()}, r.rewards.tolist())
         correct += [float(f) for f in flags]
         rewards += r.rewards.tolist()

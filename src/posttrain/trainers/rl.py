@@ -32,6 +32,8 @@ from typing import Optional
 import torch
 
 from posttrain.config import RLConfig, to_dict
+from posttrain.environments.episodes import episode_metrics, run_episodes
+from posttrain.environments.registry import build_environment
 from posttrain.rewards.errors import score_rollouts
 from posttrain.rollout.batch import Rollouts
 from posttrain.rollout.engine import SamplingParams, resolve_dtype
@@ -120,6 +122,8 @@ class RLTrainer:
             raise
         self.in_flight: deque = deque()  # (problems, handle) submitted ahead, asynchronous training only
         self.selector = build_selector(cfg.selection, cfg.rollout.num_completions)
+        # null: single-turn sampling through engine.generate, exactly as before environments existed
+        self.env = build_environment(cfg.environment, reward) if cfg.environment is not None else None
         self.generator = torch.Generator(device=self.device).manual_seed(tc.seed)
         self.step = 0
         self.sampling = SamplingParams(
@@ -137,13 +141,21 @@ class RLTrainer:
         """Fill rewards and components group by group; returns reward-error records."""
         return score_rollouts(rollouts, reward or self.reward, self.cfg.trainer.on_reward_error)
 
-    def _generate(self, problems: list[Problem]) -> Rollouts:
-        return self.engine.generate(problems, self.cfg.rollout.num_completions, self.sampling, self.generator,
+    def _generate(self, problems: list[Problem], n: Optional[int] = None, sampling=None) -> Rollouts:
+        n, sampling = n or self.cfg.rollout.num_completions, sampling or self.sampling
+        if self.env is not None:  # episodes: the environment steps and scores (environments/)
+            return run_episodes(self.engine, self.env, problems, n, sampling, self.generator)
+        return self.engine.generate(problems, n, sampling, self.generator,
                                     share_prefill=self.cfg.rollout.share_prompt_prefill)
 
     def _scored(self, rollouts: Rollouts) -> list[dict]:
-        """Reward errors of ``rollouts``, scoring them here unless Ray workers already did where they sampled."""
-        return self.score(rollouts) if rollouts.rewards is None else list(self.engine.last_reward_errors)
+        """Reward errors of ``rollouts``, scoring them here unless an environment or Ray workers
+        already did where they sampled."""
+        if rollouts.rewards is None:
+            return self.score(rollouts)
+        if self.env is not None:
+            return [e for m in rollouts.metadata for e in m.get("reward_errors", [])]
+        return list(self.engine.last_reward_errors)
 
     def sample_and_score(self, problems: list[Problem]) -> tuple[Rollouts, list[dict]]:
         """Rollouts of ``problems`` with rewards, and the reward errors."""
@@ -153,7 +165,7 @@ class RLTrainer:
     def _greedy_baseline(self, problems: list[Problem], rollouts: Rollouts) -> torch.Tensor:
         """ReMax: the reward of one greedy completion per prompt, broadcast to its group."""
         greedy = SamplingParams(max_new_tokens=self.sampling.max_new_tokens, top_k=1, stop=self.sampling.stop)
-        base = self.engine.generate(problems, 1, greedy, self.generator)
+        base = self._generate(problems, 1, greedy)
         self._scored(base)
         return base.rewards[rollouts.group_ids]
 
@@ -233,9 +245,12 @@ class RLTrainer:
             "groups/zero_std_frac": float((std == 0).float().mean()),
         }
         if r.entropies is not None:  # the sampler's; the learner's are entropy/learner
-            m["entropy/mean"] = float((r.entropies * r.completion_mask).sum() / r.completion_mask.sum().clamp_min(1))
+            mask = r.policy_mask
+            m["entropy/mean"] = float((r.entropies * mask).sum() / mask.sum().clamp_min(1))
         for name, values in r.reward_components.items():
             m[f"reward_component/{name}"] = float(values.mean())
+        if r.action_mask is not None:  # multi-turn episodes: turns, tool calls, token split
+            m.update(episode_metrics(r))
         return m
 
     # ------------------------------------------------------------------ evaluation
@@ -250,8 +265,9 @@ class RLTrainer:
                                 temperature=self.cfg.trainer.eval_temperature,
                                 top_p=self.cfg.rollout.top_p, top_k=self.cfg.rollout.top_k,
                                 stop=tuple(self.cfg.rollout.stop))
+        env = build_environment(self.cfg.environment, self.eval_reward) if self.env is not None else None
         return held_out_accuracy(self.engine, problems, self.eval_reward, params, self.cfg.trainer.seed + 7919,
-                                 self.device, self.cfg.trainer.on_reward_error, chunk)
+                                 self.device, self.cfg.trainer.on_reward_error, chunk, env)
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:

@@ -36,6 +36,10 @@ def prepare(cfg: RLConfig, output_dir: Optional[str], resume: bool):
         if not task.problems(split):
             raise ValueError(f"task {cfg.task.get('name')!r} has an empty {split} split; check the task options")
     build_reward(cfg.reward)  # validates the spec; rebuilt with the tokenizer later
+    if cfg.environment is not None:
+        from posttrain.environments.registry import build_environment
+
+        build_environment(cfg.environment, None)  # unknown type or option: fails before any model loads
     if cfg.eval_reward is not None:
         build_reward(cfg.eval_reward)
     path = run_path(output_dir or cfg.output_dir, resume)

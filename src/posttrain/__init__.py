@@ -9,3 +9,15 @@ import os as _os
 _os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "128")
 
 __version__ = "0.1.0"
+
+# The Python API (posttrain.api), imported on first use: `import posttrain` (and the CLI) stays
+# free of torch until something needs it.
+_API = {"train", "load_config", "FunctionReward", "DatasetTask"}
+
+
+def __getattr__(name: str):
+    if name in _API:
+        from posttrain import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'posttrain' has no attribute {name!r}")

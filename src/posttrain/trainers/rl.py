@@ -77,7 +77,7 @@ class EpochSampler:
 
 
 class RLTrainer:
-    def __init__(self, cfg: RLConfig, policy, tokenizer, task, reward, run: RunDir, eval_reward=None):
+    def __init__(self, cfg: RLConfig, policy, tokenizer, task, reward, run: RunDir, eval_reward=None, env=None):
         self.cfg = cfg
         self.tokenizer = tokenizer
         self.task = task
@@ -123,7 +123,9 @@ class RLTrainer:
         self.in_flight: deque = deque()  # (problems, handle) submitted ahead, asynchronous training only
         self.selector = build_selector(cfg.selection, cfg.rollout.num_completions)
         # null: single-turn sampling through engine.generate, exactly as before environments existed
-        self.env = build_environment(cfg.environment, reward) if cfg.environment is not None else None
+        self.env = env or (build_environment(cfg.environment, reward) if cfg.environment is not None else None)
+        self.eval_env = env or (build_environment(cfg.environment, self.eval_reward)
+                                if cfg.environment is not None else None)
         self.generator = torch.Generator(device=self.device).manual_seed(tc.seed)
         self.step = 0
         self.sampling = SamplingParams(
@@ -265,9 +267,8 @@ class RLTrainer:
                                 temperature=self.cfg.trainer.eval_temperature,
                                 top_p=self.cfg.rollout.top_p, top_k=self.cfg.rollout.top_k,
                                 stop=tuple(self.cfg.rollout.stop))
-        env = build_environment(self.cfg.environment, self.eval_reward) if self.env is not None else None
         return held_out_accuracy(self.engine, problems, self.eval_reward, params, self.cfg.trainer.seed + 7919,
-                                 self.device, self.cfg.trainer.on_reward_error, chunk, env)
+                                 self.device, self.cfg.trainer.on_reward_error, chunk, self.eval_env)
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:

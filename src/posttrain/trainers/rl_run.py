@@ -23,20 +23,23 @@ from posttrain.trainers.rl import NonFiniteLossError, RLTrainer
 from posttrain.trainers.learner_group import LearnerCrashError
 
 
-def prepare(cfg: RLConfig, output_dir: Optional[str], resume: bool):
-    """Validate cheap things and return (task, reward_builder, run_path)."""
+def prepare(cfg: RLConfig, output_dir: Optional[str], resume: bool, task=None, python_reward: bool = False,
+            python_env: bool = False):
+    """Validate cheap things and return (task, run_path). ``task`` (a TaskSource), a Python reward
+    or environment (posttrain.api) stand in for the config's sections, which are then not built."""
     describe_source(cfg.model.name)
     resolve_device(cfg.trainer.device)
     if cfg.rollout.engine == "vllm":
         from posttrain.rollout.vllm_engine import import_vllm
 
         import_vllm()  # not installed or broken: say how to install it, before anything loads
-    task = build_task(cfg.task)
+    task = task or build_task(cfg.task)
     for split in ("train", "test"):
         if not task.problems(split):
             raise ValueError(f"task {cfg.task.get('name')!r} has an empty {split} split; check the task options")
-    build_reward(cfg.reward)  # validates the spec; rebuilt with the tokenizer later
-    if cfg.environment is not None:
+    if not python_reward:
+        build_reward(cfg.reward)  # validates the spec; rebuilt with the tokenizer later
+    if cfg.environment is not None and not python_env:
         from posttrain.environments.registry import build_environment
 
         build_environment(cfg.environment, None)  # unknown type or option: fails before any model loads
@@ -121,18 +124,25 @@ def _step_info(m: dict) -> str:
 
 
 def train_rl(cfg: RLConfig, output_dir: Optional[str] = None, resume: bool = False,
-             stop_after: Optional[int] = None, quiet: bool = False) -> dict:
+             stop_after: Optional[int] = None, quiet: bool = False, task=None, reward=None, environment=None,
+             python_api: Optional[dict] = None) -> dict:
     """Train per ``cfg``; returns the summary. ``stop_after`` ends this call after that many
-    steps (the run stays resumable), which tests use to simulate an interruption."""
-    task, path = prepare(cfg, output_dir, resume)
+    steps (the run stays resumable), which tests use to simulate an interruption. ``task``,
+    ``reward`` and ``environment`` objects replace the config's sections (posttrain.api.train);
+    ``python_api`` records which, in RUN_DIR/python_api.json."""
+    task, path = prepare(cfg, output_dir, resume, task, reward is not None, environment is not None)
     created = not path.exists()
     try:
         path.mkdir(parents=True, exist_ok=True)
         run = RunDir(path)
+        if python_api is not None:
+            run.write_json("python_api.json", python_api)
         model, tokenizer = load_model_and_tokenizer(cfg.model.name)
-        reward = build_reward(cfg.reward, tokenizer=tokenizer)
+        if reward is not None and getattr(reward, "tokenizer", False) is None:
+            reward.tokenizer = tokenizer  # a Python function gets completion_ids, as under TRL
+        reward = reward or build_reward(cfg.reward, tokenizer=tokenizer)
         eval_reward = build_reward(cfg.eval_reward, tokenizer=tokenizer) if cfg.eval_reward is not None else None
-        trainer = RLTrainer(cfg, model, tokenizer, task, reward, run, eval_reward=eval_reward)
+        trainer = RLTrainer(cfg, model, tokenizer, task, reward, run, eval_reward=eval_reward, env=environment)
     except BaseException:
         if created and path.exists():
             shutil.rmtree(path)  # nothing half-written is left behind

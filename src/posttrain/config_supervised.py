@@ -1,0 +1,112 @@
+"""Configs of ``posttrain sft`` and ``posttrain dpo`` (the RL config and the typed loader that
+reads all of them are in posttrain.config)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+from posttrain.algorithms.preference import PreferenceConfig
+from posttrain.config import ConfigError, ModelConfig, RolloutConfig, TrainerConfig, _check
+
+
+@dataclass
+class SFTDataConfig:
+    """``data:`` of ``posttrain sft``: where the demonstrations come from (trainers/sft_data.py)."""
+
+    path: Optional[str] = None  # JSONL: {"prompt", "completion"} or {"messages"}; null: the task's demonstrations
+    validation_path: Optional[str] = None  # JSONL for the held-out loss; null: the task's test demonstrations
+    completion: Literal["answer", "solution"] = "answer"  # task demonstrations: the answer, or metadata["solution"]
+    batch_size: int = 16  # demonstrations per optimizer step
+    max_length: int = 1024  # prompt + completion tokens; a longer demonstration is an error
+
+    def __post_init__(self) -> None:
+        _check(self.batch_size >= 1, "data.batch_size", "must be >= 1")
+        _check(self.max_length >= 2, "data.max_length", "must be >= 2")
+
+
+@dataclass
+class SFTConfig:
+    """``posttrain sft``: supervised fine-tuning on demonstrations through the same Learner as RL.
+    ``task``/``reward``/``rollout`` serve the held-out task accuracy (sampled as in RL)."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: SFTDataConfig = field(default_factory=SFTDataConfig)
+    task: dict = field(default_factory=lambda: {"name": "arithmetic"})
+    reward: dict = field(default_factory=lambda: {"type": "numeric"})
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    output_dir: Optional[str] = None
+
+
+@dataclass
+class DPODataConfig:
+    """``data:`` of ``posttrain dpo``: preference pairs (trainers/preference_data.py)."""
+
+    path: str = "synthetic:arithmetic"  # JSONL of {prompt, chosen, rejected[, margin]}, or synthetic:arithmetic
+    validation_path: Optional[str] = None  # JSONL of held-out pairs; null: a validation_fraction slice of path
+    validation_fraction: float = 0.1  # held-out share, by a hash of the prompt (a prompt is never on both sides)
+    synthetic_size: int = 512  # synthetic:arithmetic: at most this many pairs (from the task's train split)
+    batch_size: int = 16  # pairs per optimizer step
+    max_length: int = 1024  # prompt + completion tokens; a longer chosen or rejected side is an error
+
+    def __post_init__(self) -> None:
+        from posttrain.trainers.preference_data import SYNTHETIC
+
+        _check(bool(self.path), "data.path", "must name a JSONL preference file or synthetic:arithmetic")
+        _check(not self.path.startswith("synthetic:") or self.path in SYNTHETIC, "data.path",
+               f"synthetic data must be one of {sorted(SYNTHETIC)}")
+        _check(0.0 <= self.validation_fraction < 1.0, "data.validation_fraction", "must be in [0, 1)")
+        _check(self.synthetic_size >= 2, "data.synthetic_size", "must be >= 2")
+        _check(self.batch_size >= 1, "data.batch_size", "must be >= 1")
+        _check(self.max_length >= 2, "data.max_length", "must be >= 2")
+
+
+@dataclass
+class DPOPreferenceConfig(PreferenceConfig):
+    """``preference:`` of ``posttrain dpo``: the loss (algorithms/preference.py PREFERENCE_LOSSES),
+    its parameters (PreferenceConfig's fields), and the reference model."""
+
+    loss: str = "dpo"
+    # Pre-DPO: a guiding reference (a run directory or model directory, e.g. an earlier DPO run)
+    # instead of a frozen copy of the initial policy. null: the initial policy.
+    reference_model: Optional[str] = None
+    use_margins: bool = True  # a pair's 'margin' is the loss's offset m (losses that take one)
+    # Not fields: the losses that read no reference model, and those that take no margins.
+    REFERENCE_FREE_LOSSES = ("simpo", "orpo")
+    NO_MARGIN_LOSSES = ("ipo", "orpo", "lipo")
+
+    def __post_init__(self) -> None:
+        from posttrain.algorithms.preference import PREFERENCE_LOSSES
+
+        try:
+            super().__post_init__()
+        except ValueError as exc:  # PreferenceConfig names its keys algorithm.preference.*
+            raise ConfigError(str(exc).replace("algorithm.preference.", "preference.")) from None
+        _check(self.loss in PREFERENCE_LOSSES, "preference.loss", f"must be one of {PREFERENCE_LOSSES.names()}")
+        _check(self.reference_model is None or self.uses_reference, "preference.reference_model",
+               f"is set, but preference.loss={self.loss}{' with reference_free' * self.reference_free} uses no "
+               "reference model")
+
+    @property
+    def uses_reference(self) -> bool:
+        return self.loss not in self.REFERENCE_FREE_LOSSES and not self.reference_free
+
+    @property
+    def takes_margins(self) -> bool:
+        return self.use_margins and self.loss not in self.NO_MARGIN_LOSSES
+
+
+@dataclass
+class DPOConfig:
+    """``posttrain dpo``: preference optimisation on pairs through the same Learner as RL and SFT.
+    ``task``/``reward``/``rollout`` serve the held-out task accuracy (sampled as in RL)."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DPODataConfig = field(default_factory=DPODataConfig)
+    preference: DPOPreferenceConfig = field(default_factory=DPOPreferenceConfig)
+    task: dict = field(default_factory=lambda: {"name": "arithmetic"})
+    reward: dict = field(default_factory=lambda: {"type": "numeric"})
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    output_dir: Optional[str] = None

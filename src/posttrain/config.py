@@ -108,6 +108,14 @@ class AlgorithmConfig:
                f"must be null or one of {CORRECTIONS.names()}")
         _check(not self.kl.in_reward or self.advantage_estimator in TOKEN_REWARD_ESTIMATORS, "algorithm.kl.in_reward",
                f"needs an estimator that reads per-token rewards: {list(TOKEN_REWARD_ESTIMATORS)}")
+        _check(not self.kl.in_reward or self.kl.coef > 0 or self.kl.target is not None, "algorithm.kl.in_reward",
+               "needs algorithm.kl.coef > 0 or a kl.target: with coefficient 0 the KL reward is 0 and no reference "
+               "model is loaded")
+        # No reward posttrain ships produces per-step (process) rewards yet, and pure's advantage is
+        # built from nothing else: it would fail at step 1.
+        _check(self.advantage_estimator != "pure", "algorithm.advantage_estimator",
+               "pure needs per-step process rewards (a PRM's step scores), which no reward here produces yet; "
+               "choose another estimator")
         _check(self.overlong_buffer >= 0, "algorithm.overlong_buffer", "must be >= 0")
         _check(self.overlong_penalty >= 0, "algorithm.overlong_penalty", "must be >= 0")
 
@@ -117,7 +125,9 @@ class AlgorithmConfig:
 
     @property
     def uses_reference(self) -> bool:
-        return self.kl.coef > 0 or self.kl.target is not None
+        """A frozen reference model is loaded for the KL term, or for ace's confidence shift
+        (log pi - log pi_ref), which needs it whatever the KL coefficient."""
+        return self.kl.coef > 0 or self.kl.target is not None or self.advantage_estimator == "ace"
 
 
 TOKEN_REWARD_ESTIMATORS = ("gae", "reinforce_plus_plus")

@@ -53,7 +53,9 @@ class SFTTrainer:
         self.held_out = list(zip(encode(tokenizer, held_out, cfg.rollout.chat_template, max_length), held_out)) \
             if held_out else []
         self.eval_problems = list(task.problems("test"))[: tc.eval_problems]
-        self.data = EpochSampler(self.train, tc.seed)  # items are (encoded, demonstration) pairs
+        self.max_length = max_length
+        # items are (encoded, demonstration) pairs; expert iteration fills them round by round
+        self.data = EpochSampler(self.train, tc.seed) if self.train else None
         sampler_dtype = resolve_dtype(cfg.rollout.dtype, self.device)
         self.learner = Learner(policy, tc, cfg.model, temperature=1.0, device=self.device, sampler_dtype=sampler_dtype)
         self.engine = build_engine(cfg.rollout, cfg.model, self.learner.model, tokenizer, sampler_dtype, tc.seed)

@@ -37,6 +37,13 @@ def _rl(args) -> int:
     return _train(args, "rl", RLConfig, train_rl, "examples/arithmetic.yaml")
 
 
+def _ei(args) -> int:
+    from posttrain.config import EIConfig
+    from posttrain.trainers.expert_iteration import train_expert_iteration
+
+    return _train(args, "ei", EIConfig, train_expert_iteration, "examples/expert_iteration.yaml")
+
+
 def _sft(args) -> int:
     from posttrain.config import SFTConfig
     from posttrain.trainers.sft import train_sft
@@ -110,7 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     for name, func, help_ in (("rl", _rl, "RL post-training (GRPO family, PPO)"),
                               ("sft", _sft, "supervised fine-tuning on demonstrations (JSONL or a task's answers)"),
                               ("dpo", _dpo, "preference optimisation on chosen/rejected pairs (DPO, IPO, SimPO, "
-                                            "ORPO, ...)")):
+                                            "ORPO, ...)"),
+                              ("ei", _ei, "expert iteration: sample, keep the verified-correct, fine-tune, repeat")):
         cmd = sub.add_parser(name, help=help_)
         cmd.add_argument("config", nargs="?", help="YAML config file")
         cmd.add_argument("overrides", nargs="*", help="dotted overrides, e.g. trainer.lr=1e-5")
@@ -144,7 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
 # Failures of a run that started well (exit 1, one line, no traceback). Named by module so that
 # the CLI never imports torch to check them: an exception of a class whose module was never
 # imported cannot have been raised.
-_RUN_FAILURES = (("posttrain.trainers.rl", "NonFiniteLossError"), ("posttrain.rewards.errors", "RewardError"),
+_RUN_FAILURES = (("posttrain.trainers.rl", "NonFiniteLossError"),
+                 ("posttrain.trainers.expert_iteration", "NothingToImitateError"), ("posttrain.rewards.errors", "RewardError"),
                  ("posttrain.trainers.learner_group", "LearnerCrashError"),
                  ("posttrain.trainers.selected_batch", "SelectionExhaustedError"))
 # An optional extra missing or unusable, or a Ray cluster that cannot hold the run: input errors.

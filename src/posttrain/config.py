@@ -506,6 +506,8 @@ from posttrain.config_supervised import (  # noqa: E402,F401
     DPOConfig,
     DPODataConfig,
     DPOPreferenceConfig,
+    EIConfig,
+    ExpertConfig,
     SFTConfig,
     SFTDataConfig,
 )

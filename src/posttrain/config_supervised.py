@@ -110,3 +110,35 @@ class DPOConfig:
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     output_dir: Optional[str] = None
+
+
+@dataclass
+class ExpertConfig:
+    """``expert:`` of ``posttrain ei`` (trainers/expert_iteration.py). Rounds = trainer.steps / steps_per_round."""
+
+    steps_per_round: int = 5  # SFT steps on each round's kept samples
+    prompts_per_round: int = 32  # train prompts sampled per round (rollout.num_completions each)
+    keep_per_prompt: int = 4  # distinct correct completions kept per prompt at most
+
+    def __post_init__(self) -> None:
+        _check(self.steps_per_round >= 1, "expert.steps_per_round", "must be >= 1")
+        _check(self.prompts_per_round >= 1, "expert.prompts_per_round", "must be >= 1")
+        _check(self.keep_per_prompt >= 1, "expert.keep_per_prompt", "must be >= 1")
+
+
+@dataclass
+class EIConfig:
+    """``posttrain ei``: expert iteration (sample, keep the verified-correct, SFT, repeat)."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    task: dict = field(default_factory=lambda: {"name": "arithmetic"})
+    reward: dict = field(default_factory=lambda: {"type": "numeric"})  # the verifier that filters, and held-out accuracy
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)  # how rounds sample (num_completions, temperature)
+    data: SFTDataConfig = field(default_factory=SFTDataConfig)  # batch_size, max_length of the SFT steps
+    expert: ExpertConfig = field(default_factory=ExpertConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    output_dir: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        _check(self.data.path is None and self.data.validation_path is None, "data.path",
+               "is not used by posttrain ei (its demonstrations are the policy's own verified samples): remove it")

@@ -117,7 +117,8 @@ class SFTTrainer:
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:
-        return {"step": self.step, **self.learner.state_dict(), "sampler_position": self.data.position,
+        return {"step": self.step, **self.learner.state_dict(),
+                "sampler_position": self.data.position if self.data is not None else 0,
                 "torch_rng": torch.random.get_rng_state(), "nonfinite_streak": self.nonfinite_streak,
                 "config": to_dict(self.cfg)}
 
@@ -126,7 +127,8 @@ class SFTTrainer:
         self.learner.load_checkpoint(checkpoint, state)
         self.step = int(state["step"])
         self.engine.load_weights(self.learner.export_weights(), self.step)
-        self.data.position = int(state["sampler_position"])
+        if self.data is not None:
+            self.data.position = int(state["sampler_position"])
         torch.random.set_rng_state(state["torch_rng"])
         self.nonfinite_streak = int(state["nonfinite_streak"])
 

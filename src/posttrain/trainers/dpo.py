@@ -52,7 +52,6 @@ import copy
 import hashlib
 import json
 import math
-import shutil
 import time
 from pathlib import Path
 from typing import Optional
@@ -310,10 +309,10 @@ def train_dpo(cfg: DPOConfig, output_dir: Optional[str] = None, resume: bool = F
     """Preference optimisation per ``cfg``; returns the summary. Data, models' sources, task,
     reward and run directory are checked before any model loads; ``stop_after`` ends this call
     early (resumable), for tests."""
-    from posttrain.models.loading import describe_source, load_model_and_tokenizer
+    from posttrain.models.loading import describe_source
     from posttrain.rewards.registry import build_reward
     from posttrain.tasks.registry import build_task
-    from posttrain.trainers.rl_run import check_resume, run_loop, run_path
+    from posttrain.trainers.rl_run import launch
 
     describe_source(cfg.model.name)
     if cfg.preference.reference_model:
@@ -322,26 +321,14 @@ def train_dpo(cfg: DPOConfig, output_dir: Optional[str] = None, resume: bool = F
     task = build_task(cfg.task)
     pairs = load_pairs(cfg.data, task, cfg.preference)
     build_reward(cfg.reward)
-    path = run_path(output_dir or cfg.output_dir, resume, kind="dpo")
-    if resume:
-        check_resume(path, cfg)
-    created = not path.exists()
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        run = RunDir(path)
-        model, tokenizer = load_model_and_tokenizer(cfg.model.name)
+
+    def build(model, tokenizer, run):
         reference = load_reference(cfg.preference.reference_model, tokenizer) if cfg.preference.reference_model \
             else None
-        trainer = DPOTrainer(cfg, model, tokenizer, task, build_reward(cfg.reward, tokenizer=tokenizer), run, pairs,
-                             reference)
-    except BaseException:
-        if created and path.exists():
-            shutil.rmtree(path)  # nothing half-written is left behind
-        raise
-    try:
-        return run_loop(trainer, cfg, run, path, resume, stop_after, quiet, _step_info, kind="dpo")
-    finally:
-        trainer.close()
+        return DPOTrainer(cfg, model, tokenizer, task, build_reward(cfg.reward, tokenizer=tokenizer), run, pairs,
+                          reference)
+
+    return launch(cfg, output_dir, resume, stop_after, quiet, "dpo", build=build, step_info=_step_info)
 
 
 __all__ = ["DPOTrainer", "PreferenceDataError", "collate_pairs", "encode_pairs", "load_pairs", "pair_logps",

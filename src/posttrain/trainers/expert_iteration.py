@@ -118,33 +118,16 @@ def _step_info(m: dict) -> str:
 def train_expert_iteration(cfg, output_dir: Optional[str] = None, resume: bool = False,
                            stop_after: Optional[int] = None, quiet: bool = False) -> dict:
     """``posttrain ei``: checks as ``posttrain sft`` does, then the shared run loop."""
-    import shutil
-
-    from posttrain.models.loading import describe_source, load_model_and_tokenizer
+    from posttrain.models.loading import describe_source
     from posttrain.rewards.registry import build_reward
-    from posttrain.runs import RunDir
     from posttrain.tasks.registry import build_task
     from posttrain.trainers.learner import resolve_device
-    from posttrain.trainers.rl_run import check_resume, run_loop, run_path
+    from posttrain.trainers.rl_run import launch
 
     describe_source(cfg.model.name)
     resolve_device(cfg.trainer.device)
     task = build_task(cfg.task)
     build_reward(cfg.reward)
-    path = run_path(output_dir or cfg.output_dir, resume, kind="ei")
-    if resume:
-        check_resume(path, cfg)
-    created = not path.exists()
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        run = RunDir(path)
-        model, tokenizer = load_model_and_tokenizer(cfg.model.name)
-        trainer = ExpertIterationTrainer(cfg, model, tokenizer, task, build_reward(cfg.reward, tokenizer=tokenizer), run)
-    except BaseException:
-        if created and path.exists():
-            shutil.rmtree(path)
-        raise
-    try:
-        return run_loop(trainer, cfg, run, path, resume, stop_after, quiet, _step_info, kind="ei")
-    finally:
-        trainer.close()
+    return launch(cfg, output_dir, resume, stop_after, quiet, "ei", step_info=_step_info,
+                  build=lambda model, tokenizer, run: ExpertIterationTrainer(
+                      cfg, model, tokenizer, task, build_reward(cfg.reward, tokenizer=tokenizer), run))

@@ -153,6 +153,30 @@ def train_rl(cfg: RLConfig, output_dir: Optional[str] = None, resume: bool = Fal
         trainer.close()
 
 
+def launch(cfg, output_dir: Optional[str], resume: bool, stop_after: Optional[int], quiet: bool, kind: str,
+           build: Callable, step_info: Callable[[dict], str]) -> dict:
+    """What sft, dpo and ei share after their own cheap checks: the run directory (new, or a run
+    to resume, checked by ``check_resume``), the model, ``build(model, tokenizer, run)`` -> the
+    trainer, then ``run_loop``. A failure before training removes a directory it created."""
+    path = run_path(output_dir or cfg.output_dir, resume, kind)
+    if resume:
+        check_resume(path, cfg)
+    created = not path.exists()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        run = RunDir(path)
+        model, tokenizer = load_model_and_tokenizer(cfg.model.name)
+        trainer = build(model, tokenizer, run)
+    except BaseException:
+        if created and path.exists():
+            shutil.rmtree(path)  # nothing half-written is left behind
+        raise
+    try:
+        return run_loop(trainer, cfg, run, path, resume, stop_after, quiet, step_info, kind)
+    finally:
+        trainer.close()
+
+
 def run_loop(trainer, cfg, run: RunDir, path: Path, resume: bool, stop_after: Optional[int], quiet: bool,
              step_info: Callable[[dict], str], kind: str = "rl") -> dict:
     """The loop every trainer shares: resume, evaluate before, train_step / log / evaluate /

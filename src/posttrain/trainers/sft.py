@@ -16,7 +16,6 @@ starts from it (``model.name: <this run directory>``) report comparable numbers.
 from __future__ import annotations
 
 import math
-import shutil
 import time
 from pathlib import Path
 from typing import Optional
@@ -149,33 +148,19 @@ def train_sft(cfg: SFTConfig, output_dir: Optional[str] = None, resume: bool = F
               stop_after: Optional[int] = None, quiet: bool = False) -> dict:
     """SFT per ``cfg``; returns the summary. Data, task, reward and run directory are checked
     before the model loads; ``stop_after`` ends this call early (resumable), for tests."""
-    from posttrain.models.loading import describe_source, load_model_and_tokenizer
+    from posttrain.models.loading import describe_source
     from posttrain.rewards.registry import build_reward
     from posttrain.tasks.registry import build_task
-    from posttrain.trainers.rl_run import check_resume, run_loop, run_path
+    from posttrain.trainers.rl_run import launch
 
     describe_source(cfg.model.name)
     resolve_device(cfg.trainer.device)
     task = build_task(cfg.task)
     demos = load_demonstrations(cfg.data, task)
     build_reward(cfg.reward)
-    path = run_path(output_dir or cfg.output_dir, resume, kind="sft")
-    if resume:
-        check_resume(path, cfg)
-    created = not path.exists()
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        run = RunDir(path)
-        model, tokenizer = load_model_and_tokenizer(cfg.model.name)
-        trainer = SFTTrainer(cfg, model, tokenizer, task, build_reward(cfg.reward, tokenizer=tokenizer), run, demos)
-    except BaseException:
-        if created and path.exists():
-            shutil.rmtree(path)  # nothing half-written is left behind
-        raise
-    try:
-        return run_loop(trainer, cfg, run, path, resume, stop_after, quiet, _step_info, kind="sft")
-    finally:
-        trainer.close()
+    return launch(cfg, output_dir, resume, stop_after, quiet, "sft", step_info=_step_info,
+                  build=lambda model, tokenizer, run: SFTTrainer(cfg, model, tokenizer, task,
+                                                           build_reward(cfg.reward, tokenizer=tokenizer), run, demos))
 
 
 __all__ = ["DemonstrationError", "SFTTrainer", "completion_nll", "train_sft"]

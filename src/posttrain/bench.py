@@ -43,18 +43,30 @@ def matmul_peak_gflops(dtype: torch.dtype = torch.float32, n: int = 2048, reps: 
 
 
 def model_dims(model) -> tuple[int, int, int]:
-    """(non-embedding parameters, hidden size, vocabulary size)."""
+    """(matmul weights outside the embedding and LM head, hidden size, vocabulary size). Norm
+    scales and biases are left out: they cost no matmul."""
     emb = model.get_input_embeddings().weight
-    total = sum(p.numel() for p in model.parameters())
     head = model.get_output_embeddings().weight
-    tied = head.data_ptr() == emb.data_ptr()
-    nonembed = total - emb.numel() - (0 if tied else head.numel())
+    skip = {emb.data_ptr(), head.data_ptr()}
+    nonembed = sum(p.numel() for p in model.parameters() if p.dim() >= 2 and p.data_ptr() not in skip)
     return nonembed, emb.shape[1], emb.shape[0]
 
 
 def learner_flops(nonembed: int, hidden: int, vocab: int, prompt_tokens: float, completion_tokens: float,
-                  passes: int = 1) -> float:
-    return passes * (6.0 * nonembed * (prompt_tokens + completion_tokens) + 6.0 * hidden * vocab * completion_tokens)
+                  passes: int = 1, rows: int = 0) -> float:
+    """Model FLOPs of the learner's forward + backward (``passes`` times):
+
+        6 * nonembed * (prompt_tokens + completion_tokens - rows) + 6 * hidden * vocab * completion_tokens
+
+    6 = 2 (multiply-add) x 3 (forward, input gradient, weight gradient). The decoder runs on every
+    input position, and a row's last completion token is never an input (pass ``rows`` to count
+    that; 0 keeps the usual 6 N D convention); the LM head runs on completion positions only.
+    Attention's own matmuls (QK^T and AV: 12 L^2 H per layer and row of length L) are excluded,
+    as in the usual MFU accounting. tests/core/test_flops.py checks the matmul part against
+    torch.utils.flop_counter, exactly.
+    """
+    positions = prompt_tokens + completion_tokens - rows
+    return passes * (6.0 * nonembed * positions + 6.0 * hidden * vocab * completion_tokens)
 
 
 def mfu_figures(gflops: list[float], peaks: list[float]) -> dict:
@@ -112,7 +124,9 @@ def bench_config(cfg, steps: int = 5, warmup: int = 1) -> dict:
     nonembed, hidden, vocab = model_dims(model)
     prompt_key = "tokens/prompt_unique" if cfg.trainer.share_prompt_pass else "tokens/prompt"
     passes = cfg.trainer.ppo_epochs
-    flops = [learner_flops(nonembed, hidden, vocab, r[prompt_key], r["tokens/completion"], passes) for r in rows]
+    rows_per_step = cfg.rollout.num_prompts * cfg.rollout.num_completions
+    flops = [learner_flops(nonembed, hidden, vocab, r[prompt_key], r["tokens/completion"], passes, rows_per_step)
+             for r in rows]
     med = statistics.median
     learn_s = med(r["time/learn_s"] for r in rows)
     gen_s = med(r["time/gen_s"] for r in rows)

@@ -43,7 +43,9 @@ class SFTConfig:
 class DPODataConfig:
     """``data:`` of ``posttrain dpo``: preference pairs (trainers/preference_data.py)."""
 
-    path: str = "synthetic:arithmetic"  # JSONL of {prompt, chosen, rejected[, margin]}, or synthetic:arithmetic
+    # JSONL of {prompt, chosen, rejected[, margin]}, synthetic:arithmetic, or online: pairs from the
+    # policy's own samples each step, best vs worst by the reward (trainers/online_dpo.py)
+    path: str = "synthetic:arithmetic"
     validation_path: Optional[str] = None  # JSONL of held-out pairs; null: a validation_fraction slice of path
     validation_fraction: float = 0.1  # held-out share, by a hash of the prompt (a prompt is never on both sides)
     synthetic_size: int = 512  # synthetic:arithmetic: at most this many pairs (from the task's train split)
@@ -53,7 +55,7 @@ class DPODataConfig:
     def __post_init__(self) -> None:
         from posttrain.trainers.preference_data import SYNTHETIC
 
-        _check(bool(self.path), "data.path", "must name a JSONL preference file or synthetic:arithmetic")
+        _check(bool(self.path), "data.path", "must name a JSONL preference file, synthetic:arithmetic or online")
         _check(not self.path.startswith("synthetic:") or self.path in SYNTHETIC, "data.path",
                f"synthetic data must be one of {sorted(SYNTHETIC)}")
         _check(0.0 <= self.validation_fraction < 1.0, "data.validation_fraction", "must be in [0, 1)")
@@ -72,6 +74,9 @@ class DPOPreferenceConfig(PreferenceConfig):
     # instead of a frozen copy of the initial policy. null: the initial policy.
     reference_model: Optional[str] = None
     use_margins: bool = True  # a pair's 'margin' is the loss's offset m (losses that take one)
+    # data.path: online only: every k steps the reference becomes the current policy (DNO-style
+    # iterations); 0: the initial policy throughout
+    reference_update_every: int = 0
     # Not fields: the losses that read no reference model, and those that take no margins.
     REFERENCE_FREE_LOSSES = ("simpo", "orpo")
     NO_MARGIN_LOSSES = ("ipo", "orpo", "lipo")
@@ -84,6 +89,7 @@ class DPOPreferenceConfig(PreferenceConfig):
         except ValueError as exc:  # PreferenceConfig names its keys algorithm.preference.*
             raise ConfigError(str(exc).replace("algorithm.preference.", "preference.")) from None
         _check(self.loss in PREFERENCE_LOSSES, "preference.loss", f"must be one of {PREFERENCE_LOSSES.names()}")
+        _check(self.reference_update_every >= 0, "preference.reference_update_every", "must be >= 0")
         _check(self.reference_model is None or self.uses_reference, "preference.reference_model",
                f"is set, but preference.loss={self.loss}{' with reference_free' * self.reference_free} uses no "
                "reference model")
@@ -110,6 +116,12 @@ class DPOConfig:
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     output_dir: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        k = self.preference.reference_update_every
+        _check(k == 0 or (self.data.path == "online" and self.preference.uses_reference
+                          and self.preference.reference_model is None), "preference.reference_update_every",
+               "needs data.path=online, a loss with a reference model and no preference.reference_model")
 
 
 @dataclass

@@ -314,6 +314,8 @@ def train_dpo(cfg: DPOConfig, output_dir: Optional[str] = None, resume: bool = F
     from posttrain.tasks.registry import build_task
     from posttrain.trainers.rl_run import launch
 
+    if cfg.data.path == "online":  # pairs from the policy's own samples (trainers/online_dpo.py)
+        return _train_online(cfg, output_dir, resume, stop_after, quiet)
     describe_source(cfg.model.name)
     if cfg.preference.reference_model:
         describe_source(cfg.preference.reference_model)
@@ -329,6 +331,24 @@ def train_dpo(cfg: DPOConfig, output_dir: Optional[str] = None, resume: bool = F
                           reference)
 
     return launch(cfg, output_dir, resume, stop_after, quiet, "dpo", build=build, step_info=_step_info)
+
+
+def _train_online(cfg: DPOConfig, output_dir, resume, stop_after, quiet) -> dict:
+    from posttrain.models.loading import describe_source
+    from posttrain.rewards.registry import build_reward
+    from posttrain.tasks.registry import build_task
+    from posttrain.trainers.online_dpo import OnlineDPOTrainer, step_info
+    from posttrain.trainers.rl_run import launch
+
+    describe_source(cfg.model.name)
+    if cfg.preference.reference_model:
+        raise ValueError("preference.reference_model (Pre-DPO) is not supported with data.path=online yet")
+    resolve_device(cfg.trainer.device)
+    task = build_task(cfg.task)
+    build_reward(cfg.reward)
+    return launch(cfg, output_dir, resume, stop_after, quiet, "dpo", step_info=step_info,
+                  build=lambda model, tokenizer, run: OnlineDPOTrainer(
+                      cfg, model, tokenizer, task, build_reward(cfg.reward, tokenizer=tokenizer), run))
 
 
 __all__ = ["DPOTrainer", "PreferenceDataError", "collate_pairs", "encode_pairs", "load_pairs", "pair_logps",

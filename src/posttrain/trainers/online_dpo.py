@@ -1,0 +1,173 @@
+"""Online DPO and DNO-style iterations: preference pairs from the policy's own samples.
+
+    for each step:
+        prompts = the next rollout.num_prompts train problems (seeded shuffled epochs)
+        samples = policy(prompts), rollout.num_completions each, scored by the reward
+        pairs   = per prompt: the highest-reward sample (chosen) vs the lowest (rejected);
+                  prompts whose samples all score alike give no pair
+        loss    = PREFERENCE_LOSSES[preference.loss] on the pairs, exactly as posttrain dpo
+                  (two-pass gradient, trainers/dpo.py), reference log-probs computed fresh
+        every preference.reference_update_every steps (k > 0): reference <- current policy
+
+With k = 0 the reference is the initial policy throughout: online DPO with a verifier as the
+judge (Guo et al., "Direct Language Model Alignment from Online AI Feedback",
+arXiv:2402.04792). With k > 0 each k-step block is one iteration of the batched on-policy loop of
+DNO (Rosset et al., "Direct Nash Optimization", arXiv:2404.03715): sample from the current
+policy, rank, fit a DPO-like contrastive objective against the previous iterate. DNO's oracle
+gives general pairwise preferences; here the configured reward ranks samples (a verifier or a
+reward model), so the preference is the reward's order.
+
+A pair's two rows are the sampled token ids themselves (not a re-tokenisation of the text), so
+the loss sees exactly what the policy produced. The reference weights are checkpointed when
+they are updated, so a resumed run continues the same iteration exactly.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+import torch
+
+from posttrain.config import DPOConfig, to_dict
+from posttrain.rewards.errors import score_rollouts
+from posttrain.rollout.batch import Rollouts
+from posttrain.rollout.engine import SamplingParams, resolve_dtype
+from posttrain.rollout.sampler import build_engine
+from posttrain.runs import RunDir, load_trainer_state
+from posttrain.trainers.dpo import pair_logps, preference_backward
+from posttrain.trainers.held_out import held_out_accuracy
+from posttrain.trainers.learner import Learner, resolve_device
+from posttrain.trainers.rl import EpochSampler
+from posttrain.trainers.rl_update import NonFiniteLossError, lr_factor
+
+
+def best_worst(rewards: torch.Tensor, group_ids: torch.Tensor) -> tuple[list[int], list[int]]:
+    """Row indices (chosen, rejected) per group whose rewards differ: the first highest-reward row
+    and the first lowest-reward row, groups in order of first appearance."""
+    chosen, rejected = [], []
+    for g in dict.fromkeys(group_ids.tolist()):
+        rows = torch.nonzero(group_ids == g).squeeze(-1)
+        r = rewards[rows]
+        if bool((r != r[0]).any()):
+            chosen.append(int(rows[int(torch.argmax(r))]))
+            rejected.append(int(rows[int(torch.argmin(r))]))
+    return chosen, rejected
+
+
+def pair_batch(rollouts: Rollouts, chosen: list[int], rejected: list[int]) -> Rollouts:
+    """The layout of trainers.dpo.collate_pairs (all chosen rows, then all rejected) from sampled rows."""
+    batch = Rollouts.concat([rollouts.select(chosen), rollouts.select(rejected)])
+    batch.group_ids = torch.arange(len(chosen)).repeat(2)
+    return batch
+
+
+class OnlineDPOTrainer:
+    def __init__(self, cfg: DPOConfig, policy, tokenizer, task, reward, run: RunDir):
+        self.cfg, self.tokenizer, self.reward, self.run = cfg, tokenizer, reward, run
+        tc, pc = cfg.trainer, cfg.preference
+        self.device = resolve_device(tc.device)
+        if tc.threads:
+            torch.set_num_threads(tc.threads)
+        torch.manual_seed(tc.seed)
+        self.prompts = EpochSampler(list(task.problems("train")), tc.seed)
+        self.eval_problems = list(task.problems("test"))[: tc.eval_problems]
+        sampler_dtype = resolve_dtype(cfg.rollout.dtype, self.device)
+        self.learner = Learner(policy, tc, cfg.model, temperature=1.0, device=self.device, sampler_dtype=sampler_dtype,
+                               reference=pc.uses_reference)
+        self.engine = build_engine(cfg.rollout, cfg.model, self.learner.model, tokenizer, sampler_dtype, tc.seed)
+        self.generator = torch.Generator(device=self.device).manual_seed(tc.seed)
+        self.sampling = SamplingParams(max_new_tokens=cfg.rollout.max_new_tokens, temperature=cfg.rollout.temperature,
+                                       top_p=cfg.rollout.top_p, top_k=cfg.rollout.top_k, stop=tuple(cfg.rollout.stop))
+        self.step = 0
+        self.nonfinite_streak = 0
+        self.reference_updated = False  # the reference is no longer the initial policy: checkpoint it
+
+    def train_step(self) -> dict[str, float]:
+        cfg, tc, pc, learner = self.cfg, self.cfg.trainer, self.cfg.preference, self.learner
+        t0 = time.perf_counter()
+        problems = self.prompts.next(cfg.rollout.num_prompts)
+        rollouts = self.engine.generate(problems, cfg.rollout.num_completions, self.sampling, self.generator)
+        score_rollouts(rollouts, self.reward, tc.on_reward_error)
+        chosen, rejected = best_worst(rollouts.rewards, rollouts.group_ids)
+        t_gen = time.perf_counter()
+        metrics = {"online/pairs": float(len(chosen)), "reward/mean": float(rollouts.rewards.mean()),
+                   "time/gen_s": t_gen - t0}
+        if chosen:
+            batch = pair_batch(rollouts, chosen, rejected)
+            ref = pair_logps(learner.logprobs(batch, "ref"), batch)[0].double() if learner.ref is not None else None
+            learner.zero_grad()
+            loss, out, logps = preference_backward(learner, batch, pc.loss, pc, ref)
+            grad_norm = learner.clip_grad_norm()
+            metrics.update({"loss/preference": loss, "grad_norm": grad_norm,
+                            **{f"preference/{k}": float(v) for k, v in out.metrics.items()},
+                            "reward/chosen": float(rollouts.rewards[chosen].mean()),
+                            "reward/rejected": float(rollouts.rewards[rejected].mean())})
+            if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+                learner.zero_grad()
+                self.nonfinite_streak += 1
+                if self.nonfinite_streak >= tc.max_nonfinite_steps:
+                    raise NonFiniteLossError(f"{self.nonfinite_streak} consecutive non-finite loss/gradient steps "
+                                             f"at step {self.step + 1}; lower trainer.lr")
+                metrics["nonfinite_skipped"] = 1.0
+            else:
+                self.nonfinite_streak = 0
+                metrics.update(learner.optim_step(lr_factor(self.step, tc.steps, tc.warmup_steps, tc.lr_schedule)))
+        self.step += 1
+        k = pc.reference_update_every
+        if k and learner.ref is not None and self.step % k == 0:  # DNO: the next iteration's reference
+            learner.ref.load_state_dict(learner.model.state_dict())
+            self.reference_updated = True
+            metrics["online/reference_updated"] = 1.0
+        self.engine.load_weights(learner.export_weights(), self.step)
+        metrics["time/step_s"] = time.perf_counter() - t0
+        return metrics
+
+    def evaluate(self):
+        cfg = self.cfg
+        params = SamplingParams(max_new_tokens=cfg.rollout.max_new_tokens, temperature=cfg.trainer.eval_temperature,
+                                top_p=cfg.rollout.top_p, top_k=cfg.rollout.top_k, stop=tuple(cfg.rollout.stop))
+        return held_out_accuracy(self.engine, self.eval_problems, self.reward, params, cfg.trainer.seed + 7919,
+                                 self.device, cfg.trainer.on_reward_error)
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict:
+        return {"step": self.step, **self.learner.state_dict(), "sampler_position": self.prompts.position,
+                "generator": self.generator.get_state(), "torch_rng": torch.random.get_rng_state(),
+                "nonfinite_streak": self.nonfinite_streak, "reference_updated": self.reference_updated,
+                "config": to_dict(self.cfg)}
+
+    def load_state(self, checkpoint: Path) -> None:
+        from safetensors.torch import load_file
+
+        state = load_trainer_state(checkpoint)
+        self.learner.load_checkpoint(checkpoint, state)
+        self.step = int(state["step"])
+        self.prompts.position = int(state["sampler_position"])
+        self.generator.set_state(state["generator"])
+        torch.random.set_rng_state(state["torch_rng"])
+        self.nonfinite_streak = int(state["nonfinite_streak"])
+        self.reference_updated = bool(state["reference_updated"])
+        if self.reference_updated:
+            self.learner.ref.load_state_dict(load_file(str(checkpoint / "reference.safetensors")))
+        self.engine.load_weights(self.learner.export_weights(), self.step)
+
+    def save_checkpoint(self) -> Path:
+        extra = dict(self.learner.extra_weights() or {})
+        if self.reference_updated:
+            # clones: tied embeddings share storage, which safetensors refuses to save
+            extra["reference"] = {k: v.detach().clone() for k, v in self.learner.ref.state_dict().items()}
+        with self.learner.fp32_policy():
+            return self.run.save_checkpoint(self.step, self.learner.policy, self.tokenizer, self.state_dict(),
+                                            keep=self.cfg.trainer.keep_checkpoints, extra_weights=extra or None)
+
+    def close(self) -> None:
+        self.engine.close()
+
+
+def step_info(m: dict) -> str:
+    loss = f"loss {m['loss/preference']:.3f} " if "loss/preference" in m else ""
+    return f"{loss}pairs {m['online/pairs']:.0f} reward {m['reward/mean']:.3f} {m['time/step_s']:.1f}s/step"
+
+
+__all__ = ["OnlineDPOTrainer", "best_worst", "pair_batch", "step_info"]

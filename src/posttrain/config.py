@@ -96,6 +96,9 @@ class AlgorithmConfig:
     overlong_penalty: float = 1.0  # DAPO penalty factor
     mask_truncated: bool = False  # DAPO overlong filtering: truncated samples get no loss
     critic: CriticConfig = field(default_factory=CriticConfig)  # used by advantage_estimator: gae
+    # HPT (trainers/hybrid.py): a prompt whose rollout accuracy is <= this gate learns by SFT on its
+    # answer instead of RL; null: RL everywhere
+    hpt_gate: Optional[float] = None
 
     def __post_init__(self) -> None:
         from posttrain.algorithms import ADVANTAGES, AGGREGATIONS, CORRECTIONS, POLICY_LOSSES
@@ -116,6 +119,7 @@ class AlgorithmConfig:
         _check(self.advantage_estimator != "pure", "algorithm.advantage_estimator",
                "pure needs per-step process rewards (a PRM's step scores), which no reward here produces yet; "
                "choose another estimator")
+        _check(self.hpt_gate is None or 0.0 <= self.hpt_gate < 1.0, "algorithm.hpt_gate", "must be in [0, 1) or null")
         _check(self.overlong_buffer >= 0, "algorithm.overlong_buffer", "must be >= 0")
         _check(self.overlong_penalty >= 0, "algorithm.overlong_penalty", "must be >= 0")
 
@@ -242,6 +246,11 @@ class RLConfig:
     def __post_init__(self) -> None:
         _check(self.algorithm.overlong_buffer <= self.rollout.max_new_tokens, "algorithm.overlong_buffer",
                "must be <= rollout.max_new_tokens")
+        if self.algorithm.hpt_gate is not None:
+            _check(self.trainer.ppo_epochs == 1 and self.trainer.mini_batches == 1 and self.distributed.learners == 1
+                   and self.environment is None, "algorithm.hpt_gate",
+                   "needs trainer.ppo_epochs=1, trainer.mini_batches=1, distributed.learners=1 and no environment "
+                   "(its SFT part joins the single update of one learner)")
         _check(self.environment is None or self.distributed.rollout_workers == 0, "environment",
                "runs episodes in the trainer's process: set distributed.rollout_workers=0 (Ray workers sample "
                "single turns only)")

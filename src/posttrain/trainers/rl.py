@@ -42,6 +42,7 @@ from posttrain.runs import RunDir, load_trainer_state
 from posttrain.selection import build_selector
 from posttrain.tasks.base import Problem
 from posttrain.trainers.held_out import EvalResult, held_out_accuracy
+from posttrain.trainers.hybrid import hpt_split
 from posttrain.trainers.learner import Learner, resolve_device
 from posttrain.trainers.rl_update import NonFiniteLossError, RLUpdate, lr_factor, mini_batch_orders
 from posttrain.trainers.selected_batch import sample_selected
@@ -186,11 +187,17 @@ class RLTrainer:
         for e in errors:
             self.run.append("reward_errors.jsonl", {"step": self.step + 1, **e})
         baseline = self._greedy_baseline(problems, rollouts) if alg.advantage_estimator == "remax" else None
-        orders = mini_batch_orders(cfg, len(rollouts), self.generator)
-        learn = lambda: self.rl_update.learn(rollouts, orders, self.step, baseline)  # noqa: E731
+        sampled, sft, hpt_metrics = rollouts, None, {}
+        if alg.hpt_gate is not None:  # HPT: prompts the policy rarely solves learn by SFT (trainers/hybrid.py)
+            rollouts, sft, hpt_metrics = hpt_split(problems, rollouts, alg.hpt_gate, self.tokenizer,
+                                                   cfg.rollout.chat_template, context_window(self.learner.policy.config))
+        orders = mini_batch_orders(cfg, len(rollouts) if rollouts is not None else 0, self.generator)
+        learn = lambda: self.rl_update.learn(rollouts, orders, self.step, baseline, sft)  # noqa: E731
         # With data-parallel learners, ranks 1..M-1 learn on the same batch alongside this one.
         metrics = self.learner_group.learn(rollouts, orders, self.step, baseline, local=learn) \
             if self.learner_group is not None else learn()
+        metrics.update(hpt_metrics)
+        rollouts = sampled  # metrics describe everything sampled
         mask = rollouts.completion_mask
         t_learn = time.perf_counter()
         self.step += 1

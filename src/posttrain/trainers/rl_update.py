@@ -95,6 +95,7 @@ class RLUpdate:
         self.entropy_ctl = AdaptiveEntropyController(cfg.algorithm.entropy)
         self.nonfinite_streak = 0
         self.correction_metrics: dict[str, float] = {}  # this step's, from prepare()
+        self.sft: Optional[Rollouts] = None  # this step's HPT demonstrations (learn's sft)
         selector = build_selector(cfg.selection, cfg.rollout.num_completions)
         self.token_selector = selector if selector.selects_tokens else None
 
@@ -107,10 +108,15 @@ class RLUpdate:
         self.kl_ctl.value = float(state["kl_coef"])
         self.entropy_ctl.value = float(state["entropy_coef"])
 
-    def learn(self, rollouts: Rollouts, orders: list[torch.Tensor], step: int,
-              baseline: Optional[torch.Tensor] = None) -> dict[str, float]:
-        """Prepare ``rollouts`` (rewards filled) and update on them; ``step`` is 0-based."""
+    def learn(self, rollouts: Optional[Rollouts], orders: list[torch.Tensor], step: int,
+              baseline: Optional[torch.Tensor] = None, sft: Optional[Rollouts] = None) -> dict[str, float]:
+        """Prepare ``rollouts`` (rewards filled) and update on them; ``step`` is 0-based. ``sft``:
+        HPT's demonstrations, whose token-mean NLL joins the (single) update (trainers/hybrid.py);
+        with it, ``rollouts`` may be None (every prompt gated to SFT)."""
         comm0 = self.dp.comm_s
+        self.sft = sft
+        if rollouts is None:
+            return self.update(None, orders, step)
         self.prepare(rollouts, baseline, step)
         metrics = self.update(rollouts, orders, step)
         metrics.update(self.correction_metrics)
@@ -181,7 +187,7 @@ class RLUpdate:
         """PPO epochs x mini-batches of learner updates on one batch; returns mean metrics."""
         tc, alg, learner, dp = self.cfg.trainer, self.cfg.algorithm, self.learner, self.dp
         loss_fn = POLICY_LOSSES.get(alg.policy_loss)
-        n = len(rollouts)
+        n = len(rollouts) if rollouts is not None else 0
         sums: dict[str, float] = {}
         counts: dict[str, int] = {}
 
@@ -190,24 +196,25 @@ class RLUpdate:
             counts[key] = counts.get(key, 0) + 1
 
         # The engine's entropies are missing (vLLM): the learner's stand in, in the same pass.
-        want_entropy = self.entropy_ctl.value > 0 or rollouts.entropies is None
+        want_entropy = n > 0 and (self.entropy_ctl.value > 0 or rollouts.entropies is None)
         value_fn = None
         mini_size = n // tc.mini_batches
         for epoch in range(tc.ppo_epochs):
             order = orders[epoch]
             for m in range(tc.mini_batches):
-                mini = rollouts.select(order[m * mini_size:(m + 1) * mini_size])
+                mini = rollouts.select(order[m * mini_size:(m + 1) * mini_size]) if n else None
                 # The loss is a sum over micro-batches (and ranks) normalised by the whole
                 # mini-batch's counts, so neither split changes the gradient.
                 counts_kw = dict(num_tokens=float(mini.loss_mask.sum()), num_seqs=float(len(mini)),
-                                 norm_length=float(self.cfg.rollout.max_new_tokens))
-                mine = mini.select(torch.tensor(dp.rows(len(mini)))) if dp.world > 1 else mini
+                                 norm_length=float(self.cfg.rollout.max_new_tokens)) if n else {}
+                mine = mini.select(torch.tensor(dp.rows(len(mini)))) if n and dp.world > 1 else mini
                 if learner.critic is not None:
                     value_fn = lambda micro, values, kw=counts_kw: self._value_loss(micro, values, kw, record)  # noqa: E731
                 learner.zero_grad()
                 total_loss = learner.forward_backward(
                     mine, lambda micro, logp, ent, kw=counts_kw: self._micro_loss(micro, logp, ent, loss_fn, kw, record),
-                    with_entropy=want_entropy, value_loss_fn=value_fn)
+                    with_entropy=want_entropy, value_loss_fn=value_fn) if n else 0.0
+                total_loss += self._sft_backward(record)
                 if learner.fsdp is None:  # fsdp2 has reduce-scattered (SUM) them in the backward
                     dp.all_reduce_gradients(learner)
                 total_loss = dp.sum(total_loss)
@@ -229,6 +236,16 @@ class RLUpdate:
         out = dp.mean_metrics(sums, counts)
         out["lr"] = learner.optimizer.param_groups[0]["lr"]
         return out
+
+    def _sft_backward(self, record: Callable) -> float:
+        """HPT's SFT part: - sum(m log p) / #tokens over the demonstrations (0.0 without any)."""
+        if self.sft is None:
+            return 0.0
+        tokens = float(self.sft.completion_mask.sum())
+        loss = self.learner.forward_backward(
+            self.sft, lambda micro, logp, _: -(logp * micro.completion_mask.to(logp.device)).sum() / tokens)
+        record("loss/sft", loss)
+        return loss
 
     def _value_loss(self, micro: Rollouts, values: torch.Tensor, counts_kw: dict, record: Callable) -> torch.Tensor:
         """PPO clipped value loss of the critic on one micro-batch, aggregated like the policy loss."""

@@ -27,6 +27,33 @@ class ConfigError(ValueError):
     """A configuration value is unknown, mistyped or out of range."""
 
 
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@dataclass
+class LoRAConfig:
+    """``model.lora``: train a LoRA adapter (peft) instead of every weight; ``model.lora={}`` on the
+    command line turns it on with these defaults. W x -> W x + (alpha / rank) B A x on each target
+    module; the base stays frozen (models/lora.py)."""
+
+    rank: int = 8  # r: A is [r, in], B is [out, r]
+    alpha: float = 16.0  # the update is scaled by alpha / rank
+    dropout: float = 0.0  # on the adapter's input, training passes only (RL and DPO assume 0: a deterministic forward)
+    # module names (suffixes, as peft matches them): by default every linear projection of a
+    # Llama/Qwen2 layer, attention and MLP (QLoRA, arXiv 2305.14314: all linear layers are needed to
+    # match full fine-tuning); embeddings and the output head stay frozen
+    target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
+
+    def __post_init__(self) -> None:
+        _check(self.rank >= 1, "model.lora.rank", "must be >= 1")
+        _check(self.alpha > 0, "model.lora.alpha", "must be > 0")
+        _check(0 <= self.dropout < 1, "model.lora.dropout", "must be in [0, 1)")
+        _check(len(self.target_modules) >= 1, "model.lora.target_modules", "must name at least one module")
+        _check(all(m.strip() for m in self.target_modules), "model.lora.target_modules", "has an empty name")
+        _check(len(set(self.target_modules)) == len(self.target_modules), "model.lora.target_modules",
+               "names a module twice")
+
+
 @dataclass
 class ModelConfig:
     name: str = "tiny-random"  # directory, .gguf file, run directory, hub id or alias
@@ -35,6 +62,9 @@ class ModelConfig:
     # forward pass: auto = posttrain's lean decoder (models/fast_decoder.py) for Llama/Qwen2
     # architectures, transformers' forward for the rest; hf = always transformers'
     decoder: Literal["auto", "hf"] = "auto"
+    # LoRA adapter training (pip install -e '.[lora]'); null: every weight trains. The learner runs
+    # transformers' forward with the adapter; the sampler (hf or vllm) gets merged weights
+    lora: Optional[LoRAConfig] = None
 
 
 @dataclass
@@ -291,6 +321,13 @@ class RLConfig:
             _check(0 < per_group <= top, "selection.keep_completions",
                    f"must be between 1 and rollout.num_completions{' - 1' * (sel.name == 'pods')} = {top} for "
                    f"{sel.name}")
+        if self.model.lora is not None:
+            _check(self.distributed.strategy != "fsdp2", "model.lora",
+                   "does not work with distributed.strategy=fsdp2 yet; use distributed.strategy=ddp (an adapter is "
+                   "small: every learner holds all of it)")
+            _check(not self.trainer.activation_checkpointing, "model.lora",
+                   "runs the learner on transformers' forward, and trainer.activation_checkpointing needs posttrain's "
+                   "lean decoder; set trainer.activation_checkpointing=false")
         _check(self.distributed.strategy != "fsdp2" or not self.algorithm.uses_critic, "distributed.strategy",
                f"fsdp2 does not shard a critic (algorithm.advantage_estimator={self.algorithm.advantage_estimator} "
                f"trains a value model); use distributed.strategy=ddp with it")

@@ -60,6 +60,12 @@ def unsupported_reason(decoder) -> Optional[str]:
             return "MLP biases"
         if hasattr(attn, "q_norm") or hasattr(attn, "k_norm"):
             return "per-head q/k norms"
+        # peft's LoRA layers (model.lora) wrap the nn.Linear as base_layer: this decoder reads the
+        # projection weights directly, which would skip the adapter (models/lora.py)
+        if any(hasattr(getattr(m, p), "base_layer") for m, names in ((attn, ("q_proj", "k_proj", "v_proj", "o_proj")),
+                                                                     (mlp, ("gate_proj", "up_proj", "down_proj")))
+               for p in names):
+            return "LoRA adapter layers (peft) wrap the projections, and the lean decoder reads their weights directly"
     return None
 
 

@@ -176,7 +176,8 @@ class DPOTrainer:
         if reference is not None:  # Pre-DPO: a guiding reference in the learner's compute dtype
             dtype = next(self.learner.model.parameters()).dtype
             self.learner.ref = reference.to(self.device, dtype).eval().requires_grad_(False)
-        self.engine = build_engine(cfg.rollout, cfg.model, self.learner.model, tokenizer, sampler_dtype, tc.seed)
+        self.engine = build_engine(cfg.rollout, cfg.model, self.learner.sampler_model(), tokenizer, sampler_dtype,
+                                   tc.seed)
         self.step = 0
         self.nonfinite_streak = 0
 
@@ -281,8 +282,8 @@ class DPOTrainer:
 
     def save_checkpoint(self) -> Path:
         with self.learner.fp32_policy():  # checkpoints hold the fp32 masters either way
-            return self.run.save_checkpoint(self.step, self.learner.policy, self.tokenizer, self.state_dict(),
-                                            keep=self.cfg.trainer.keep_checkpoints)
+            return self.run.save_checkpoint(self.step, self.learner.checkpoint_model(), self.tokenizer,
+                                            self.state_dict(), keep=self.cfg.trainer.keep_checkpoints)
 
     def close(self) -> None:
         self.engine.close()

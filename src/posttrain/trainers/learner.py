@@ -19,6 +19,16 @@ copy refreshed after every step. Without bf16: fp32 throughout, ``model is polic
 
 The split stays off on CUDA: its int32 -> int16 wrap-around is checked on CPU kernels only, and
 a GPU has the memory for a plain fp32 master at the model sizes this library targets.
+
+LoRA (``model.lora``, models/lora.py). The base is frozen in the compute dtype (bf16 where the
+device has it: no fp32 master, no optimizer state for it) and the adapter is fp32, its own master,
+stepped by AdamW over the adapter alone; ``policy is model`` is the peft model, and under bf16 its
+passes run in autocast. Its passes use transformers' forward (the lean decoder refuses LoRA layers,
+see fast_decoder.unsupported_reason), so log-probs include the adapter. The reference is the same
+model with the adapter disabled (``ref`` is a ``lora.AdapterReference``); the sampler gets a plain
+model with merged weights (``sampler_model`` / ``export_weights``), merged again after each
+optimizer step when next asked for; a checkpoint holds the adapter alone (``checkpoint_model``).
+fsdp2 and activation checkpointing are refused with it.
 """
 
 from __future__ import annotations
@@ -71,13 +81,24 @@ class Learner:
         policy = policy.to(device)
         use_bf16 = trainer.autocast == "bfloat16" or (trainer.autocast == "auto" and bf16_supported(device))
         self.dtype = torch.bfloat16 if use_bf16 else torch.float32
-        fp32_policy = next(policy.parameters()).dtype == torch.float32
+        self.lora = None  # a models.lora.LoRAPolicy under model.lora
+        if model_cfg.lora is not None:
+            if shard:
+                raise ValueError("model.lora does not work with distributed.strategy=fsdp2 yet; use "
+                                 "distributed.strategy=ddp (an adapter is small: every learner holds all of it)")
+            from posttrain.models.lora import LoRAPolicy
+
+            self.lora = LoRAPolicy(policy, model_cfg.lora, model_cfg.name, dtype=self.dtype,
+                                   sampler_dtype=sampler_dtype)
+            policy = self.lora.model
+        fp32_policy = next(policy.parameters()).dtype == torch.float32 and self.lora is None
         # Under fsdp2 the model stays fp32 (the sharded masters); FSDP's mixed precision computes in bf16.
         self.split_master = (use_bf16 and sampler_dtype == torch.bfloat16 and trainer.split_master_weights
                              and device.type == "cpu" and fp32_policy and not shard)
         if trainer.activation_checkpointing and not uses_fast_decoder(policy.get_decoder(), model_cfg.decoder):
             why = ("model.decoder=hf" if model_cfg.decoder == "hf"
                    else fast_decoder.unsupported_reason(policy.get_decoder()))
+            why += " (model.lora: the adapter runs in transformers' forward)" if self.lora is not None else ""
             raise ValueError(f"trainer.activation_checkpointing needs posttrain's lean decoder (model.decoder=auto and a "
                              f"Llama/Qwen2-architecture model), but here: {why}. Set it to false.")
         self.critic = self.critic_optimizer = None
@@ -90,7 +111,11 @@ class Learner:
         self.policy = self.model = policy
         # autocast only where the compute weights stay fp32 but bf16 is wanted (fp32 sampler).
         self.autocast = nullcontext
-        if self.split_master:
+        if self.lora is not None:
+            # The adapter is fp32 (its own master); the frozen base has no optimizer state.
+            self.optimizer = torch.optim.AdamW(self.lora.trainable(), fused=True, **adam)
+            self.autocast = functools.partial(self.lora.autocast, device.type)
+        elif self.split_master:
             # From here the policy holds bf16 weights; the fp32 masters live in the optimizer.
             self.optimizer = SplitMasterAdamW(policy.parameters(), **adam)
         else:
@@ -106,7 +131,9 @@ class Learner:
             self.optimizer = torch.optim.AdamW(policy.parameters(), fused=True, **adam)
         self.model.eval()
         self.ref = None
-        if reference:  # in the learner's precision, so KL is exactly 0 at the start
+        if reference and self.lora is not None:  # the base: the same model with its adapter disabled
+            self.ref = self.lora.reference()
+        elif reference:  # in the learner's precision, so KL is exactly 0 at the start
             self.ref = copy.deepcopy(self.model).eval().requires_grad_(False)
             if shard:  # a whole local copy in the compute dtype (FSDP's param_dtype)
                 self.ref.to(self.dtype)
@@ -120,7 +147,10 @@ class Learner:
 
     def sampler_model(self):
         """The model an in-process rollout engine samples from: ``self.model`` (shared), or under
-        fsdp2 a whole copy in the sampler's dtype (the sharded model only runs in lockstep)."""
+        fsdp2 a whole copy in the sampler's dtype (the sharded model only runs in lockstep), or
+        under LoRA the plain model with merged weights (models/lora.py)."""
+        if self.lora is not None:
+            return self.lora.sampler_model()
         if not self.will_shard:
             return self.model
         if self.fsdp is not None:
@@ -192,6 +222,9 @@ class Learner:
         model = {"current": self.model, "ref": self.ref}[which]
         if model is None:
             raise ValueError("no reference model: the learner was built with reference=False")
+        if self.lora is not None and model is self.ref and hasattr(model, "disabled"):
+            with model.disabled():  # the base: the policy's own model with the adapter off
+                return self._no_grad_pass(batch, lambda micro: self._logprobs(self.model, micro)[0])
         return self._no_grad_pass(batch, lambda micro: self._logprobs(model, micro)[0], lockstep=model is self.model)
 
     def entropies(self, batch: Rollouts) -> torch.Tensor:
@@ -294,6 +327,8 @@ class Learner:
         if self.fsdp is not None:
             self.fsdp.steps += 1  # the gathered weights are stale
         out = {"lr": self.optimizer.param_groups[0]["lr"]}
+        if self.lora is not None:
+            self.lora.stale = True
         if self.critic is not None:
             out["critic/grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.critic.parameters(),
                                                                            self.cfg.max_grad_norm))
@@ -310,11 +345,16 @@ class Learner:
         after each step (trainers.learner_group), cached until the next optimizer step."""
         if self.fsdp is not None:
             return self.fsdp.full_weights(self.policy, self.sampler_dtype)
+        if self.lora is not None:  # merged (W + alpha/r BA) in the sampler's dtype, by Hugging Face name
+            return self.lora.sampler_weights()
         return {name: p.detach() for name, p in self.model.named_parameters()}
 
     def checkpoint_model(self):
         """What a checkpoint saves with ``save_pretrained``: the policy, or under fsdp2 the
-        policy with its whole fp32 weights (gathered by ``state_dict``'s collective)."""
+        policy with its whole fp32 weights (gathered by ``state_dict``'s collective), or under LoRA
+        the adapter alone (adapter_model.safetensors + adapter_config.json)."""
+        if self.lora is not None:
+            return self.lora.checkpoint()
         if self.fsdp is None:
             return self.policy
         from posttrain.distributed.fsdp import WholeWeights
@@ -332,15 +372,25 @@ class Learner:
                 "critic_optimizer": self.critic_optimizer.state_dict() if self.critic is not None else None}
 
     def extra_weights(self) -> Optional[dict[str, dict[str, torch.Tensor]]]:
-        return {"critic": self.critic.state_dict()} if self.critic is not None else None
+        return {"critic": self._critic_state()} if self.critic is not None else None
+
+    def _critic_state(self) -> dict[str, torch.Tensor]:
+        """The critic's weights; under LoRA its trainable ones (adapter and head: its frozen base is
+        the policy's base, loaded with it)."""
+        if self.lora is None:
+            return self.critic.state_dict()
+        return {n: p.detach() for n, p in self.critic.named_parameters() if p.requires_grad}
 
     def load_checkpoint(self, checkpoint, state: dict) -> None:
         """Weights (exact fp32 masters), optimizer state and critic from a checkpoint directory."""
         from safetensors.torch import load_file, load_model
 
         self._not_sharded("load a checkpoint")
-        with self.fp32_policy():
-            load_model(self.policy, str(checkpoint / "model.safetensors"), strict=False)
+        if self.lora is not None:
+            self.lora.load_adapter(checkpoint)
+        else:
+            with self.fp32_policy():
+                load_model(self.policy, str(checkpoint / "model.safetensors"), strict=False)
         critic = load_file(str(checkpoint / "critic.safetensors")) if self.critic is not None else None
         self._load(state, critic)
 
@@ -349,15 +399,19 @@ class Learner:
         optimizer and critic state (copies; plain tensors, so it pickles through Ray)."""
         self._not_sharded("copy its state to another replica")
         with self.fp32_policy():
-            weights = {k: v.detach().clone() for k, v in self.policy.state_dict().items()}
+            weights = {k: v.detach().clone() for k, v in self.policy.state_dict().items()} if self.lora is None \
+                else {k: v.clone() for k, v in self.lora.adapter_state().items()}  # the base never moves
         return {"weights": weights, **self.state_dict(),
-                "critic": {k: v.clone() for k, v in self.critic.state_dict().items()} if self.critic else None}
+                "critic": {k: v.clone() for k, v in self._critic_state().items()} if self.critic else None}
 
     def load_replica_state(self, payload: dict) -> None:
         """The inverse of ``replica_state``: this learner becomes bit-identical to the sender."""
         self._not_sharded("take a replica's state")
-        with self.fp32_policy():
-            self.policy.load_state_dict(payload["weights"], strict=False)
+        if self.lora is not None:
+            self.lora.load_adapter_state(payload["weights"], "the replica state")
+        else:
+            with self.fp32_policy():
+                self.policy.load_state_dict(payload["weights"], strict=False)
         self._load(payload, payload["critic"])
 
     def _not_sharded(self, what: str) -> None:
@@ -368,7 +422,11 @@ class Learner:
         self._refresh_compute_copy()
         self.optimizer.load_state_dict(state["optimizer"])
         if self.critic is not None:
-            self.critic.load_state_dict(critic)
+            result = self.critic.load_state_dict(critic, strict=self.lora is None)
+            trainable = {n for n, p in self.critic.named_parameters() if p.requires_grad}
+            if set(critic) != trainable and self.lora is not None:
+                raise ValueError(f"the saved critic does not fit this LoRA critic (missing "
+                                 f"{sorted(trainable - set(critic))[:3]}, unexpected {result.unexpected_keys[:3]})")
             self.critic_optimizer.load_state_dict(state["critic_optimizer"])
 
 

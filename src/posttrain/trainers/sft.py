@@ -57,7 +57,8 @@ class SFTTrainer:
         self.data = EpochSampler(self.train, tc.seed) if self.train else None
         sampler_dtype = resolve_dtype(cfg.rollout.dtype, self.device)
         self.learner = Learner(policy, tc, cfg.model, temperature=1.0, device=self.device, sampler_dtype=sampler_dtype)
-        self.engine = build_engine(cfg.rollout, cfg.model, self.learner.model, tokenizer, sampler_dtype, tc.seed)
+        self.engine = build_engine(cfg.rollout, cfg.model, self.learner.sampler_model(), tokenizer, sampler_dtype,
+                                   tc.seed)
         self.step = 0
         self.nonfinite_streak = 0
 
@@ -133,8 +134,8 @@ class SFTTrainer:
 
     def save_checkpoint(self) -> Path:
         with self.learner.fp32_policy():  # checkpoints hold the fp32 masters either way
-            return self.run.save_checkpoint(self.step, self.learner.policy, self.tokenizer, self.state_dict(),
-                                            keep=self.cfg.trainer.keep_checkpoints)
+            return self.run.save_checkpoint(self.step, self.learner.checkpoint_model(), self.tokenizer,
+                                            self.state_dict(), keep=self.cfg.trainer.keep_checkpoints)
 
     def close(self) -> None:
         self.engine.close()

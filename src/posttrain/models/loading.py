@@ -1,5 +1,6 @@
 """Load a causal LM and its tokenizer from a local directory, a GGUF file, an alias, a run
-directory, or a hub id (when the network allows).
+directory, or a hub id (when the network allows). A LoRA run directory (or checkpoint) loads as
+its base with the adapter merged in (models/lora.py).
 
 GGUF files are dequantized by transformers (~25 s for SmolLM2-135M); the result is cached as
 safetensors under ``$POSTTRAIN_CACHE`` (default ``~/.cache/posttrain``) so later loads take
@@ -288,6 +289,9 @@ def describe_source(name: str) -> str:
         if checkpoint is not None:
             check_safetensors_files(checkpoint, _directory_fix(checkpoint))
             return f"run directory {path}"
+        if (path / "adapter_config.json").is_file():  # a LoRA checkpoint: its base + the adapter, merged
+            check_safetensors_files(path, _directory_fix(path))
+            return f"LoRA checkpoint {path}"
         raise ModelLoadError(f"{path} holds neither a Hugging Face model (config.json) nor a run checkpoint")
     if path.exists() or name.startswith((".", "/", "~")) or name.count("/") > 1:
         raise ModelLoadError(f"model path {name!r} does not exist")
@@ -362,8 +366,12 @@ def load_model_and_tokenizer(name: str, *, dtype: torch.dtype = torch.float32):
         path = _gguf_cached(resolve_alias(name))
     elif path.suffix == ".gguf":
         path = _gguf_cached(path)
-    elif path.is_dir() and not (path / "config.json").exists():
+    elif path.is_dir() and not (path / "config.json").exists() and not (path / "adapter_config.json").exists():
         path = latest_checkpoint(path)
+    if path.is_dir() and (path / "adapter_config.json").exists() and not (path / "config.json").exists():
+        from posttrain.models.lora import load_merged  # a LoRA run: the adapter merged into its base
+
+        return load_merged(path, dtype)
     local = path.exists()
     source = str(path) if local else name
     if local and path.is_dir():

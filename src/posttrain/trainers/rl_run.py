@@ -77,7 +77,15 @@ def check_resume(path: Path, cfg, extra_files: tuple[str, ...] = ()) -> None:
     checkpoint = latest_checkpoint(path)
     if checkpoint is None:
         return  # nothing saved yet: the run starts again from step 0
-    missing = [f for f in ("model.safetensors", "trainer_state.pt", *extra_files) if not (checkpoint / f).is_file()]
+    from posttrain.models.lora import checkpoint_weights_file, resume_problem
+
+    saved = yaml.safe_load((path / "config.yaml").read_text()) or {}
+    lora = resume_problem((saved.get("model") or {}).get("lora"), to_dict(cfg.model)["lora"])
+    if lora is not None:  # an adapter checkpoint and a full one do not stand in for each other
+        raise ResumeError(f"cannot resume {path} with {lora}. Drop the override (config.yaml is unchanged) or start a "
+                          f"new run from it with model.name={path}")
+    weights = checkpoint_weights_file(cfg.model.lora)  # adapter_model.safetensors under model.lora
+    missing = [f for f in (weights, "trainer_state.pt", *extra_files) if not (checkpoint / f).is_file()]
     if missing:
         raise ResumeError(f"cannot resume {path}: {checkpoint} lacks {', '.join(missing)}"
                           + (" (a critic is saved only by runs with advantage_estimator: gae; the overrides ask for "
@@ -209,6 +217,9 @@ def run_loop(trainer, cfg, run: RunDir, path: Path, resume: bool, stop_after: Op
     tc = cfg.trainer
     # Results of evaluations logged before a restart (without their "step" key, as if fresh).
     evals = {r["step"]: {k: v for k, v in r.items() if k != "step"} for r in run.read_jsonl("eval.jsonl")}
+    lora = getattr(getattr(trainer, "learner", None), "lora", None)
+    if lora is not None:
+        say(lora.describe())
     if 0 not in evals:
         say(f"run directory: {path}\nevaluating on {len(trainer.eval_problems)} held-out problems before training ...")
         before = trainer.evaluate().as_dict()
@@ -261,6 +272,9 @@ def run_loop(trainer, cfg, run: RunDir, path: Path, resume: bool, stop_after: Op
         "model": cfg.model.name,
         "run_dir": str(path),
     }
+    lora = getattr(getattr(trainer, "learner", None), "lora", None)
+    if lora is not None:  # what trained and what the sampler used (models/lora.py)
+        summary["lora"] = lora.summary()
     run.write_json("summary.json", summary)
     run.close()
     if not quiet:

@@ -52,6 +52,10 @@ class LoRAConfig:
         _check(all(m.strip() for m in self.target_modules), "model.lora.target_modules", "has an empty name")
         _check(len(set(self.target_modules)) == len(self.target_modules), "model.lora.target_modules",
                "names a module twice")
+        import importlib.util
+
+        _check(importlib.util.find_spec("peft") is not None, "model.lora",
+               "needs the peft package: pip install -e '.[lora]' (or pip install peft)")
 
 
 @dataclass

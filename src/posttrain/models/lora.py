@@ -51,11 +51,16 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 
 
+class PeftNotInstalledError(ValueError):
+    """LoRA was asked for without the peft package (an input error: the CLI prints one line)."""
+
+
 def _peft():
     try:
         import peft
     except ImportError as exc:  # pragma: no cover - peft is in the test and lora extras
-        raise ImportError("model.lora needs the peft package: pip install -e '.[lora]' (or pip install peft)") from exc
+        raise PeftNotInstalledError("LoRA needs the peft package: pip install -e '.[lora]' (or pip install peft)") \
+            from exc
     return peft
 
 
@@ -227,7 +232,7 @@ class LoRAPolicy:
                 f"{s['trainable_params']:,} of {s['total_params']:,} parameters train "
                 f"({100 * s['trainable_params'] / s['total_params']:.2f}%), base frozen in {s['base_dtype']}; "
                 f"the sampler uses merged weights (W + alpha/r BA, {s['sampler_dtype']}, refreshed after each "
-                "optimizer step); the reference is the base (adapter disabled)")
+                "optimizer step); a reference model, where the method uses one, is the base (adapter disabled)")
 
 
 # ------------------------------------------------------------------ resume checks

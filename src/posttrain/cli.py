@@ -44,6 +44,13 @@ def _ei(args) -> int:
     return _train(args, "ei", EIConfig, train_expert_iteration, "examples/expert_iteration.yaml")
 
 
+def _merge(args) -> int:
+    from posttrain.models.lora import merge_run
+
+    print(f"merged model written to {merge_run(args.run_dir, args.out_dir)}")
+    return 0
+
+
 def _sft(args) -> int:
     from posttrain.config import SFTConfig
     from posttrain.trainers.sft import train_sft
@@ -125,6 +132,11 @@ def build_parser() -> argparse.ArgumentParser:
         cmd.add_argument("--output-dir", help="run directory (default: a new folder under runs/)")
         cmd.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its latest checkpoint")
         cmd.set_defaults(func=func)
+
+    mg = sub.add_parser("merge", help="a LoRA run's adapter merged into its base: a full Hugging Face model")
+    mg.add_argument("run_dir", help="LoRA run directory (its latest checkpoint) or a checkpoint directory")
+    mg.add_argument("out_dir", help="new or empty directory for the merged model")
+    mg.set_defaults(func=_merge)
 
     ls = sub.add_parser("list", help="list registered algorithms, selectors, tasks or rewards")
     ls.add_argument("what", choices=["algorithms", "selection", "tasks", "rewards"])

@@ -122,6 +122,9 @@ class DPOConfig:
         _check(k == 0 or (self.data.path == "online" and self.preference.uses_reference
                           and self.preference.reference_model is None), "preference.reference_update_every",
                "needs data.path=online, a loss with a reference model and no preference.reference_model")
+        # A LoRA run's reference is its base with the adapter off, which cannot move to the current policy.
+        _check(k == 0 or self.model.lora is None, "preference.reference_update_every",
+               "does not work with model.lora yet (the reference is the adapter-free base); set it to 0")
 
 
 @dataclass

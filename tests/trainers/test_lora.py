@@ -251,3 +251,22 @@ def test_vllm_takes_merged_weights_and_unknown_targets_fail_clearly():
     assert cfg.model.lora.rank == 8 and cfg.model.lora.target_modules == TARGETS
     with pytest.raises(ValueError, match="model.lora.target_modules=.*nope"):
         _learner(LoRAConfig(target_modules=["nope"]))
+
+
+def test_online_dpo_and_the_merge_command_with_lora(tmp_path, capsys):
+    from posttrain.cli import main
+    from posttrain.trainers.dpo import train_dpo
+
+    online = ["model.name=tiny-random", "model.lora={rank: 4}", "data.path=online", "task.max_operand=20",
+              "reward={type: format, pattern: '^[0-9]', match: search}", "rollout.num_prompts=4",
+              "rollout.num_completions=4", "rollout.max_new_tokens=4", "trainer.lr=1e-2", "trainer.eval_problems=4",
+              "trainer.threads=1", "trainer.steps=2"]
+    summary = train_dpo(load_config(None, online, cls=DPOConfig), output_dir=str(tmp_path / "run"), quiet=True)
+    assert summary["steps"] == 2
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["loss/preference"] == pytest.approx(math.log(2), abs=1e-6)  # reference = base = policy at start
+    assert (tmp_path / "run" / "checkpoints" / "step_2" / "adapter_model.safetensors").exists()
+    with pytest.raises(ConfigError, match="reference_update_every does not work with model.lora"):
+        load_config(None, online + ["preference.reference_update_every=1"], cls=DPOConfig)
+    assert main(["merge", str(tmp_path / "run"), str(tmp_path / "merged")]) == 0
+    assert "merged model written to" in capsys.readouterr().out and (tmp_path / "merged" / "config.json").exists()

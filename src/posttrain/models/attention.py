@@ -10,6 +10,8 @@ where the fused kernels win.
 
 from __future__ import annotations
 
+import functools
+import inspect
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -48,3 +50,15 @@ def attention_for(model, mode: str, length: int, role: str) -> Iterator[str]:
         yield chosen
     finally:
         config._attn_implementation = before
+
+
+@functools.lru_cache(maxsize=None)
+def _takes_cache(forward_owner: type) -> bool:
+    return "cache" in inspect.signature(forward_owner.forward).parameters
+
+
+def cache_kwargs(module, cache) -> dict:
+    """The KV cache as the model's forward takes it: ``cache=`` in transformers >= 5.2x, which
+    deprecates ``past_key_values=`` (to be removed in 5.40), else ``past_key_values=`` (the vLLM
+    extra pins transformers < 5.20)."""
+    return {"cache" if _takes_cache(type(module)) else "past_key_values": cache}

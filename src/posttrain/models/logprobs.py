@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from posttrain.models import fast_decoder
-from posttrain.models.attention import attention_for
+from posttrain.models.attention import attention_for, cache_kwargs
 
 DECODER_CHOICES = ("auto", "hf")
 
@@ -214,7 +214,7 @@ class _DecoderPasses:
             for layer, (k, v) in enumerate(prefix or []):
                 cache.update(k, v, layer)
         hidden = self.decoder(input_ids=input_ids, attention_mask=key_mask, position_ids=positions,
-                              past_key_values=cache, use_cache=cache is not None).last_hidden_state
+                              use_cache=cache is not None, **cache_kwargs(self.decoder, cache)).last_hidden_state
         return hidden, [(layer.keys, layer.values) for layer in cache.layers] if record else None
 
     def prompt_pass(self, prompt_ids, prompt_mask):

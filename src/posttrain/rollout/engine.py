@@ -20,7 +20,7 @@ from typing import Mapping, Optional, Sequence
 
 import torch
 
-from posttrain.models.attention import attention_for
+from posttrain.models.attention import attention_for, cache_kwargs
 from posttrain.models.fast_decoder import StaticKV, decoder_forward
 from posttrain.models.logprobs import uses_fast_decoder
 from posttrain.rollout.batch import Rollouts
@@ -245,8 +245,8 @@ class HFRolloutEngine:
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=cache,
             use_cache=True,
+            **cache_kwargs(self.model, cache),
             logits_to_keep=1,
         )
         return out.logits[:, -1, :]

@@ -75,7 +75,8 @@ class OnlineDPOTrainer:
         sampler_dtype = resolve_dtype(cfg.rollout.dtype, self.device)
         self.learner = Learner(policy, tc, cfg.model, temperature=1.0, device=self.device, sampler_dtype=sampler_dtype,
                                reference=pc.uses_reference)
-        self.engine = build_engine(cfg.rollout, cfg.model, self.learner.model, tokenizer, sampler_dtype, tc.seed)
+        self.engine = build_engine(cfg.rollout, cfg.model, self.learner.sampler_model(), tokenizer, sampler_dtype,
+                                   tc.seed)
         self.generator = torch.Generator(device=self.device).manual_seed(tc.seed)
         self.sampling = SamplingParams(max_new_tokens=cfg.rollout.max_new_tokens, temperature=cfg.rollout.temperature,
                                        top_p=cfg.rollout.top_p, top_k=cfg.rollout.top_k, stop=tuple(cfg.rollout.stop))
@@ -158,7 +159,7 @@ class OnlineDPOTrainer:
             # clones: tied embeddings share storage, which safetensors refuses to save
             extra["reference"] = {k: v.detach().clone() for k, v in self.learner.ref.state_dict().items()}
         with self.learner.fp32_policy():
-            return self.run.save_checkpoint(self.step, self.learner.policy, self.tokenizer, self.state_dict(),
+            return self.run.save_checkpoint(self.step, self.learner.checkpoint_model(), self.tokenizer, self.state_dict(),
                                             keep=self.cfg.trainer.keep_checkpoints, extra_weights=extra or None)
 
     def close(self) -> None:

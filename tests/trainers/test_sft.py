@@ -119,3 +119,24 @@ def test_cli_bad_data_is_an_input_error_before_any_work(tmp_path, capsys):
                  "--output-dir", str(out)])
     assert code == 2 and "nope.jsonl does not exist" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_a_non_finite_step_is_skipped_and_too_many_in_a_row_stop_the_run():
+    from posttrain.trainers.rl_update import NonFiniteLossError, step_or_skip
+
+    class Stub:
+        zeroed = stepped = 0
+
+        def zero_grad(self):
+            self.zeroed += 1
+
+        def optim_step(self, lr_scale):
+            self.stepped += 1
+            return {"lr": lr_scale}
+
+    tc, learner = TrainerConfig(max_nonfinite_steps=2, steps=10), Stub()
+    assert step_or_skip(learner, 1.0, 0.5, 1, 0, tc) == ({"lr": 1.0}, 0)  # a finite step resets the streak
+    assert step_or_skip(learner, float("nan"), 0.5, 0, 1, tc) == ({"nonfinite_skipped": 1.0}, 1)
+    assert (learner.zeroed, learner.stepped) == (1, 1)  # the bad gradients were dropped, no step taken
+    with pytest.raises(NonFiniteLossError, match="2 consecutive non-finite"):
+        step_or_skip(learner, 1.0, float("inf"), 1, 2, tc)

@@ -69,7 +69,7 @@ from posttrain.trainers.held_out import held_out_accuracy
 from posttrain.trainers.learner import Learner, resolve_device
 from posttrain.trainers.preference_data import SYNTHETIC, PreferenceDataError, PreferencePair, load_preferences
 from posttrain.trainers.rl import EpochSampler
-from posttrain.trainers.rl_update import NonFiniteLossError, lr_factor
+from posttrain.trainers.rl_update import step_or_skip
 from posttrain.trainers.sft_data import Demonstration, collate, encode
 
 
@@ -214,16 +214,8 @@ class DPOTrainer:
                    "logps/chosen": float(logps[:, 0].mean()), "logps/rejected": float(logps[:, 1].mean()),
                    "tokens/completion": float(batch.completion_mask.sum()),
                    "tokens/prompt": float(batch.prompt_mask.sum()), "data/position": float(self.data.position)}
-        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-            learner.zero_grad()
-            self.nonfinite_streak += 1
-            if self.nonfinite_streak >= tc.max_nonfinite_steps:
-                raise NonFiniteLossError(f"{self.nonfinite_streak} consecutive non-finite loss/gradient steps at step "
-                                         f"{self.step + 1}; lower trainer.lr or check the data")
-            metrics["nonfinite_skipped"] = 1.0
-        else:
-            self.nonfinite_streak = 0
-            metrics.update(learner.optim_step(lr_factor(self.step, tc.steps, tc.warmup_steps, tc.lr_schedule)))
+        update, self.nonfinite_streak = step_or_skip(learner, loss, grad_norm, self.nonfinite_streak, self.step, tc)
+        metrics.update(update)
         self.step += 1
         self.engine.load_weights(learner.export_weights(), self.step)
         metrics["time/step_s"] = time.perf_counter() - t0

@@ -24,7 +24,6 @@ they are updated, so a resumed run continues the same iteration exactly.
 
 from __future__ import annotations
 
-import math
 import time
 from pathlib import Path
 import torch
@@ -39,7 +38,7 @@ from posttrain.trainers.dpo import pair_logps, preference_backward
 from posttrain.trainers.held_out import held_out_accuracy
 from posttrain.trainers.learner import Learner, resolve_device
 from posttrain.trainers.rl import EpochSampler
-from posttrain.trainers.rl_update import NonFiniteLossError, lr_factor
+from posttrain.trainers.rl_update import step_or_skip
 
 
 def best_worst(rewards: torch.Tensor, group_ids: torch.Tensor) -> tuple[list[int], list[int]]:
@@ -104,16 +103,9 @@ class OnlineDPOTrainer:
                             **{f"preference/{k}": float(v) for k, v in out.metrics.items()},
                             "reward/chosen": float(rollouts.rewards[chosen].mean()),
                             "reward/rejected": float(rollouts.rewards[rejected].mean())})
-            if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-                learner.zero_grad()
-                self.nonfinite_streak += 1
-                if self.nonfinite_streak >= tc.max_nonfinite_steps:
-                    raise NonFiniteLossError(f"{self.nonfinite_streak} consecutive non-finite loss/gradient steps "
-                                             f"at step {self.step + 1}; lower trainer.lr")
-                metrics["nonfinite_skipped"] = 1.0
-            else:
-                self.nonfinite_streak = 0
-                metrics.update(learner.optim_step(lr_factor(self.step, tc.steps, tc.warmup_steps, tc.lr_schedule)))
+            update, self.nonfinite_streak = step_or_skip(learner, loss, grad_norm, self.nonfinite_streak, self.step,
+                                                         tc)
+            metrics.update(update)
         self.step += 1
         k = pc.reference_update_every
         if k and learner.ref is not None and self.step % k == 0:  # DNO: the next iteration's reference

@@ -64,6 +64,20 @@ def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
     return 1.0
 
 
+def step_or_skip(learner: Learner, loss: float, grad_norm: float, streak: int, step: int, tc) -> tuple[dict, int]:
+    """The optimizer step of the supervised and preference trainers (sft, dpo, ei, online dpo):
+    a non-finite loss or gradient skips the step (gradients dropped); ``tc.max_nonfinite_steps``
+    of them in a row raise. Returns (metrics, the new streak)."""
+    if math.isfinite(loss) and math.isfinite(grad_norm):
+        return learner.optim_step(lr_factor(step, tc.steps, tc.warmup_steps, tc.lr_schedule)), 0
+    learner.zero_grad()
+    streak += 1
+    if streak >= tc.max_nonfinite_steps:
+        raise NonFiniteLossError(f"{streak} consecutive non-finite loss/gradient steps at step {step + 1}; lower "
+                                 "trainer.lr or check the data")
+    return {"nonfinite_skipped": 1.0}, streak
+
+
 def old_logprobs_mode(cfg: RLConfig) -> str:
     """``trainer.old_logprobs``; auto = "current" when the policy cannot move before the loss
     (one epoch, one mini-batch: old = current.detach() exactly, no extra pass) and no correction

@@ -15,7 +15,6 @@ starts from it (``model.name: <this run directory>``) report comparable numbers.
 
 from __future__ import annotations
 
-import math
 import time
 from pathlib import Path
 from typing import Optional
@@ -29,7 +28,7 @@ from posttrain.runs import RunDir, load_trainer_state
 from posttrain.trainers.held_out import held_out_accuracy
 from posttrain.trainers.learner import Learner, resolve_device
 from posttrain.trainers.rl import EpochSampler
-from posttrain.trainers.rl_update import NonFiniteLossError, lr_factor
+from posttrain.trainers.rl_update import step_or_skip
 from posttrain.trainers.sft_data import DemonstrationError, collate, encode, load_demonstrations
 
 
@@ -76,16 +75,8 @@ class SFTTrainer:
         grad_norm = learner.clip_grad_norm()
         metrics = {"loss/nll": loss, "grad_norm": grad_norm, "tokens/completion": num_tokens,
                    "tokens/prompt": float(batch.prompt_mask.sum()), "data/position": float(self.data.position)}
-        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-            learner.zero_grad()
-            self.nonfinite_streak += 1
-            if self.nonfinite_streak >= tc.max_nonfinite_steps:
-                raise NonFiniteLossError(f"{self.nonfinite_streak} consecutive non-finite loss/gradient steps at step "
-                                         f"{self.step + 1}; lower trainer.lr or check the data")
-            metrics["nonfinite_skipped"] = 1.0
-        else:
-            self.nonfinite_streak = 0
-            metrics.update(learner.optim_step(lr_factor(self.step, tc.steps, tc.warmup_steps, tc.lr_schedule)))
+        update, self.nonfinite_streak = step_or_skip(learner, loss, grad_norm, self.nonfinite_streak, self.step, tc)
+        metrics.update(update)
         self.step += 1
         self.engine.load_weights(learner.export_weights(), self.step)
         metrics["time/step_s"] = time.perf_counter() - t0

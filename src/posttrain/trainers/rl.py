@@ -44,6 +44,7 @@ from posttrain.tasks.base import Problem
 from posttrain.trainers.held_out import EvalResult, held_out_accuracy
 from posttrain.trainers.hybrid import hpt_split
 from posttrain.trainers.learner import Learner, resolve_device
+from posttrain.trainers.resources import check_memory
 from posttrain.trainers.rl_update import NonFiniteLossError, RLUpdate, lr_factor, mini_batch_orders
 from posttrain.trainers.selected_batch import sample_selected
 
@@ -95,8 +96,10 @@ class RLTrainer:
         if not self.eval_problems:
             raise ValueError("the task's test split is empty: nothing to evaluate on")
         # Every prompt must fit the context, checked before any engine starts (vLLM's takes ~20 s).
-        encode_prompts(tokenizer, self.data.problems + self.eval_problems, cfg.rollout.max_new_tokens,
-                       cfg.rollout.chat_template, context_window(policy.config))
+        encoded = encode_prompts(tokenizer, self.data.problems + self.eval_problems, cfg.rollout.max_new_tokens,
+                                 cfg.rollout.chat_template, context_window(policy.config))
+        # ... and the run must fit in memory, checked before the engine allocates its KV cache.
+        check_memory(cfg, policy, max(map(len, encoded)))
         sampler_dtype = resolve_dtype(cfg.rollout.dtype, self.device)
         self.learner = Learner(policy, tc, cfg.model, temperature=cfg.rollout.temperature, device=self.device,
                                sampler_dtype=sampler_dtype, reference=alg.uses_reference,

@@ -1,0 +1,84 @@
+"""An estimate of a run's peak memory, checked against what the machine has before anything is
+sampled, so an impossible configuration fails in seconds with the knob to turn, not minutes later
+with an allocator traceback.
+
+    weights   = params x (4 B fp32 master + 2 B bf16 compute copy)      (the learner's)
+    optimizer = trainable params x (8 B AdamW moments + 4 B fp32 gradient)
+    kv_cache  = rows x (prompt + max_new_tokens) x layers x 2 (K, V) x kv_heads x head_dim x 2 B
+                rows = rollout.num_prompts x rollout.num_completions (the engine's static cache)
+    logits    = rows x vocab x 4 B per decoding step, and micro_batch_size x logprob_chunk_tokens
+                x vocab x 4 B in the learner's fused log-prob pass (its chunk bound)
+    learner   = micro_batch_size x (prompt + max_new_tokens) x hidden x layers x 34 B
+                (saved activations of one micro-batch, bf16, the lean decoder's ~17 tensors per layer)
+
+It is an estimate meant to catch order-of-magnitude mistakes (a typo'd num_completions), not to
+budget memory to the byte: the check refuses only when the estimate exceeds the available memory.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+class ResourceError(ValueError):
+    """The configured run cannot fit this machine's memory (the message names the knob)."""
+
+
+@dataclass
+class MemoryEstimate:
+    weights: float
+    optimizer: float
+    kv_cache: float
+    logits: float
+    learner: float
+
+    @property
+    def total(self) -> float:
+        return self.weights + self.optimizer + self.kv_cache + self.logits + self.learner
+
+
+def estimate(model_config, params: int, trainable: int, rows: int, prompt_tokens: int, max_new_tokens: int,
+             micro_batch_size: int, logprob_chunk_tokens: int) -> MemoryEstimate:
+    c = model_config
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    kv_heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
+    length = prompt_tokens + max_new_tokens
+    return MemoryEstimate(
+        weights=params * 6.0,
+        optimizer=trainable * 12.0,
+        kv_cache=rows * length * c.num_hidden_layers * 2 * kv_heads * head_dim * 2.0,
+        logits=rows * c.vocab_size * 4.0 + min(micro_batch_size * length, logprob_chunk_tokens) * c.vocab_size * 4.0,
+        learner=micro_batch_size * length * c.hidden_size * c.num_hidden_layers * 34.0,
+    )
+
+
+def _size(n: float) -> str:
+    return f"{n / 2**30:.1f} GB" if n >= 2**30 else f"{n / 2**20:.0f} MB"
+
+
+def check_memory(cfg, model, prompt_tokens: int, available: float | None = None) -> MemoryEstimate:
+    """Raise ``ResourceError`` when the RL run of ``cfg`` on ``model`` (longest prompt
+    ``prompt_tokens``) would need more than ``available`` bytes (default: what the OS reports)."""
+    import psutil
+
+    params = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    ro, tc = cfg.rollout, cfg.trainer
+    rows = ro.num_prompts * ro.num_completions
+    est = estimate(model.config, params, trainable, rows, prompt_tokens, ro.max_new_tokens, tc.micro_batch_size,
+                   tc.logprob_chunk_tokens)
+    available = psutil.virtual_memory().available if available is None else available
+    if est.total > available:
+        biggest = max(("weights", est.weights), ("optimizer", est.optimizer), ("kv_cache", est.kv_cache),
+                      ("logits", est.logits), ("learner", est.learner), key=lambda kv: kv[1])[0]
+        knob = {"kv_cache": "rollout.num_prompts x rollout.num_completions (now "
+                            f"{ro.num_prompts} x {ro.num_completions}) or rollout.max_new_tokens",
+                "logits": "rollout.num_prompts x rollout.num_completions or trainer.logprob_chunk_tokens",
+                "learner": "trainer.micro_batch_size (or trainer.micro_batch_tokens)",
+                "weights": "the model (a smaller one) or model.lora", "optimizer": "model.lora"}[biggest]
+        raise ResourceError(
+            f"this run needs an estimated {_size(est.total)} of memory (weights {_size(est.weights)}, optimizer "
+            f"{_size(est.optimizer)}, KV cache {_size(est.kv_cache)} for {rows} sequences of "
+            f"{prompt_tokens + ro.max_new_tokens} tokens, logits {_size(est.logits)}, learner activations "
+            f"{_size(est.learner)}) and {_size(available)} is available; the largest part is {biggest}: lower {knob}")
+    return est

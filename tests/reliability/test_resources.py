@@ -1,0 +1,41 @@
+"""Memory is checked up front: an absurd size fails in seconds naming the knob, leaving nothing."""
+
+import time
+from types import SimpleNamespace
+
+import pytest
+
+from posttrain.cli import main
+from posttrain.models.loading import load_model_and_tokenizer
+from posttrain.trainers.resources import ResourceError, check_memory, estimate
+
+
+def test_the_estimate_by_hand():
+    config = SimpleNamespace(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2,
+                             vocab_size=100)
+    est = estimate(config, params=1000, trainable=500, rows=8, prompt_tokens=10, max_new_tokens=6,
+                   micro_batch_size=4, logprob_chunk_tokens=256)
+    assert est.weights == 6000 and est.optimizer == 6000
+    assert est.kv_cache == 8 * 16 * 2 * 2 * 2 * 16 * 2  # rows x length x layers x (K, V) x kv heads x head dim x 2 B
+    assert est.logits == 8 * 100 * 4 + min(4 * 16, 256) * 100 * 4
+    assert est.learner == 4 * 16 * 64 * 2 * 34
+
+
+def test_a_run_that_cannot_fit_is_refused_naming_the_knob():
+    model, _ = load_model_and_tokenizer("tiny-random")
+    cfg = SimpleNamespace(rollout=SimpleNamespace(num_prompts=8, num_completions=1000, max_new_tokens=32),
+                          trainer=SimpleNamespace(micro_batch_size=16, logprob_chunk_tokens=256))
+    assert check_memory(cfg, model, 20, available=1e10).total < 1e10
+    with pytest.raises(ResourceError, match="largest part is kv_cache: lower rollout.num_prompts x "
+                                            "rollout.num_completions \\(now 8 x 1000\\)"):
+        check_memory(cfg, model, 20, available=1e8)
+
+
+def test_an_absurd_num_completions_fails_fast_and_leaves_no_run_directory(tmp_path, capsys):
+    t0 = time.perf_counter()
+    code = main(["rl", "examples/arithmetic.yaml", "model.name=tiny-random", "rollout.num_completions=100000000",
+                 "--output-dir", str(tmp_path / "run")])
+    assert code == 2 and time.perf_counter() - t0 < 30
+    err = capsys.readouterr().err
+    assert "largest part is kv_cache" in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists()

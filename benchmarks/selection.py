@@ -105,9 +105,12 @@ def plot(runs: dict[str, list[dict]], path: Path) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
     for method, rs in runs.items():
-        acc = np.array([r["accuracy"] for r in rs])
+        # the evaluation steps every seed has (runs may differ in eval_every)
+        steps = sorted(set.intersection(*(set(r["steps"]) for r in rs)))
+        pick = [[r["steps"].index(s) for s in steps] for r in rs]
+        acc = np.array([[r["accuracy"][i] for i in idx] for r, idx in zip(rs, pick)])
         for ax, key, label in ((axes[0], "samples", "rollouts generated"), (axes[1], "train_s", "training seconds")):
-            x = np.array([r[key] for r in rs]).mean(0)
+            x = np.array([[r[key][i] for i in idx] for r, idx in zip(rs, pick)]).mean(0)
             line, = ax.plot(x, acc.mean(0), marker="o", ms=3, label=method)
             ax.fill_between(x, acc.min(0), acc.max(0), color=line.get_color(), alpha=0.12)
             ax.set_xlabel(label)

@@ -135,6 +135,9 @@ class PolicyLossInput:
     is_weights: Optional[torch.Tensor] = None  # [N, T] mismatch-correction weights (no grad)
     behaviour_logprobs: Optional[torch.Tensor] = None  # [N, T] rollout engine's log-probs
     entropy: Optional[torch.Tensor] = None  # [N, T] current policy entropy
+    # [N, T] bool: tokens picked by a selection made over the whole mini-batch and every rank
+    # (kl_cov / clip_cov, see losses.select_cov_tokens); None: the loss selects among its own rows
+    token_selection: Optional[torch.Tensor] = None
 
 
 @dataclass

@@ -123,7 +123,8 @@ def test_gdpo_by_hand():
     # z_a = +-0.5 / 0.707107 = +-0.707107 in group 0, 0 in group 1; z_b = 0 in group 0, +-0.707107 in group 1
     # sum = .707107, -.707107, .707107, -.707107; batch z-score: mean 0, unbiased std
     # sqrt(4 * 0.5 / 3) = 0.816497 -> +-0.866025
-    comps = {"a": torch.tensor([1.0, 0, 0, 0]), "b": torch.tensor([1.0, 1, 1, 0])}
+    # a composite reward's components: the default takes its parts a, b (not total)
+    comps = {"a": torch.tensor([1.0, 0, 0, 0]), "b": torch.tensor([1.0, 1, 1, 0]), "total": torch.tensor([2.0, 1, 1, 0])}
     x = inp([2, 1, 1, 0], [0, 0, 1, 1], reward_components=comps)
     approx(per_sample(run("gdpo", x, eps=0.0)), [0.866025, -0.866025, 0.866025, -0.866025])
     # without batch normalisation, with weights (a: 2, b: 1): 1.414214, -1.414214, .707107, -.707107
@@ -261,6 +262,7 @@ def _rich_input(n_groups=3, g=4, t=5, seed=0) -> AdvantageInput:
         reward_components={
             "acc": torch.randint(0, 2, (n,), generator=gen).float(),
             "fmt": torch.rand(n, generator=gen),
+            "total": torch.rand(n, generator=gen),  # a composite's: gdpo's default takes acc, fmt
         },
         token_rewards=tr,
         values=torch.randn(n, t, generator=gen),

@@ -265,6 +265,35 @@ def reinforce_plus_plus_baseline(inp: AdvantageInput, cfg: AdvantageConfig) -> t
     return masked_whiten(centred, inp.mask, cfg.eps)
 
 
+GDPO_NOT_PARTS = ("total", "reward_error")  # a composite's weighted sum; the scoring-failure flag
+
+
+def gdpo_default_components(components: dict[str, torch.Tensor]) -> list[str]:
+    """The reward parts GDPO normalises when ``gdpo_components`` is empty, sorted.
+
+    Rule: only a composite reward (the one reward that writes ``total``) has separate weighted
+    parts, and it writes each part's unweighted reward under the part's name, without a ``/``.
+    So the parts are the names without ``/`` other than ``total`` and ``reward_error`` (set by
+    the scorer when a reward raised); the trainer's DAPO ``overlong_penalty``, added to the
+    reward, is such a part too. Excluded: ``total`` (the parts' sum again) and every
+    ``part/component`` (a part's own diagnostics: ``math/correct`` repeats ``math``,
+    ``overlong/length`` is the raw length, whose normalisation would reward length itself).
+    Without ``total`` the components are one reward's diagnostics (``correct``, a majority
+    vote's ``gt_reward``, ...), not parts: a ``ValueError`` lists them so that
+    ``gdpo_components`` can name the ones meant.
+    """
+    have = sorted(components)
+    if "total" not in components:
+        raise ValueError(f"gdpo: algorithm.advantage.gdpo_components is empty and the reward is not a composite "
+                         f"(no 'total' component), so which components are reward parts is unknown; set "
+                         f"gdpo_components to the ones to normalise, from {have}, or use a composite reward")
+    parts = [n for n in have if "/" not in n and n not in GDPO_NOT_PARTS]
+    if not parts:
+        raise ValueError(f"gdpo: the composite reward has no part components among {have}; set "
+                         "algorithm.advantage.gdpo_components")
+    return parts
+
+
 @ADVANTAGES.register(
     "gdpo",
     paper="GDPO: Group reward-Decoupled Normalization Policy Optimization for Multi-reward RL Optimization "
@@ -273,15 +302,21 @@ def reinforce_plus_plus_baseline(inp: AdvantageInput, cfg: AdvantageConfig) -> t
 def gdpo(inp: AdvantageInput, cfg: AdvantageConfig) -> torch.Tensor:
     """GDPO: normalise each reward component within its group, sum, then normalise over the batch.
 
-    Paper: arXiv:2601.05242. For each component k (``cfg.gdpo_components``; default: every key
-    of ``reward_components``, sorted) z_k = (r_k - mean_g(r_k)) / (std_g(r_k) + eps);
-    A = sum_k w_k z_k (``cfg.gdpo_weights``, default 1); then, if ``gdpo_batch_normalize``,
+    Paper: arXiv:2601.05242. For each component k of ``cfg.gdpo_components``
+    z_k = (r_k - mean_g(r_k)) / (std_g(r_k) + eps); A = sum_k w_k z_k (``cfg.gdpo_weights``,
+    default 1 each: a composite's own part weights are not applied again); then, if ``gdpo_batch_normalize``,
     A = (A - mean_batch(A)) / (std_batch(A) + eps) over samples. Summing *after* the per-component
     normalisation keeps distinct reward combinations from collapsing to the same advantage.
+
+    Default components (``gdpo_components: []``): the weighted parts of a composite reward, i.e.
+    the component names without ``/`` other than ``total`` and ``reward_error`` (details in
+    ``gdpo_default_components``); never the aggregate ``total`` or a part's diagnostics such as
+    ``overlong/length``. With a non-composite reward the empty default is an error naming the
+    available components.
     """
-    names = list(cfg.gdpo_components) or sorted(inp.reward_components)
-    if not names:
+    if not inp.reward_components:
         raise ValueError("gdpo needs AdvantageInput.reward_components (one [N] tensor per reward)")
+    names = list(cfg.gdpo_components) or gdpo_default_components(inp.reward_components)
     missing = [n for n in names if n not in inp.reward_components]
     if missing:
         raise ValueError(f"gdpo: reward components {missing} are missing; have {sorted(inp.reward_components)}")

@@ -8,6 +8,7 @@ correctness (W-REINFORCE), likelihood rank (unlikeliness reward), answer agreeme
 from __future__ import annotations
 
 import math
+from typing import Optional, Sequence
 
 import torch
 
@@ -80,13 +81,21 @@ def unlikeliness(inp: AdvantageInput, cfg: AdvantageConfig) -> torch.Tensor:
     return broadcast(_group_normalise(shaped, inp.group_ids, cfg), inp.mask)
 
 
-def semantic_entropy(answers: list, group_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def semantic_entropy(answers: Sequence[Optional[str]], group_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sample (entropy of the group's answer clusters, log(group size)), float64 [N] each.
 
-    Answers are clustered by string equality after ``strip()``; ``None`` or an empty answer is a
-    cluster of its own (two missing answers do not agree). p_k = |C_k| / G and
-    H = -sum_k p_k log p_k (the frequency estimate of semantic entropy).
+    ``answers`` are canonical answer keys (the caller canonicalises: this layer cannot import the
+    rewards' canonicaliser, see ``seed_grpo``). Clusters are the groups of equal keys after
+    ``strip()``; ``None`` or a blank key is a cluster of its own, since two samples without an
+    answer do not agree on anything. p_k = |C_k| / G and H = -sum_k p_k log p_k (the frequency
+    estimate of semantic entropy). Anything other than ``str`` or ``None`` is a ``TypeError``
+    (a number means the caller skipped canonicalisation; it used to pass as a missing answer).
+    The caller must not ``str()`` a missing answer: ``"None"`` strings would agree.
     """
+    for i, a in enumerate(answers):
+        if a is not None and not isinstance(a, str):
+            raise TypeError(f"seed_grpo: answers[{i}] is {type(a).__name__} {a!r}; pass each sample's canonical "
+                            "answer string, or None when it has no answer")
     inverse, k = group_index(group_ids)
     entropy = torch.zeros(len(answers), dtype=torch.float64, device=group_ids.device)
     h_max = torch.zeros_like(entropy)
@@ -95,7 +104,7 @@ def semantic_entropy(answers: list, group_ids: torch.Tensor) -> tuple[torch.Tens
         counts: dict[object, int] = {}
         for i in idx:
             a = answers[i]
-            key: object = a.strip() if isinstance(a, str) and a.strip() else ("__missing__", i)
+            key: object = a.strip() if a is not None and a.strip() else ("__missing__", i)
             counts[key] = counts.get(key, 0) + 1
         size = len(idx)
         h = -sum((c / size) * math.log(c / size) for c in counts.values())
@@ -113,14 +122,18 @@ def seed_grpo(inp: AdvantageInput, cfg: AdvantageConfig) -> torch.Tensor:
     """SEED-GRPO: A_i = A_i^GRPO * max(0, 1 - alpha * H_sem(g) / log G).
 
     Paper: arXiv:2505.12346. H_sem is the semantic entropy of the group's final answers
-    (``answers``, clustered by equality of the canonical answer string, see
-    ``semantic_entropy``); log G is its maximum. Confident prompts (all answers agree) keep the
+    (``answers``, clustered by equality of the canonical answer, see ``semantic_entropy``); log G
+    is its maximum. The trainer passes the key the majority vote and maj@k cluster by
+    (``posttrain.evaluation.runner.sample_answer``: ``canonical_answer`` of the extracted answer,
+    so "1/2", "0.5" and "\\frac{1}{2}" agree), and ``None`` for a sample without an answer, which
+    then agrees with no other sample. Confident prompts (all answers agree) keep the
     full GRPO signal; uncertain ones get smaller updates. The paper's linear modulation
     f(x) = 1 - x with x = alpha * H / H_max is used; ``cfg.seed_alpha`` (default 1.0, our
     choice) sets the sensitivity. Singleton groups keep A unchanged (H_max = 0).
     """
     if inp.answers is None or len(inp.answers) != inp.rewards.shape[0]:
-        raise ValueError("seed_grpo needs AdvantageInput.answers (one canonical answer string per sample)")
+        raise ValueError("seed_grpo needs AdvantageInput.answers (one canonical answer string, or None, per "
+                         "sample)")
     entropy, h_max = semantic_entropy(inp.answers, inp.group_ids)
     ratio = torch.where(h_max > 0, entropy / h_max.clamp_min(1e-12), torch.zeros_like(entropy))
     scale = (1.0 - cfg.seed_alpha * ratio).clamp_min(0.0)

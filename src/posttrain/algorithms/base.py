@@ -14,7 +14,7 @@ can print it.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Generic, Optional, TypeVar
+from typing import Callable, Generic, Optional, Sequence, TypeVar
 
 import torch
 
@@ -77,7 +77,7 @@ class AdvantageInput:
     logprobs: Optional[torch.Tensor] = None  # [N, T] old (or behaviour) log-probs
     ref_logprobs: Optional[torch.Tensor] = None  # [N, T]
     baseline_rewards: Optional[torch.Tensor] = None  # [N] e.g. ReMax greedy-rollout reward
-    answers: Optional[list[str]] = None  # canonical answer per sample (semantic clustering)
+    answers: Optional[Sequence[Optional[str]]] = None  # canonical answer per sample, None: no answer (seed_grpo)
 
 
 def _check(cond: bool, key: str, what: str) -> None:
@@ -97,7 +97,7 @@ class AdvantageConfig:
     gamma: float = 1.0  # discount (GAE, REINFORCE++)
     lam: float = 0.95  # GAE lambda
     gae_whiten: bool = True  # whiten GAE advantages over the batch's tokens (verl, OpenRLHF do)
-    gdpo_components: list[str] = field(default_factory=list)  # reward components; [] = all, sorted
+    gdpo_components: list[str] = field(default_factory=list)  # [] = a composite reward's parts (not total)
     gdpo_weights: list[float] = field(default_factory=list)  # one per component; [] = all 1.0
     gdpo_batch_normalize: bool = True  # GDPO: z-score the summed advantage over the batch
     psr_weight: float = 0.1  # W-REINFORCE lambda: weight of positive samples (paper: 0.1)
@@ -115,6 +115,8 @@ class AdvantageConfig:
             "algorithm.advantage.gdpo_weights",
             "must be empty or have one weight per entry of gdpo_components",
         )
+        _check(len(set(self.gdpo_components)) == len(self.gdpo_components), "algorithm.advantage.gdpo_components",
+               f"lists a component twice ({self.gdpo_components}); give it a larger gdpo_weight instead")
         _check(self.psr_weight >= 0, "algorithm.advantage.psr_weight", "must be >= 0")
         _check(0.0 <= self.unlikeliness_beta <= 1.0, "algorithm.advantage.unlikeliness_beta", "must be in [0, 1]")
         _check(self.seed_alpha >= 0, "algorithm.advantage.seed_alpha", "must be >= 0")

@@ -376,3 +376,41 @@ def test_same_problems_across_processes():
         assert out.returncode == 0, out.stderr[-2000:]
         digests.add(out.stdout.strip())
     assert len(digests) == 1
+
+
+def _commuted_twins(train: list, test: list) -> int:
+    """Test problems whose operand-swapped twin ("b op a" for a commuting op) is in train."""
+    train_exprs = {p.metadata["expr"] for p in train}
+    twins = 0
+    for p in test:
+        (a, b), (op,) = p.metadata["operands"], p.metadata["ops"]
+        if op in "+*" and a != b and f"{b} {op} {a}" in train_exprs:
+            twins += 1
+    return twins
+
+
+@pytest.mark.parametrize("max_operand", [9, 999])  # enumerated split, and the hashed one of large spaces
+def test_arithmetic_splits_are_disjoint_under_commutation(max_operand):
+    from posttrain.tasks.arithmetic import ArithmeticTask
+
+    task = ArithmeticTask(max_operand=max_operand, test_size=200, train_size=5000)
+    train, test = task.problems("train"), task.problems("test")
+    assert len(test) == 200 and len(train) == (100 if max_operand == 9 else 5000)
+    assert _commuted_twins(train, test) == 0
+    key = lambda p: ArithmeticTask.symmetry_key(p.metadata["operands"], p.metadata["ops"])  # noqa: E731
+    assert not {key(p) for p in train} & {key(p) for p in test}
+    # with the old per-expression hash, 32 of the 200 test problems at max_operand 9 had their twin in
+    # train; now every commuting test pair has both members in test
+    if max_operand == 9:
+        pairs = [p for p in test if p.metadata["ops"][0] in "+*" and len(set(p.metadata["operands"])) == 2]
+        assert pairs and all(f"{p.metadata['operands'][1]} {p.metadata['ops'][0]} {p.metadata['operands'][0]}"
+                             in {q.metadata["expr"] for q in test} for p in pairs)
+
+
+def test_symmetry_key_of_longer_chains_groups_reorderings():
+    from posttrain.tasks.arithmetic import ArithmeticTask
+
+    k = ArithmeticTask.symmetry_key
+    assert k([3, 4], ["+"]) == k([4, 3], ["+"]) and k([3, 4], ["*"]) == k([4, 3], ["*"])
+    assert k([3, 4], ["-"]) != k([4, 3], ["-"])
+    assert k([1, 2, 3], ["+", "*"]) == k([3, 1, 2], ["*", "+"])

@@ -46,10 +46,16 @@ def _hash(key: str, seed: int) -> int:
 class ArithmeticTask:
     """Integer arithmetic with Python precedence (``*`` before ``+``/``-``).
 
-    Splits: every distinct expression gets a hash; in small spaces the ``test_size``
-    expressions with the lowest hashes form the test split and all others the train split;
-    in large spaces an expression is a test problem iff its hash falls in the lowest 10% of the
-    hash range. Either way the two splits are disjoint by construction.
+    Splits are disjoint under commutation: expressions that are the same problem up to the order
+    of commuting operands ("3 + 4" and "4 + 3") share a symmetry key and always land in the same
+    split, so no test item is the commuted twin of a train item (issue 21 found 32 of 200 in the
+    old split). The key is the operator and the sorted operands for ``+`` and ``*`` with two
+    operands; with more operands, the sorted operands and sorted operators (coarser than true
+    equivalence, which only ever moves more problems together, never splits a class). In small
+    spaces, whole key classes are taken in hash order into the test split while they fit in
+    ``test_size`` (so the test split has exactly ``test_size`` problems), the rest is train; in
+    large spaces a problem is a test problem iff its key's hash falls in the lowest 10% of the
+    hash range.
     """
 
     name = "arithmetic"
@@ -81,8 +87,20 @@ class ArithmeticTask:
             difficulty=float(len(str(abs(value)))),
             # the widest operand: a range of widths in one task gives one category per width
             category=f"digits={max(len(str(abs(x))) for x in operands)}",
-            metadata={"expr": expr},
+            metadata={"expr": expr, "operands": list(operands), "ops": list(ops)},
         )
+
+    @staticmethod
+    def symmetry_key(operands: Sequence[int], ops: Sequence[str]) -> str:
+        """One key per class of expressions equal up to commuting operands (see the class doc)."""
+        if len(operands) == 2 and ops[0] in ("+", "*"):
+            return f"{ops[0]}:{sorted(operands)}"
+        if len(operands) == 2:
+            return f"{ops[0]}:{list(operands)}"
+        return f"{sorted(operands)}:{sorted(ops)}"
+
+    def _key(self, p: Problem) -> str:
+        return self.symmetry_key(p.metadata["operands"], p.metadata["ops"])
 
     def _enumerate(self) -> list[Problem]:
         c = self.cfg
@@ -99,8 +117,13 @@ class ArithmeticTask:
             return self._cache[split]
         c = self.cfg
         if self.space_size() <= _ENUMERATE_LIMIT:
-            ranked = sorted(self._enumerate(), key=lambda p: _hash(p.id, c.seed))
-            test, train = ranked[: c.test_size], ranked[c.test_size :]
+            classes: dict[str, list[Problem]] = {}
+            for p in self._enumerate():
+                classes.setdefault(self._key(p), []).append(p)
+            test, train = [], []
+            for key in sorted(classes, key=lambda k: _hash(k, c.seed)):
+                members = classes[key]
+                (test if len(test) + len(members) <= c.test_size else train).extend(members)
             random.Random(c.seed).shuffle(train)
             train = train[: c.train_size]
         else:
@@ -116,7 +139,7 @@ class ArithmeticTask:
                 if p.id in seen:
                     continue
                 seen.add(p.id)
-                is_test = _hash(p.id, c.seed) < threshold
+                is_test = _hash(self._key(p), c.seed) < threshold
                 bucket, limit = (test, c.test_size) if is_test else (train, c.train_size)
                 if len(bucket) < limit:
                     bucket.append(p)

@@ -43,6 +43,7 @@ from posttrain.algorithms.regularizers import AdaptiveEntropyController, Adaptiv
     top_entropy_mask
 from posttrain.config import RLConfig
 from posttrain.distributed.data_parallel import DataParallel
+from posttrain.evaluation.runner import sample_answer
 from posttrain.rollout.batch import Rollouts
 from posttrain.selection import build_selector
 from posttrain.trainers.learner import Learner
@@ -170,7 +171,7 @@ class RLUpdate:
             rewards=rollouts.rewards, group_ids=rollouts.group_ids, mask=mask,
             reward_components=rollouts.reward_components, token_rewards=token_rewards, logprobs=logprobs,
             ref_logprobs=rollouts.ref_logprobs, baseline_rewards=baseline, values=rollouts.values,
-            answers=[str(m.get("canonical", m.get("answer"))) for m in rollouts.metadata],
+            answers=[sample_answer(m) for m in rollouts.metadata],  # canonical key, None if no answer
         )
         rollouts.advantages = ADVANTAGES.get(alg.advantage_estimator)(adv_input, alg.advantage).float()
         if learner.critic is not None:

@@ -219,6 +219,24 @@ class CorrectionInput:
     mask: torch.Tensor  # [N, T] float
 
 
+# verl's sequence-level rejection modes (``rollout_rs``): a statistic (sum / mean / max over a
+# sequence's tokens) of the per-token k1 / k2 / k3 estimate of KL(mu || pi_old); corrections.py.
+SEQ_REJECT_MODES = ("seq_sum_k1", "seq_sum_k2", "seq_sum_k3", "seq_mean_k1", "seq_mean_k2", "seq_mean_k3",
+                    "seq_max_k2", "seq_max_k3")
+# rs_threshold_high when it is null. verl has no default (its rollout_rs_threshold is required);
+# these are the values of verl's presets (RolloutCorrectionConfig) and examples that use the mode:
+# seq_sum_k1 "0.5_2.0" (decoupled_seq_is_rs), seq_mean_k1 "0.999_1.001" (the *_geo_rs presets),
+# seq_mean_k3 0.01 (*_k3_rs), seq_max_k2 2.5 (examples/rollout_correction multi-RS). The others
+# have none in verl, so posttrain picks: seq_mean_k2 0.01 and seq_max_k3 2.5 (k2 and k3 agree to
+# second order in the log-ratio), seq_sum_k2 / seq_sum_k3 ln 2 (every seq_sum_k* estimates the
+# sequence-level KL(mu || pi_old); ln 2 is the bound seq_sum_k1's default window puts on it).
+SEQ_REJECT_DEFAULTS = {"seq_sum_k1": 2.0, "seq_sum_k2": 0.6931471805599453, "seq_sum_k3": 0.6931471805599453,
+                       "seq_mean_k1": 1.001, "seq_mean_k2": 0.01, "seq_mean_k3": 0.01,
+                       "seq_max_k2": 2.5, "seq_max_k3": 2.5}
+# the corrections whose weights are importance ratios, which ``batch_normalize`` may rescale
+IS_WEIGHTED_CORRECTIONS = ("tis_token", "tis_sequence", "mis_token", "icepop", "mis_sequence")
+
+
 @dataclass
 class CorrectionConfig:
     """Parameters of the train-inference mismatch corrections (``algorithm.correction.``).
@@ -226,12 +244,23 @@ class CorrectionConfig:
     Ratios are pi_old / pi_behaviour. ``threshold_high`` is the TIS cap C and the upper bound of
     the masking window; ``threshold_low`` its lower bound (None = 1 / threshold_high).
     ``kl_threshold`` is the per-token mean KL above which ``reject_k*`` drop a sequence.
+
+    ``rs_threshold_low`` / ``rs_threshold_high``: the window of the ``seq_*`` rejection modes
+    (verl's ``rollout_rs_threshold``). For the k1 modes they bound exp(statistic), a ratio
+    mu / pi_old (verl's direction; see corrections.py), low defaulting to 1 / high; the k2 / k3
+    modes take only an upper bound on the statistic itself. Null high: SEQ_REJECT_DEFAULTS.
+    ``batch_normalize`` (verl's ``rollout_is_batch_normalize``): rescale the IS weights of the
+    IS_WEIGHTED_CORRECTIONS to mean 1 over the kept tokens (over the kept sequences for the
+    sequence-level ones) of the batch the correction is given.
     """
 
     name: Optional[str] = None  # which correction (CORRECTIONS registry); None disables
     threshold_low: Optional[float] = None
     threshold_high: float = 2.0
     kl_threshold: float = 0.01
+    rs_threshold_low: Optional[float] = None  # k1 modes only; None = 1 / the upper bound
+    rs_threshold_high: Optional[float] = None  # None = SEQ_REJECT_DEFAULTS[name]
+    batch_normalize: bool = False
 
     def __post_init__(self) -> None:
         _check(self.threshold_high >= 1.0, "algorithm.correction.threshold_high", "must be >= 1")
@@ -242,10 +271,54 @@ class CorrectionConfig:
                 "must be in [0, threshold_high)",
             )
         _check(self.kl_threshold > 0, "algorithm.correction.kl_threshold", "must be > 0")
+        if self.name is None:
+            return
+        if self.name in SEQ_REJECT_MODES:
+            self.rs_bounds(self.name)  # raises on a window that cannot be right
+        else:
+            _check(
+                self.rs_threshold_low is None and self.rs_threshold_high is None,
+                "algorithm.correction.rs_threshold_low/high",
+                f"apply only to the seq_* rejection modes ({', '.join(SEQ_REJECT_MODES)}), not to {self.name!r}: "
+                "remove them (tis_* / mis_* use threshold_low/high, reject_k* kl_threshold)",
+            )
+        _check(
+            not self.batch_normalize or self.name in IS_WEIGHTED_CORRECTIONS,
+            "algorithm.correction.batch_normalize",
+            f"rescales importance weights, and {self.name!r} has none (its weights are 1): use it with one of "
+            f"{', '.join(IS_WEIGHTED_CORRECTIONS)}, or set it to false",
+        )
 
     @property
     def low(self) -> float:
         return self.threshold_low if self.threshold_low is not None else 1.0 / self.threshold_high
+
+    def rs_bounds(self, mode: str) -> tuple[Optional[float], float]:
+        """(lower, upper) window of rejection mode ``mode`` (one of SEQ_REJECT_MODES), validated.
+
+        k1 modes: (L, U) with 0 < L <= 1 <= U, L < U: bounds on mu / pi_old, L = 1 / U unless set.
+        k2 / k3 modes: (None, U), U > 0: an upper bound on the statistic; a lower bound is refused.
+        """
+        key = "algorithm.correction.rs_threshold"
+        _check(mode in SEQ_REJECT_MODES, key, f"belongs to the seq_* modes; {mode!r} is not one")
+        high = self.rs_threshold_high if self.rs_threshold_high is not None else SEQ_REJECT_DEFAULTS[mode]
+        if mode.endswith("k1"):
+            low = self.rs_threshold_low if self.rs_threshold_low is not None else 1.0 / high
+            _check(
+                0 < low <= 1.0 <= high and low < high,
+                f"{key}_low/high",
+                f"of {mode} bound the ratio mu/pi_old and must satisfy 0 < low <= 1 <= high, low < high (a "
+                f"sequence that matches exactly must be kept); got low={low}, high={high}",
+            )
+            return low, high
+        _check(high > 0, f"{key}_high", f"of {mode} is an upper bound on a divergence and must be > 0; got {high}")
+        _check(
+            self.rs_threshold_low is None,
+            f"{key}_low",
+            f"is not used by {mode}: k2 and k3 are >= 0 with 0 meaning no mismatch, so only an upper bound "
+            "makes sense (verl refuses one too); remove it",
+        )
+        return None, high
 
 
 @dataclass

@@ -157,12 +157,24 @@ def sapo(inp: PolicyLossInput, cfg: PolicyLossConfig) -> PolicyLossOutput:
     paper="Offline Regularised Reinforcement Learning for Large Language Models Alignment (arXiv:2405.19107)",
 )
 def dro(inp: PolicyLossInput, cfg: PolicyLossConfig) -> PolicyLossOutput:
-    """DRO-style quadratic log-ratio penalty: l = -(logp * A - beta/2 * (logp - old)^2).
+    """verl's (and Tinker's) "dro" loss: l = -(logp * A - beta/2 * (logp - old)^2), per token.
 
-    Paper: "Direct Reward Optimisation" (arXiv:2405.19107) minimises 1/2 (r - V - tau log
-    pi/pi_ref)^2, whose gradient in log pi is -tau (A - tau log pi/pi_ref); dividing by tau and
-    anchoring to pi_old gives this per-token policy-gradient form (as in verl and Tinker, with
-    beta = ``dro_beta``). Gradient: dl/dlogp = -A + beta (logp - old).
+    This is NOT the objective of the DRO paper. "Offline Regularised Reinforcement Learning for
+    Large Language Models Alignment" (Direct Reward Optimisation, arXiv:2405.19107) is offline:
+    on a fixed data set of (x, y, r) it minimises, jointly over the policy and a learned value
+    function V(x),
+        L(pi, V) = 1/2 E[(r(x, y) - V(x) - tau log(pi(y|x) / pi_ref(y|x)))^2],
+    with log pi(y|x) the whole sequence's log-probability. This loss is the per-token quadratic
+    penalty form that verl and Tinker register under the name "dro", and it differs in three ways:
+    - no value function: the advantage A comes from the estimator (e.g. GRPO's group baseline)
+      where the paper learns V(x) and uses r - V(x);
+    - anchored to pi_old (the rollout policy, moving every step), not to the fixed pi_ref, so
+      the penalty is a trust region, not the paper's KL regularisation towards the reference;
+    - per token and online: each token's log-prob has its own penalty on freshly sampled data,
+      where the paper's residual is one per sequence on offline data.
+    Its gradient has the shape of the paper's with those substitutions, -A + beta log(pi/pi_old)
+    against the paper's -tau (r - V - tau log(pi/pi_ref)) (divided by tau), with beta = ``dro_beta``.
+    Gradient: dl/dlogp = -A + beta (logp - old).
     """
     inp = clean(inp)
     delta = inp.logprobs - inp.old_logprobs

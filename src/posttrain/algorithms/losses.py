@@ -11,15 +11,19 @@ Masked positions may hold anything (NaN, inf): every loss first passes its input
 enters a ratio, a clip or a product, and no gradient reaches those positions), and returns a
 loss that is exactly 0 there; metrics are means over the mask that select, never multiply.
 
-Micro-batch invariance: every loss here except ``kl_cov`` and ``clip_cov`` is computed token by
-token, so splitting a mini-batch and passing global counts to ``aggregate`` reproduces the full
-loss. KL-Cov and Clip-Cov select tokens by a covariance over the tokens they are given: call
-them on the whole mini-batch (or accept that selection is per micro-batch).
+Micro-batch invariance: every loss here is computed token by token, so splitting a mini-batch
+and passing global counts to ``aggregate`` reproduces the full loss. KL-Cov and Clip-Cov also
+need a selection of tokens by a covariance over the batch; the trainer makes it once per
+mini-batch with ``select_cov_tokens`` (over the whole mini-batch, identical on every rank) and
+passes each micro-batch its rows as ``PolicyLossInput.token_selection``, which keeps them
+token-local. Called standalone (``token_selection`` None) they select among the tokens they are
+given, which is per micro-batch if they are given one.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from typing import Optional
 
 import torch
 
@@ -28,11 +32,12 @@ from posttrain.algorithms.aggregation import masked, masked_mean
 from posttrain.algorithms.base import POLICY_LOSSES, PolicyLossConfig, PolicyLossInput, PolicyLossOutput
 
 
-_PER_TOKEN = ("logprobs", "old_logprobs", "advantages", "is_weights", "behaviour_logprobs", "entropy")
+_PER_TOKEN = ("logprobs", "old_logprobs", "advantages", "is_weights", "behaviour_logprobs", "entropy",
+              "token_selection")
 
 
 def clean(inp: PolicyLossInput) -> PolicyLossInput:
-    """``inp`` with every per-token tensor set to 0 where ``mask == 0`` (``torch.where``).
+    """``inp`` with every per-token tensor set to 0 (False) where ``mask == 0`` (``torch.where``).
 
     Padded positions may hold NaN or inf (vLLM rollouts, environment tokens); after this they
     hold 0, so every loss computes finite values there and the gradient reaching them is exactly
@@ -266,12 +271,88 @@ def dppo_kl(inp: PolicyLossInput, cfg: PolicyLossConfig) -> PolicyLossOutput:
     return _dppo(inp, cfg, valid)
 
 
+COV_SELECTING = ("kl_cov", "clip_cov")  # losses that take a batch-level ``token_selection``
+
+
+def covariance(logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """cov_t = (A_t - mean A)(logp_t - mean logp), means over the valid tokens; detached, 0 where
+    ``mask == 0`` (whatever those positions held)."""
+    m = mask > 0
+    zero = torch.zeros((), dtype=logprobs.dtype, device=logprobs.device)
+    adv = torch.where(m, advantages.detach(), zero)
+    lp = torch.where(m, logprobs.detach(), zero)
+    if not bool(m.any()):
+        return torch.zeros_like(lp)
+    return torch.where(m, (adv - adv[m].mean()) * (lp - lp[m].mean()), zero)
+
+
 def token_covariance(inp: PolicyLossInput) -> torch.Tensor:
-    """cov_t = (A_t - mean A)(logp_t - mean logp) with means over the valid tokens; detached."""
-    m = inp.mask > 0
-    adv = inp.advantages.detach()
-    lp = inp.logprobs.detach()
-    return (adv - adv[m].mean()) * (lp - lp[m].mean())
+    """``covariance`` of the current log-probs and the advantages over ``inp``'s valid tokens."""
+    return covariance(inp.logprobs, inp.advantages, inp.mask)
+
+
+def _budget(ratio: float, n_valid: int) -> int:
+    """k = max(1, floor(ratio * n_valid)): the paper's token budget (0 without valid tokens)."""
+    return max(1, int(ratio * n_valid)) if n_valid > 0 else 0
+
+
+def _top_k(cov: torch.Tensor, m: torch.Tensor, ratio: float) -> torch.Tensor:
+    """[N, T] bool: the k valid tokens with the largest covariance."""
+    selected = torch.zeros_like(m)
+    k = _budget(ratio, int(m.sum()))
+    if k:
+        top = torch.topk(cov.masked_fill(~m, float("-inf")).flatten(), k).indices
+        selected.view(-1)[top] = True
+    return selected
+
+
+def _random_k(candidates: torch.Tensor, m: torch.Tensor, ratio: float,
+              generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """[N, T] bool: min(k, #candidates) candidates drawn uniformly without replacement, k counted
+    on all valid tokens. ``generator`` None draws from torch's global RNG."""
+    selected = torch.zeros_like(m)
+    k = _budget(ratio, int(m.sum()))
+    cand_idx = candidates.flatten().nonzero().squeeze(-1)
+    if k and cand_idx.numel():
+        if generator is None:
+            perm = torch.randperm(cand_idx.numel(), device=cand_idx.device)
+        else:  # drawn where the generator lives, so the draw is the same whatever the tensors' device
+            perm = torch.randperm(cand_idx.numel(), generator=generator, device=generator.device).to(cand_idx.device)
+        selected.view(-1)[cand_idx[perm[:k]]] = True
+    return selected
+
+
+def select_cov_tokens(name: str, logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+                      cfg: PolicyLossConfig, generator: torch.Generator) -> torch.Tensor:
+    """[N, T] bool: the tokens KL-Cov penalises (``name="kl_cov"``) or Clip-Cov detaches
+    (``"clip_cov"``), chosen over all of the given batch, as the paper defines them.
+
+    The trainer calls it once per mini-batch, before the micro-batch passes, on the whole
+    mini-batch (every data-parallel rank holds all of it and gets the same answer, so no
+    collective is needed) and hands each micro-batch its rows as ``token_selection``. The
+    fraction selected is then k / n with k = max(1, floor(ratio * n)), n the mini-batch's valid
+    tokens, whatever the micro-batch size or the number of ranks.
+
+    - kl_cov: the k tokens with the largest cov_t = (A_t - mean A)(logp_t - mean logp);
+    - clip_cov: min(k, #candidates) tokens drawn uniformly from those with
+      clip_cov_lb < cov_t < clip_cov_ub, with ``generator`` (seed it the same on every rank).
+
+    Deviation from the paper: the selection is made before the update, so ``logprobs`` are the
+    old ones (detached, no extra model pass); the paper's covariance is over the current
+    log-probs, equal to the old ones on the first mini-batch of the first epoch of on-policy
+    training and a step stale after that. For the same reason Clip-Cov's candidates do not
+    exclude tokens PPO clips (verl excludes them, judged at the current ratio): at selection
+    time the ratio is 1 and nothing is clipped; a selected token that PPO clips later has no
+    gradient either way.
+    """
+    if name not in COV_SELECTING:
+        raise ValueError(f"select_cov_tokens selects for {', '.join(COV_SELECTING)}, not {name!r}")
+    m = mask > 0
+    cov = covariance(logprobs, advantages, mask)
+    if name == "kl_cov":
+        return _top_k(cov, m, cfg.kl_cov_ratio)
+    candidates = m & (cov > cfg.clip_cov_lb) & (cov < cfg.clip_cov_ub)
+    return _random_k(candidates, m, cfg.clip_cov_ratio, generator)
 
 
 @POLICY_LOSSES.register(
@@ -279,27 +360,27 @@ def token_covariance(inp: PolicyLossInput) -> torch.Tensor:
     paper="The Entropy Mechanism of Reinforcement Learning for Reasoning Language Models (arXiv:2505.22617)",
 )
 def kl_cov(inp: PolicyLossInput, cfg: PolicyLossConfig) -> PolicyLossOutput:
-    """KL-Cov: l = -r * A on every token, plus kl_cov_coef * |logp - old| on the top-k tokens by cov.
+    """KL-Cov: l = -r * A on every token, plus kl_cov_coef * |logp - old| on the selected tokens.
 
     Paper: arXiv:2505.22617. Entropy collapse is driven by tokens with a large covariance
     between log-probability and advantage; KL-Cov adds a KL penalty on the
-    k = max(1, floor(kl_cov_ratio * n_tokens)) valid tokens with the largest
-    cov_t = (A_t - mean A)(logp_t - mean logp) (means over valid tokens), and does not clip.
-    Defaults (paper): kl_cov_ratio = 2e-3, coefficient 1.0. Batch-dependent: see module docs.
+    k = max(1, floor(kl_cov_ratio * n_tokens)) valid tokens of the batch with the largest
+    cov_t = (A_t - mean A)(logp_t - mean logp) (means over the batch's valid tokens), and does
+    not clip. Defaults (paper): kl_cov_ratio = 2e-3, coefficient 1.0.
+    The selection is ``inp.token_selection`` when given (the trainer's, made over the whole
+    mini-batch by ``select_cov_tokens``); else it is made here over ``inp``'s tokens, with the
+    current log-probs. Gradient: dl/dlogp = -r A, plus kl_cov_coef * sign(logp - old) if selected.
     """
     inp = clean(inp)
     ratio = torch.exp(log_ratio(inp))
     loss = -ratio * inp.advantages
     m = inp.mask > 0
-    n_valid = int(m.sum())
-    selected = torch.zeros_like(m)
-    if n_valid > 0:
-        k = max(1, int(cfg.kl_cov_ratio * n_valid))
-        cov = token_covariance(inp).masked_fill(~m, float("-inf"))
-        top = torch.topk(cov.flatten(), k).indices
-        selected.view(-1)[top] = True
-        penalty = cfg.kl_cov_coef * (inp.logprobs - inp.old_logprobs).abs()
-        loss = torch.where(selected, loss + penalty, loss)
+    if inp.token_selection is not None:
+        selected = inp.token_selection.bool() & m
+    else:
+        selected = _top_k(token_covariance(inp), m, cfg.kl_cov_ratio)
+    penalty = cfg.kl_cov_coef * (inp.logprobs - inp.old_logprobs).abs()
+    loss = torch.where(selected, loss + penalty, loss)
     return finish(loss, inp, {"kl_cov_frac": masked_mean(selected.float(), inp.mask)})
 
 
@@ -310,11 +391,15 @@ def kl_cov(inp: PolicyLossInput, cfg: PolicyLossConfig) -> PolicyLossOutput:
 def clip_cov(inp: PolicyLossInput, cfg: PolicyLossConfig) -> PolicyLossOutput:
     """Clip-Cov: PPO-clip loss, with the gradient of a few high-covariance tokens detached.
 
-    Paper: arXiv:2505.22617. Among valid tokens that PPO did not already clip and whose
+    Paper: arXiv:2505.22617. Among the batch's valid tokens whose
     cov_t = (A_t - mean A)(logp_t - mean logp) lies in (clip_cov_lb, clip_cov_ub), choose
-    k = max(1, floor(clip_cov_ratio * n_tokens)) at random (torch's global RNG) and stop their
-    gradient (their loss value is kept). Defaults (paper): ratio 2e-4, bounds (1, 5).
-    Batch-dependent: see module docs.
+    k = max(1, floor(clip_cov_ratio * n_tokens)) at random and stop their gradient (their loss
+    value is kept). Defaults (paper): ratio 2e-4, bounds (1, 5).
+    The selection is ``inp.token_selection`` when given (the trainer's, made over the whole
+    mini-batch with a seeded generator by ``select_cov_tokens``); else it is made here over
+    ``inp``'s tokens with the current log-probs, among tokens PPO did not clip (as verl does),
+    drawing from torch's global RNG.
+    Gradient: PPO-clip's (-r A where unclipped), 0 on selected tokens.
     """
     inp = clean(inp)
     lr = log_ratio(inp)
@@ -323,16 +408,13 @@ def clip_cov(inp: PolicyLossInput, cfg: PolicyLossConfig) -> PolicyLossOutput:
     clipped = -ratio.clamp(1.0 - cfg.clip_low, 1.0 + cfg.clip_high) * inp.advantages
     loss = torch.maximum(unclipped, clipped)
     m = inp.mask > 0
-    cov = token_covariance(inp)
-    candidates = m & ~(clipped > unclipped) & (cov > cfg.clip_cov_lb) & (cov < cfg.clip_cov_ub)
-    selected = torch.zeros_like(m)
-    n_valid = int(m.sum())
-    cand_idx = candidates.flatten().nonzero().squeeze(-1)
-    if n_valid > 0 and cand_idx.numel() > 0:
-        k = max(1, int(cfg.clip_cov_ratio * n_valid))
-        chosen = cand_idx[torch.randperm(cand_idx.numel(), device=cand_idx.device)[:k]]
-        selected.view(-1)[chosen] = True
-        loss = torch.where(selected, loss.detach(), loss)
+    if inp.token_selection is not None:
+        selected = inp.token_selection.bool() & m
+    else:
+        cov = token_covariance(inp)
+        candidates = m & ~(clipped > unclipped) & (cov > cfg.clip_cov_lb) & (cov < cfg.clip_cov_ub)
+        selected = _random_k(candidates, m, cfg.clip_cov_ratio)
+    loss = torch.where(selected, loss.detach(), loss)
     metrics = {
         "clip_frac": masked_mean((clipped > unclipped).float(), inp.mask),
         "clip_cov_frac": masked_mean(selected.float(), inp.mask),

@@ -4,6 +4,7 @@
         old / ref log-probs, values, entropies (only when needed)    # learner passes, row-sharded
         rollouts.advantages = ADVANTAGES[estimator](...)             # [N, T], on the whole batch
         for epoch, mini-batch (rows from ``orders``):
+            kl_cov / clip_cov: token selection over the whole mini-batch     # select_cov_tokens
             learner.forward_backward(my rows of the mini-batch, policy loss + kl + entropy)
             SUM the gradients over ranks; clip; learner.optim_step(lr schedule)
         adaptive KL / entropy controllers <- this step's metrics
@@ -14,13 +15,18 @@ Every data-parallel learner rank runs this same code on the same batch (SPMD) th
 advantages, the 80/20 entropy mask) are computed on the whole batch, from log-prob passes each
 rank runs on its rows and all-gathers; losses are normalised by the whole mini-batch's counts,
 so the SUM of the ranks' gradients is the one-process gradient (the argument is in
-data_parallel's docstring). Metrics are pooled over ranks, so the controllers, which read them,
-move identically everywhere and the replicas stay bit-identical. The mini-batch orders come
+data_parallel's docstring). KL-Cov / Clip-Cov's token selection, which the paper makes over the
+batch, is made once per mini-batch over all of it (every rank holds the whole batch and makes the
+same one, Clip-Cov's random draw from a generator seeded by (seed, step, epoch, mini-batch)), and
+each micro-batch's loss gets its rows of it: neither the micro-batch size nor the number of ranks
+changes which tokens are penalised. Metrics are pooled over ranks, so the controllers, which read
+them, move identically everywhere and the replicas stay bit-identical. The mini-batch orders come
 from the driver, whose generator also seeds sampling.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Callable, Optional
 
@@ -38,6 +44,7 @@ from posttrain.algorithms import (
 )
 from posttrain.algorithms.advantages_token import gae_returns, value_loss
 from posttrain.algorithms.corrections import mismatch_metrics
+from posttrain.algorithms.losses import COV_SELECTING, select_cov_tokens
 from posttrain.algorithms.overlong import dapo_overlong_penalty, mask_truncated
 from posttrain.algorithms.regularizers import AdaptiveEntropyController, AdaptiveKLController, kl_in_reward, \
     top_entropy_mask
@@ -47,6 +54,17 @@ from posttrain.evaluation.runner import sample_answer
 from posttrain.rollout.batch import Rollouts
 from posttrain.selection import build_selector
 from posttrain.trainers.learner import Learner
+
+
+# Metadata key tagging each row of a mini-batch with its index there, so that a micro-batch (rows
+# the learner picks, trimmed) finds its rows of the mini-batch's token selection.
+MINI_ROW = "mini_batch_row"
+
+
+def selection_seed(seed: int, step: int, epoch: int, mini_batch: int) -> int:
+    """Seed of Clip-Cov's draw for one mini-batch: a function of the run's seed and the position
+    only, so every rank draws the same tokens and a resumed run draws what the straight run did."""
+    return ((((seed * 1_000_003) + step) * 1_009 + epoch) * 1_009 + mini_batch) % 2**63
 
 
 class NonFiniteLossError(RuntimeError):
@@ -222,12 +240,18 @@ class RLUpdate:
                 # mini-batch's counts, so neither split changes the gradient.
                 counts_kw = dict(num_tokens=float(mini.loss_mask.sum()), num_seqs=float(len(mini)),
                                  norm_length=float(self.cfg.rollout.max_new_tokens)) if n else {}
+                selection = None
+                if n and alg.policy_loss in COV_SELECTING:
+                    selection = self._cov_selection(mini, step, epoch, m, record)
+                    tagged = [{**md, MINI_ROW: i} for i, md in enumerate(mini.metadata)]
+                    mini = dataclasses.replace(mini, metadata=tagged)
                 mine = mini.select(torch.tensor(dp.rows(len(mini)))) if n and dp.world > 1 else mini
                 if learner.critic is not None:
                     value_fn = lambda micro, values, kw=counts_kw: self._value_loss(micro, values, kw, record)  # noqa: E731
                 learner.zero_grad()
                 total_loss = learner.forward_backward(
-                    mine, lambda micro, logp, ent, kw=counts_kw: self._micro_loss(micro, logp, ent, loss_fn, kw, record),
+                    mine, lambda micro, logp, ent, kw=counts_kw, sel=selection: self._micro_loss(
+                        micro, logp, ent, loss_fn, kw, record, sel),
                     with_entropy=want_entropy, value_loss_fn=value_fn) if n else 0.0
                 total_loss += self._sft_backward(record)
                 if learner.fsdp is None:  # fsdp2 has reduce-scattered (SUM) them in the backward
@@ -252,6 +276,24 @@ class RLUpdate:
         out["lr"] = learner.optimizer.param_groups[0]["lr"]
         return out
 
+    def _cov_selection(self, mini: Rollouts, step: int, epoch: int, m: int, record: Callable) -> torch.Tensor:
+        """[n, T] bool: KL-Cov's / Clip-Cov's tokens, chosen over the whole mini-batch.
+
+        From the old log-probs, detached and already on every rank, so no extra model pass and no
+        collective; when the trainer keeps none (trainer.old_logprobs auto on a single pass, where
+        the loss takes old = current), from the behaviour log-probs, the engine's values of those
+        same log-probs (equal up to train-inference mismatch). select_cov_tokens says how using old
+        log-probs differs from the paper's current ones. Records the fraction selected, over the whole
+        mini-batch (the losses' own per-micro-batch fractions are not recorded: a mean of those is
+        not the mini-batch's).
+        """
+        alg = self.cfg.algorithm
+        logprobs = mini.old_logprobs if mini.old_logprobs is not None else mini.behaviour_logprobs
+        generator = torch.Generator().manual_seed(selection_seed(self.cfg.trainer.seed, step, epoch, m))
+        selection = select_cov_tokens(alg.policy_loss, logprobs, mini.advantages, mini.loss_mask, alg.loss, generator)
+        record(f"loss/{alg.policy_loss}_frac", float(selection.sum()) / max(1.0, float((mini.loss_mask > 0).sum())))
+        return selection
+
     def _sft_backward(self, record: Callable) -> float:
         """HPT's SFT part: - sum(m log p) / #tokens over the demonstrations (0.0 without any)."""
         if self.sft is None:
@@ -275,8 +317,10 @@ class RLUpdate:
         return loss
 
     def _micro_loss(self, micro: Rollouts, logp: torch.Tensor, entropy: Optional[torch.Tensor], loss_fn: Callable,
-                    counts_kw: dict, record: Callable) -> torch.Tensor:
-        """Policy loss (+ KL, - entropy bonus) of one micro-batch, normalised by mini-batch counts."""
+                    counts_kw: dict, record: Callable, selection: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Policy loss (+ KL, - entropy bonus) of one micro-batch, normalised by mini-batch counts.
+        ``selection``: the mini-batch's token selection (kl_cov / clip_cov), of which this
+        micro-batch's rows (tagged MINI_ROW) go to the loss."""
         alg = self.cfg.algorithm
         entropy_coef = self.entropy_ctl.value
         mask = micro.loss_mask.to(logp.device)
@@ -287,16 +331,20 @@ class RLUpdate:
             # the weights; the rejection mask is already in loss_mask (prepare), with its metrics
             corr = CORRECTIONS.get(alg.correction.name)(CorrectionInput(behaviour, old, mask), alg.correction)
             is_weights, mask = corr.weights, mask * corr.mask
+        token_selection = None
+        if selection is not None:  # the micro-batch's rows, trimmed to its width as the learner trimmed it
+            token_selection = selection[[md[MINI_ROW] for md in micro.metadata], :mask.shape[1]].to(logp.device)
         out = loss_fn(
             PolicyLossInput(logprobs=logp, old_logprobs=old, advantages=micro.advantages.to(logp.device), mask=mask,
                             is_weights=is_weights, behaviour_logprobs=behaviour,
-                            entropy=entropy if entropy_coef > 0 else None),
+                            entropy=entropy if entropy_coef > 0 else None, token_selection=token_selection),
             alg.loss,
         )
         loss = aggregate(out.loss, mask, alg.aggregation, **counts_kw)
         record("loss/policy", float(loss.detach()))
         for k, v in out.metrics.items():
-            record(f"loss/{k}", float(v))
+            if selection is None or k != f"{alg.policy_loss}_frac":  # else _cov_selection records the global one
+                record(f"loss/{k}", float(v))
         # Train-inference mismatch: behaviour (engine) vs old (learner at rollout weights).
         for k, v in mismatch_metrics(behaviour, old.detach(), micro.policy_mask.to(logp.device)).items():
             record(k, float(v))

@@ -10,6 +10,7 @@ Checks that need a protection this machine cannot give are skipped, naming what 
 import os
 import socket
 import tempfile
+import threading
 import time
 import uuid
 
@@ -37,55 +38,63 @@ def code_reward(attack: str, timeout_s: float = 3.0, mode: str = "all", **kw) ->
     return out.rewards[0], out.info[0]
 
 
-def _sandbox_processes() -> set[int]:
-    """Host processes that belong to a sandbox run: in one of this test process's per-run
-    cgroups (a sandboxed program cannot leave them), or running a sandboxed program or the
-    launcher (modes without cgroups)."""
-    found = set()
-    own = f"{sandbox.CGROUP_PREFIX}{os.getpid()}-"
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            with open(f"/proc/{pid}/cgroup") as f:
-                cg = f.read()
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                argv = f.read().split(b"\0")
-        except OSError:
-            continue
-        if own in cg or argv[1:4] == [b"-I", b"-S", b"main.py"] or any(a.endswith(b"_sandbox_launcher.py") for a in argv):
-            found.add(int(pid))
-    return found
-
-
-def _own_cgroups() -> list[str]:
-    out = []
-    for base in (CAPS.get("pids_cgroup"), CAPS.get("memory_cgroup")):
-        if base and os.path.isdir(base):
-            out += [n for n in os.listdir(base) if n.startswith(f"{sandbox.CGROUP_PREFIX}{os.getpid()}-")]
-    return out
-
-
-def _temp_dirs() -> set[str]:
-    return {n for n in os.listdir(tempfile.gettempdir()) if n.startswith("posttrain-sandbox-")}
-
-
 def _env() -> dict:
     return {k: v for k, v in os.environ.items() if k != "PYTEST_CURRENT_TEST"}
 
 
+def _left() -> dict:
+    """This test process's sandbox leftovers (``sandbox.leftovers``: processes in its per-run
+    cgroups or below a launcher it started, its cgroups and temporary directories, all named
+    after its pid). Sandbox runs of other processes on the machine never count."""
+    return sandbox.leftovers()
+
+
 @pytest.fixture
 def machine_guard():
-    before_procs, before_tmp, env = _sandbox_processes(), _temp_dirs(), _env()
+    before, env = _left(), _env()
     yield
     deadline = time.monotonic() + 5
-    while time.monotonic() < deadline and _sandbox_processes() - before_procs:
+    while True:
+        now = _left()
+        procs = {p: c for p, c in now["processes"].items() if p not in before["processes"]}
+        if not procs or time.monotonic() >= deadline:
+            break
         time.sleep(0.05)
-    assert _sandbox_processes() - before_procs == set(), "sandboxed processes outlived their run"
-    assert _own_cgroups() == [], "per-run cgroups left behind"
-    assert _temp_dirs() - before_tmp == set(), "temporary directories left behind"
-    assert _env() == env
+    assert procs == {}, f"sandboxed processes outlived their run: {procs}"
+    assert set(now["cgroups"]) - set(before["cgroups"]) == set(), f"per-run cgroups left behind: {now['cgroups']}"
+    assert set(now["temp_dirs"]) - set(before["temp_dirs"]) == set(), f"temporary directories left behind: {now['temp_dirs']}"
+    assert _env() == env, {k: (env.get(k), v) for k, v in _env().items() if env.get(k) != v}
     os.kill(os.getpid(), 0)  # still here
+
+
+def test_run_traces_are_named_after_their_owner(machine_guard):
+    """A run's temporary directory and cgroups carry the caller's pid (``run_prefix``), so
+    ``leftovers`` shows a run in flight as this process's, and as no other process's: on a
+    machine shared with other users of the sandbox, nobody's check counts someone else's run
+    (issue 22 item 7)."""
+    seen = {}
+
+    def watch():
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not any(c.endswith("main.py") for c in seen.get("processes", {}).values()):
+            seen.update(sandbox.leftovers())
+            time.sleep(0.02)
+        seen["parent's"] = sandbox.leftovers(os.getppid())
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    res = run_python("import time\ntime.sleep(1.5)")
+    watcher.join()
+    assert res.ok, res.stderr
+    prefix = f"posttrain-sandbox-{os.getpid()}-"
+    assert sandbox.run_prefix() == prefix
+    assert [os.path.dirname(d) for d in seen["temp_dirs"]] == [tempfile.gettempdir()]
+    assert all(os.path.basename(d).startswith(prefix) for d in seen["temp_dirs"])
+    assert any(c.endswith("main.py") for c in seen["processes"].values()), seen
+    n_cgroups = sum(bool(CAPS.get(k)) for k in ("pids_cgroup", "memory_cgroup"))
+    assert len(seen["cgroups"]) == n_cgroups and all(os.path.basename(c).startswith(prefix) for c in seen["cgroups"])
+    assert seen["parent's"] == {"processes": {}, "cgroups": [], "temp_dirs": []}
+    assert sandbox.leftovers() == {"processes": {}, "cgroups": [], "temp_dirs": []}
 
 
 # ---------------------------------------------------------------------------- basics

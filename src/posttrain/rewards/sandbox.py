@@ -31,6 +31,10 @@ outside the hidden directories; it can use several cores until the wall-clock ti
 cgroup; RLIMIT_CPU is per process); there is no seccomp filter, so the kernel's whole syscall
 surface is reachable by the unprivileged user; disk I/O bandwidth is not limited.
 
+A run's host traces (its temporary directory under ``/tmp`` and its cgroups) are named
+``posttrain-sandbox-<owner pid>-...``; ``leftovers()`` lists what the runs of one process hold on
+the machine, never counting other processes' runs.
+
 This module runs programs and decides the mode; what the host offers (cgroups, ``unshare``,
 exposed paths, the probe program and its interpretation) lives in ``sandbox_host``.
 """
@@ -54,7 +58,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
 # host inspection lives in sandbox_host; its constants stay importable from here as before
-from posttrain.rewards.sandbox_host import (  # noqa: F401 - CGROUP_ROOT, STALE_CGROUP_AGE_S re-exported
+from posttrain.rewards.sandbox_host import (  # noqa: F401 - CGROUP_PREFIX, CGROUP_ROOT, STALE_CGROUP_AGE_S re-exported
     CGROUP_PREFIX,
     CGROUP_ROOT,
     HIDDEN_PATHS,
@@ -72,6 +76,8 @@ from posttrain.rewards.sandbox_host import (  # noqa: F401 - CGROUP_ROOT, STALE_
     _python,
     _rlimits,
     _unshare_cmd,
+    leftovers,
+    run_prefix,
 )
 
 __all__ = [
@@ -79,6 +85,7 @@ __all__ = [
     "SandboxError",
     "SandboxResult",
     "detect_capabilities",
+    "leftovers",
     "run_many",
     "run_python",
 ]
@@ -131,13 +138,15 @@ def _execute(
 ) -> SandboxResult:
     namespaced = plan.mode != "none"
     uid = NOBODY if plan.drop_uid else None
-    host_dir = tempfile.mkdtemp(prefix="posttrain-sandbox-")
+    # named after the owner, as the cgroups are: a machine's /tmp is shared with other users of
+    # the sandbox, and the owner's pid is how a run's leftovers are told apart (``leftovers``)
+    host_dir = tempfile.mkdtemp(prefix=run_prefix())
     cgroups: dict[str, str] = {}
     notes: list[str] = []
     status_fds: list[int] = []
     proc = None
     try:
-        run_name = f"{CGROUP_PREFIX}{os.getpid()}-{next(_run_counter)}-{secrets.token_hex(3)}"
+        run_name = f"{run_prefix()}{next(_run_counter)}-{secrets.token_hex(3)}"
         if plan.pids_base:
             cgroups["pids"] = os.path.join(plan.pids_base, run_name)
             os.mkdir(cgroups["pids"])

@@ -17,6 +17,7 @@ import secrets
 import shutil
 import signal
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -32,12 +33,94 @@ _MINIMAL_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8"}
 STALE_CGROUP_AGE_S = 3600.0
 
 
+# ---------------------------------------------------------------------------- ownership
+
+
+def run_prefix(pid: Optional[int] = None) -> str:
+    """Name prefix of every per-run cgroup and host temporary directory of the sandbox runs of
+    process ``pid`` (default: this one): ``posttrain-sandbox-<pid>-``.
+
+    The owner's pid in the name is what lets several users of one machine (test runs of other
+    people, a trainer scoring code) tell their runs apart, and stale ones of a dead owner be found.
+    """
+    return f"{CGROUP_PREFIX}{os.getpid() if pid is None else pid}-"
+
+
+def _process_table() -> dict[int, tuple[int, list[bytes]]]:
+    """{pid: (parent pid, argv)} of every process this one may inspect."""
+    table = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{name}/cmdline", "rb") as f:
+                table[int(name)] = (ppid, f.read().split(b"\0"))
+        except (OSError, ValueError, IndexError):
+            continue  # exited while being read
+    return table
+
+
+def _launched_by(pid: int, table: dict[int, tuple[int, list[bytes]]]) -> Optional[int]:
+    """The process that asked for the sandbox run ``pid`` belongs to: the first ancestor above
+    the launcher that is not ``unshare`` (whose command line names the launcher too); None when
+    no launcher is among ``pid`` and its ancestors."""
+    launcher_seen = False
+    for _ in range(256):
+        if pid not in table:
+            return None
+        ppid, argv = table[pid]
+        if launcher_seen and os.path.basename(argv[0]) != b"unshare":
+            return pid
+        launcher_seen = launcher_seen or any(a.endswith(b"_sandbox_launcher.py") for a in argv)
+        pid = ppid
+    return None
+
+
+def leftovers(pid: Optional[int] = None) -> dict[str, Any]:
+    """What the sandbox runs of process ``pid`` (default: this one) hold on this machine now:
+    ``processes`` ({pid: command line}), ``cgroups`` (paths) and ``temp_dirs`` (paths).
+
+    Between runs all three are empty; during a run they show it. Other processes' runs never
+    count. A process counts when it is in one of the owner's per-run cgroups, descends from a
+    launcher the owner started, or (no PID namespace, no cgroup: an orphan reparented to the
+    host's init) still has its working directory in one of the owner's temporary directories.
+    """
+    owner = os.getpid() if pid is None else pid
+    prefix = run_prefix(owner)
+    temp_root = tempfile.gettempdir()
+    temp_dirs = sorted(os.path.join(temp_root, n) for n in os.listdir(temp_root) if n.startswith(prefix))
+    cgroups = []
+    for controller in ("pids", "memory"):
+        own = _own_cgroup(controller, owner)  # per-run cgroups live under their owner's
+        base = os.path.join(CGROUP_ROOT, controller, (own or "").lstrip("/"))
+        if own is not None and os.path.isdir(base):
+            cgroups += sorted(os.path.join(base, n) for n in os.listdir(base) if n.startswith(prefix))
+    table = _process_table()
+    processes = {}
+    for p, (_, argv) in table.items():
+        if p == owner:
+            continue
+        try:
+            with open(f"/proc/{p}/cgroup") as f:
+                mine = f"/{prefix}" in f.read()
+            mine = mine or _launched_by(p, table) == owner or os.readlink(f"/proc/{p}/cwd").startswith(
+                os.path.join(temp_root, prefix))
+        except OSError:
+            continue  # exited while being read, or not ours to inspect
+        if mine:
+            processes[p] = b" ".join(argv).decode(errors="replace").strip()
+    return {"processes": processes, "cgroups": cgroups, "temp_dirs": temp_dirs}
+
+
 # ---------------------------------------------------------------------------- cgroups
 
 
-def _own_cgroup(controller: str) -> Optional[str]:
+def _own_cgroup(controller: str, pid: Optional[int] = None) -> Optional[str]:
+    """The cgroup (v1 path) of this process, or of process ``pid``, for ``controller``."""
     try:
-        with open("/proc/self/cgroup") as f:
+        with open(f"/proc/{'self' if pid is None else pid}/cgroup") as f:
             for line in f:
                 _, controllers, path = line.rstrip("\n").split(":", 2)
                 if controller in controllers.split(","):

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import subprocess
 import sys
 import sysconfig
 import tempfile
@@ -57,52 +58,69 @@ def code_reward(attack: str, timeout_s: float = 3.0, **kw) -> float:
     return CodeReward(timeout_s=timeout_s, **kw)(PROBLEM, [f"```python\n{attack}\n{SOLUTION}```"]).rewards[0]
 
 
-def _leftover_procs(before: set[int]) -> set[int]:
-    """Host processes of this test process's sandbox runs. With per-run cgroups: anything in
-    one of ours (named after our pid, so concurrent test runs of other people do not count).
-    Without: any sandboxed program or launcher that was not there before."""
-    own = f"{sandbox.CGROUP_PREFIX}{os.getpid()}-"
-    with_cgroups = bool(CAPS.get("pids_cgroup") or CAPS.get("memory_cgroup"))
-    found = set()
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
+def _env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k != "PYTEST_CURRENT_TEST"}
+
+
+def _state() -> dict:
+    """What this test process's sandbox runs hold on the machine (``sandbox.leftovers``: only
+    runs named after our pid, so sandbox runs of other people's processes on a shared machine
+    never count), and this process's environment."""
+    left = sandbox.leftovers()
+    return {"processes": left["processes"], "cgroups": set(left["cgroups"]), "temp_dirs": set(left["temp_dirs"]),
+            "env": _env()}
+
+
+def _changes_since(before: dict, wait_s: float = 5.0) -> list[str]:
+    """What is on the machine now that was not in ``before``, each with the evidence to chase it:
+    processes (waited for up to ``wait_s``: the kernel takes a moment to tear a namespace down),
+    cgroups, temporary directories (age and contents) and environment variables."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        now = sandbox.leftovers()
+        procs = {p: c for p, c in now["processes"].items() if p not in before["processes"]}
+        if not procs or time.monotonic() >= deadline:
+            break
+        time.sleep(0.05)
+    problems = []
+    if procs:
+        problems.append(f"sandboxed processes outlived their run: {procs}")
+    if set(now["cgroups"]) - before["cgroups"]:
+        problems.append(f"per-run cgroups left behind: {sorted(set(now['cgroups']) - before['cgroups'])}")
+    for d in sorted(set(now["temp_dirs"]) - before["temp_dirs"]):
         try:
-            if with_cgroups:
-                if own in Path(f"/proc/{pid}/cgroup").read_text():
-                    found.add(int(pid))
-                continue
-            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if argv[1:4] == [b"-I", b"-S", b"main.py"] or any(a.endswith(b"_sandbox_launcher.py") for a in argv):
-            found.add(int(pid))
-    return found - before
-
-
-def _own_cgroups() -> list[str]:
-    prefix = f"{sandbox.CGROUP_PREFIX}{os.getpid()}-"
-    return [n for base in (CAPS.get("pids_cgroup"), CAPS.get("memory_cgroup")) if base and os.path.isdir(base)
-            for n in os.listdir(base) if n.startswith(prefix)]
+            age, names = time.time() - os.stat(d).st_mtime, sorted(os.listdir(d))
+        except OSError as e:
+            age, names = float("nan"), [repr(e)]
+        problems.append(f"temporary directory left behind: {d} (modified {age:.1f} s ago, holds {names})")
+    env = _env()
+    if env != before["env"]:
+        changed = {k: (before["env"].get(k), env.get(k)) for k in set(env) | set(before["env"])
+                   if env.get(k) != before["env"].get(k)}
+        problems.append(f"this process's environment changed (name: (before, after)): {changed}")
+    return problems
 
 
 @pytest.fixture
 def contained(record, request):
     """The machine is left as it was; a contained attack is recorded in the report."""
-    temps = {n for n in os.listdir(tempfile.gettempdir()) if n.startswith("posttrain-sandbox-")}
-    procs, env = _leftover_procs(set()), {k: v for k, v in os.environ.items() if k != "PYTEST_CURRENT_TEST"}
+    before = _state()
     failed = request.session.testsfailed
     yield
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline and _leftover_procs(procs):
-        time.sleep(0.05)
-    assert not _leftover_procs(procs), "sandboxed processes outlived their run"
-    assert not _own_cgroups(), "per-run cgroups left behind"
-    assert {n for n in os.listdir(tempfile.gettempdir()) if n.startswith("posttrain-sandbox-")} <= temps
-    assert {k: v for k, v in os.environ.items() if k != "PYTEST_CURRENT_TEST"} == env
+    problems = _changes_since(before)
+    assert not problems, "\n".join(problems)
     os.kill(os.getpid(), 0)
     if request.session.testsfailed == failed:
         record("sandbox attacks contained", request.node.name.removeprefix("test_"))
+
+
+def _evidence(res, caller_s: float) -> str:
+    """Everything a failed sandbox check needs next time: how the run ended, its timings, its
+    whole output, and what the machine was doing."""
+    return (f"mode={res.mode} ok={res.ok} exit_code={res.exit_code} killed_reason={res.killed_reason} "
+            f"timed_out={res.timed_out} wall_s={res.wall_s:.3f} caller_s={caller_s:.3f} load={os.getloadavg()} "
+            f"notes={res.notes} truncated={res.stdout_truncated}/{res.stderr_truncated}\n"
+            f"--- stdout ---\n{res.stdout}\n--- stderr ---\n{res.stderr}")
 
 
 def _lines(res) -> dict[str, str]:
@@ -278,6 +296,34 @@ def test_raising_the_stack_limit_does_not_escape_the_memory_limit(contained):
 
 @requires("pid_namespace")
 def test_proc_self_environ_holds_only_the_minimal_environment(contained, monkeypatch):
+    """The caller's environment (a secret set just before) is in no ``/proc/*/environ`` the
+    program can read: its own, each thread's, a forked grandchild's.
+
+    Issue 22 item 7, this test's one failure in a full run. Causes ruled out by reading the code:
+    the child's environment is never inherited (``Popen(env=_MINIMAL_ENV)`` and ``execve`` with
+    the config's env), so monkeypatching ``os.environ`` cannot race a fork; ``/proc`` is the PID
+    namespace's own (``unshare --mount-proc``) and is read by the program about itself while
+    alive; the output is a few hundred bytes (limit 64 KiB), pids.max 64 against 4 processes.
+    An earlier one-off failure here (a joined thread's ``/proc/self/task`` entry vanishing
+    mid-read) was fixed in 767af05 by reading while the thread lives.
+
+    Tried in a loop (2026-12-05, 2 shared cores, 24 GiB, root_ns mode with pids and memory
+    cgroups; each line 300 runs of this test): the machine as others were loading it (load
+    average ~3.8), 300 passed; plus two busy-loop processes (load average up to 9.5), 300
+    passed, slowest call 0.68 s; plus a 7 GB resident process, 300 passed. With another process
+    running sandbox programs at the same time (as another engineer's test run or a trainer
+    scoring code does on this shared machine): 48 of 50 failed, at teardown, ``assert
+    {'posttrain-sandbox-92xpm3gy'} <= {...}``. The ``contained`` fixture counted every
+    ``posttrain-sandbox-*`` directory in the shared ``/tmp`` as ours (and ``tests/rewards``'s
+    guard every sandboxed process on the machine), so any run of another process overlapping
+    this test's 0.2 s failed it. Fixed: a run's temporary directory is named after its owner's
+    pid, like its cgroups, and the fixtures look only at our own (``sandbox.leftovers``);
+    ``test_another_process_running_the_sandbox_is_not_our_leftover`` keeps it so.
+
+    If it fails again, the message holds the run's mode, exit, kill reason, timings, load, whole
+    stdout (the environ names each process saw) and stderr. The generous timeout keeps a load
+    spike from failing a test that is not about time (the run takes ~0.1 s).
+    """
     secret = f"s3cr3t-{uuid.uuid4().hex}"
     monkeypatch.setenv("POSTTRAIN_TEST_SECRET", secret)
     code = (
@@ -296,15 +342,62 @@ def test_proc_self_environ_holds_only_the_minimal_environment(contained, monkeyp
         "os.waitpid(pid, 0)\n"
         "print('raw', open('/proc/self/environ', 'rb').read())\n"
     )
-    res = run_python(code)
-    assert res.ok, res.stderr
-    assert secret not in res.stdout and "POSTTRAIN_TEST_SECRET" not in res.stdout
-    allowed = {"PATH", "LANG", "HOME", "TMPDIR"}
+    t0 = time.monotonic()
+    res = run_python(code, timeout_s=30)
+    evidence = _evidence(res, time.monotonic() - t0)
+    assert res.ok, "the environ probe did not run to completion\n" + evidence
+    assert secret not in res.stdout and "POSTTRAIN_TEST_SECRET" not in res.stdout, "the caller's env leaked\n" + evidence
     out = _lines(res)
-    assert set(eval(out["self"])) <= allowed and set(eval(out["grandchild"])) <= allowed
-    assert all(set(t) <= allowed for t in eval(out["tasks"]))
+    assert {"self", "tasks", "grandchild", "raw"} <= set(out), "a probe line is missing\n" + evidence
+    allowed = {"PATH", "LANG", "HOME", "TMPDIR"}
+    assert set(eval(out["self"])) <= allowed and set(eval(out["grandchild"])) <= allowed, evidence
+    assert all(set(t) <= allowed for t in eval(out["tasks"])), evidence
     leak = f"import os\nassert {secret!r} not in open('/proc/self/environ').read()\nassert 'POSTTRAIN' in open('/proc/self/environ').read()"
     assert code_reward(leak) == 0.0
+
+
+OTHER_OWNER = (  # another process using the sandbox: its program sleeps long enough to overlap ours
+    "import sys\n"
+    "from posttrain.rewards.sandbox import detect_capabilities, run_python\n"
+    "detect_capabilities()\n"  # its probe is a sandbox run too: announce the real one after it
+    "print('probed', flush=True)\n"
+    "res = run_python('import time\\ntime.sleep(3)', timeout_s=30)\n"
+    "sys.exit(0 if res.ok else 1)\n"
+)
+
+
+def test_another_process_running_the_sandbox_is_not_our_leftover(contained):
+    """The cause of the environ test's one failure (issue 22 item 7; see its docstring): a
+    sandbox run of another process, in flight while ours ends, is not counted as ours, and a
+    temporary directory of our own left behind still is."""
+    before = _state()
+    other = subprocess.Popen([sys.executable, "-c", OTHER_OWNER], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        assert other.stdout.readline() == b"probed\n", "the other process failed before its run"
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and not any(
+                c.endswith("main.py") for c in sandbox.leftovers(other.pid)["processes"].values()):
+            time.sleep(0.05)
+        theirs = sandbox.leftovers(other.pid)
+        assert theirs["temp_dirs"] and theirs["processes"], \
+            f"the other process's run is not visible as its own (a temp dir named after its pid, processes): {theirs}"
+        res = run_python("print('mine')")
+        assert res.ok and res.stdout == "mine\n", _evidence(res, 0.0)
+        assert sandbox.leftovers(other.pid)["temp_dirs"], "the other run ended before our check: nothing overlapped"
+        assert _changes_since(before, wait_s=0.0) == []
+        planted = tempfile.mkdtemp(prefix=sandbox.run_prefix())  # the check is scoped, not blind
+        try:
+            assert any(planted in p for p in _changes_since(before, wait_s=0.0))
+        finally:
+            os.rmdir(planted)
+    finally:
+        try:
+            out, _ = other.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            other.kill()
+            out, _ = other.communicate()
+    assert other.returncode == 0, out.decode(errors="replace")[-2000:]
+    assert sandbox.leftovers(other.pid) == {"processes": {}, "cgroups": [], "temp_dirs": []}
 
 
 # ----------------------------------------------------------------------------- the installed package

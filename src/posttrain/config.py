@@ -285,6 +285,12 @@ class RLConfig:
                    and self.environment is None, "algorithm.hpt_gate",
                    "needs trainer.ppo_epochs=1, trainer.mini_batches=1, distributed.learners=1 and no environment "
                    "(its SFT part joins the single update of one learner)")
+        # gdpo's default normalises a composite reward's parts; any other reward's components are
+        # one reward's diagnostics (majority vote's gt_reward is even a label), so it would fail at step 1.
+        _check(self.algorithm.advantage_estimator != "gdpo" or self.algorithm.advantage.gdpo_components
+               or self.reward.get("type") == "composite", "algorithm.advantage.gdpo_components",
+               "gdpo needs a composite reward (its parts are the components it normalises) or an explicit "
+               "list of reward components")
         _check(self.environment is None or self.distributed.rollout_workers == 0, "environment",
                "runs episodes in the trainer's process: set distributed.rollout_workers=0 (Ray workers sample "
                "single turns only)")

@@ -25,3 +25,10 @@ def test_ace_loads_the_reference_it_needs_and_trains(tmp_path):
     assert cfg.algorithm.uses_reference and cfg.algorithm.kl.coef == 0
     summary = train_rl(cfg, output_dir=str(tmp_path / "run"), quiet=True)  # failed at step 1 before
     assert summary["steps"] == 1
+
+
+def test_gdpo_without_a_composite_reward_or_components_is_a_config_error():
+    with pytest.raises(ConfigError, match="gdpo needs a composite reward"):
+        load_config(None, TINY + ["algorithm.advantage_estimator=gdpo", "reward={type: numeric}"])
+    composite = "reward={type: composite, parts: [{type: numeric}, {type: format, pattern: '^[0-9]'}]}"
+    assert load_config(None, TINY + ["algorithm.advantage_estimator=gdpo", composite])

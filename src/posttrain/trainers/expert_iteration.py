@@ -26,10 +26,11 @@ import torch
 from posttrain.evaluation.runner import correct_flags
 from posttrain.rewards.errors import score_rollouts
 from posttrain.rollout.engine import SamplingParams
+from posttrain.rollout.sampler import context_window, render_prompt
 from posttrain.runs import load_trainer_state
 from posttrain.trainers.rl import EpochSampler
 from posttrain.trainers.sft import SFTTrainer
-from posttrain.trainers.sft_data import Demonstration, encode
+from posttrain.trainers.sft_data import Demonstration, DemonstrationError, encode
 
 
 class NothingToImitateError(RuntimeError):
@@ -49,8 +50,19 @@ def keep_correct(problems, texts: list[str], flags: list[bool], group_ids: list[
 
 class ExpertIterationTrainer(SFTTrainer):
     def __init__(self, cfg, policy, tokenizer, task, reward, run):
+        # A round sample is prompt + up to max_new_tokens + EOS: refused now (before the engine
+        # starts), not after the first round of a started run.
+        problems = list(task.problems("train"))
+        limit = min(cfg.data.max_length, context_window(policy.config))
+        longest = max((len(render_prompt(tokenizer, p.prompt, cfg.rollout.chat_template)) for p in problems), default=0)
+        if longest + cfg.rollout.max_new_tokens + 1 > limit:
+            raise DemonstrationError(
+                f"data.max_length={cfg.data.max_length} (at most the model's context window) leaves {limit} tokens, "
+                f"too few for a round sample: the longest train prompt has {longest} tokens, + "
+                f"rollout.max_new_tokens={cfg.rollout.max_new_tokens} + EOS; raise data.max_length to at least "
+                f"{longest + cfg.rollout.max_new_tokens + 1} or lower rollout.max_new_tokens")
         super().__init__(cfg, policy, tokenizer, task, reward, run, demos=([], None))
-        self.prompts = EpochSampler(list(task.problems("train")), cfg.trainer.seed)
+        self.prompts = EpochSampler(problems, cfg.trainer.seed)
         self.by_id = {p.id: p for p in self.prompts.problems}
         self.sample_gen = torch.Generator(device=self.device).manual_seed(cfg.trainer.seed + 1)
         self.kept: list[tuple[str, str]] = []  # this round's (problem id, completion)

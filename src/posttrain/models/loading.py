@@ -354,6 +354,7 @@ def load_model_and_tokenizer(name: str, *, dtype: torch.dtype = torch.float32):
     """Return ``(model, tokenizer)`` for ``name``; the model is in eval mode on CPU."""
     from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
     describe_source(name)  # clear error before any heavy work
     if name == TINY_ALIAS:
@@ -377,15 +378,55 @@ def load_model_and_tokenizer(name: str, *, dtype: torch.dtype = torch.float32):
     if local and path.is_dir():
         check_safetensors_files(path, _directory_fix(path))
     hub_kw = {} if local or not _hub_local_only(name) else {"local_files_only": True}
+    verbosity = hf_logging.get_verbosity()
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **hub_kw)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **hub_kw)
-    except (OSError, ValueError, SafetensorError) as exc:
-        detail = " ".join(f"{type(exc).__name__}: {exc}".split())
+        hf_logging.set_verbosity_error()  # its multi-line load report: the missing weights are named below
+        model, info = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, output_loading_info=True, **hub_kw)
+    except Exception as exc:  # noqa: BLE001 - re-raised, as one line naming the directory for local files
+        # A damaged tokenizer.json or config.json of a local directory surfaces as whatever its parser
+        # raises (tokenizers: a bare Exception; transformers: KeyError, TypeError, ...).
+        if not (local or isinstance(exc, (OSError, ValueError, SafetensorError))):
+            raise
+        detail = " ".join(f"{type(exc).__name__}: {exc}".split())[:500]
         if local:
             raise ModelLoadError(f"could not load model {name!r} from {path}: {detail}. If a file there is "
                                  f"damaged: {_directory_fix(path)}") from exc
         raise ModelLoadError(f"could not load model {name!r}: {detail}") from exc
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    if info["missing_keys"]:  # transformers would start them from random values, and training would go on
+        missing, unexpected = sorted(info["missing_keys"]), sorted(info["unexpected_keys"])
+        detail = f"its weights lack {', '.join(missing[:3])}"
+        if len(missing) > 3:
+            detail += f" and {len(missing) - 3} more"
+        if unexpected:
+            detail += f" (it holds unexpected ones instead: {', '.join(map(repr, unexpected[:3]))})"
+        if local:
+            raise ModelLoadError(f"could not load model {name!r} from {path}: {detail}. If a file there is damaged: "
+                                 f"{_directory_fix(path)}")
+        raise ModelLoadError(f"could not load model {name!r}: {detail}")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    if local and path.is_dir():
+        check_chat_template(tokenizer, path)
     return model.eval(), tokenizer
+
+
+def check_chat_template(tokenizer, directory: Path) -> None:
+    """The tokenizer's chat template renders a one-message conversation (what ``render_prompt``
+    asks of it), else a ``CorruptFileError`` naming the template's file: a damaged
+    ``chat_template.jinja`` is found at load time, not as a jinja2 traceback at the first prompt."""
+    if not getattr(tokenizer, "chat_template", None):
+        return
+    from jinja2 import TemplateError
+
+    try:
+        tokenizer.apply_chat_template([{"role": "user", "content": "1 + 1"}], tokenize=False,
+                                      add_generation_prompt=True)
+    except TemplateError as exc:
+        file = directory / "chat_template.jinja"
+        file = file if file.is_file() else directory / "tokenizer_config.json"  # the older place of the template
+        detail = " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
+        raise CorruptFileError(file, f"damaged or not a chat template that renders ({detail})",
+                               _directory_fix(directory)) from exc

@@ -125,13 +125,16 @@ class RunDir:
         if not path.exists():
             return []
         rows = []
-        for line in path.read_text().splitlines():
-            line = line.strip()
-            if line:
+        for raw in path.read_bytes().splitlines():
+            if raw.strip():
                 try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError:
-                    break  # a torn last line from a crash: everything after it is dropped
+                    row = json.loads(raw.decode("utf-8"))
+                except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+                    row = None
+                step = row.get("step", 0) if isinstance(row, dict) else None
+                if not isinstance(step, (int, float)) or isinstance(step, bool):
+                    break  # a torn last line from a crash (or a damaged one): everything after it is dropped
+                rows.append(row)
         return rows
 
     def truncate_jsonl(self, name: str, max_step: int) -> None:

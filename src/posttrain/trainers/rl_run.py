@@ -77,6 +77,10 @@ def check_resume(path: Path, cfg, extra_files: tuple[str, ...] = ()) -> None:
     checkpoint = latest_checkpoint(path)
     if checkpoint is None:
         return  # nothing saved yet: the run starts again from step 0
+    if cfg.trainer.steps < int(checkpoint.name[5:]):  # it would log an evaluation of step N's weights as step `steps`
+        raise ResumeError(f"cannot resume {path} with trainer.steps={cfg.trainer.steps}: its latest checkpoint is "
+                          f"{checkpoint.name}; give trainer.steps >= {checkpoint.name[5:]} ({path / 'config.yaml'} is "
+                          "unchanged)")
     from posttrain.models.lora import checkpoint_weights_file, resume_problem
 
     saved = yaml.safe_load((path / "config.yaml").read_text()) or {}

@@ -147,6 +147,8 @@ TABLE: dict[str, Row] = {
                                                    *OFF_POLICY),
                                                   "REINFORCE++-baseline: group mean, batch whitening, k2 KL loss",
                                                   logs=("kl/mean",)),
+    "advantage:psr": Row(("algorithm.advantage_estimator=psr", "algorithm.policy_loss=gpg"),
+                         "PSR: REINFORCE on correct samples only (+1), wrong ones 0, no baseline"),
     "advantage:remax": Row(("algorithm.advantage_estimator=remax", "algorithm.policy_loss=gpg"),
                            "ReMax: REINFORCE with the greedy completion's reward as baseline (the trainer "
                            "samples it)"),

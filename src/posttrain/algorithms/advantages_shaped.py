@@ -1,5 +1,5 @@
 """Advantage estimators that reshape the group-relative signal with per-sample information:
-correctness (W-REINFORCE), likelihood rank (unlikeliness reward), answer agreement
+correctness (W-REINFORCE and its positive-only half PSR), likelihood rank (unlikeliness reward), answer agreement
 (SEED-GRPO) and confidence shift against the reference (ACE).
 
 "Correct" means ``reward > 0`` throughout (rewards in {0, 1} or {-1, +1}).
@@ -45,6 +45,27 @@ def w_reinforce(inp: AdvantageInput, cfg: AdvantageConfig) -> torch.Tensor:
     correct = inp.rewards > 0
     adv = torch.where(correct, torch.full_like(inp.rewards, cfg.psr_weight, dtype=torch.float64), -1.0)
     return broadcast(adv.to(torch.float64), inp.mask)
+
+
+@ADVANTAGES.register(
+    "psr",
+    paper="The Surprising Effectiveness of Negative Reinforcement in LLM Reasoning (arXiv:2506.01347)",
+)
+def psr(inp: AdvantageInput, cfg: AdvantageConfig) -> torch.Tensor:
+    """PSR (positive sample reinforcement): A_i = 1 if r_i > 0 (correct) else 0; no baseline.
+
+    Paper: The Surprising Effectiveness of Negative Reinforcement in LLM Reasoning
+    (arXiv:2506.01347). The paper splits the RLVR objective into L_PSR (push up correct samples)
+    and L_NSR (push down wrong ones) and trains each alone: PSR raises pass@1 but narrows
+    pass@k at large k, NSR keeps the whole pass@k curve. PSR is the positive-only arm of that
+    contrast, the counterpart of NSR (``w_reinforce`` with ``psr_weight=0``: A = -1 on wrong
+    samples, 0 on right ones). "Correct" is read as in ``w_reinforce``: ``r > 0``, so a reward
+    in {0, 1} or {-1, +1} works, and a shaped reward (e.g. a format bonus on wrong answers)
+    would count as correct. Pair with the ``gpg`` loss (-A * log p) or ``ppo_clip``, as
+    ``w_reinforce``. A group with no correct sample contributes no gradient.
+    """
+    adv = (inp.rewards > 0).to(torch.float64)
+    return broadcast(adv, inp.mask)
 
 
 @ADVANTAGES.register(

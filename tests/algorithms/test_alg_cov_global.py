@@ -218,3 +218,35 @@ def test_two_ranks_select_what_one_process_selects(batch, tmp_path):
             assert metrics[f"loss/{loss}_frac"] == pytest.approx(_expected_fraction(loss, batch), abs=1e-7)
             assert _max_rel(grads, ref_grads) < 1e-5  # the SUM over ranks is the one-process gradient
         assert all(torch.equal(a, b) for a, b in zip(ranks[0][loss][0], ranks[1][loss][0], strict=True))
+
+
+# ------------------------------------------------------------------ corrections over the whole batch
+def _prepared_update(micro: int, batch) -> tuple[list[torch.Tensor], dict, object]:
+    """RLUpdate.prepare + update with batch-normalised token TIS; the batch is copied, so each call
+    starts from the same rollouts."""
+    import copy
+
+    cfg = load_config(None, [f"trainer.micro_batch_size={micro}", "trainer.autocast=none", "rollout.dtype=float32",
+                             "trainer.lr=1e-3", "trainer.max_grad_norm=1e9", f"rollout.max_new_tokens={MAX_NEW_TOKENS}",
+                             "algorithm.correction.name=tis_token", "algorithm.correction.batch_normalize=true"])
+    model, _ = tiny_model_and_tokenizer(seed=1)
+    learner = Learner(model, cfg.trainer, cfg.model, temperature=1.0, device=torch.device("cpu"),
+                      sampler_dtype=torch.float32)
+    upd = RLUpdate(cfg, learner)
+    b = copy.deepcopy(batch)
+    upd.prepare(b, step=3)
+    metrics = upd.update(b, [torch.arange(len(b))], step=3)
+    return [g.detach().clone() for g in learner.fp32_grads()], metrics, b
+
+
+def test_batch_normalised_is_weights_are_normalised_over_the_whole_batch(batch):
+    """The weights come from one correction over the batch (prepare), so micro-batching cannot
+    renormalise them: per micro-batch of one row, each row was rescaled to mean 1 on its own."""
+    torch.set_num_threads(1)
+    whole_grads, _, prepared = _prepared_update(len(batch), batch)
+    one_grads, _, _ = _prepared_update(1, batch)
+    kept = prepared.loss_mask > 0
+    w = prepared.is_weights[kept]
+    assert float(w.mean()) == pytest.approx(1.0, abs=1e-5)
+    assert float(w.std()) > 0.05  # the weights are not trivially 1: the learner and sampler differ
+    assert _max_rel(one_grads, whole_grads) < 1e-5

@@ -274,13 +274,11 @@ TABLE: dict[str, Row] = {
                                    "Skywork-OR1: the entropy coefficient steered toward a target",
                                    logs=("entropy/coef",)),
     # The random model's entropy (~4.5 nats) is below a target of 10, so the coefficient must rise
-    # from 0 by delta each step; rl_update only updates (and logs) it while it is > 0.
+    # from 0 by delta each step (rl_update once updated it only while it was > 0).
     "option:adaptive_entropy_from_zero": Row(
         ("algorithm.entropy.coef=0", "algorithm.entropy.adaptive=true", "algorithm.entropy.target=10"),
         "Skywork-OR1 from a coefficient of 0 (or clipped to coef_min = 0)", logs=("entropy/coef",),
-        xfail="RLUpdate.learn updates the adaptive entropy coefficient only while it is > 0 (and the learner "
-              "computes entropies only then): once at 0 it never rises again, whatever the entropy",
-        raises=AssertionError),
+        acts="entropy/coef"),
     "option:top_entropy_tokens": Row(("algorithm.entropy.top_quantile=0.2", "algorithm.loss.clip_high=0.28",
                                       "algorithm.aggregation=token-mean"),
                                      "80/20: only the top 20% entropy tokens get a loss (on DAPO)"),

@@ -29,11 +29,13 @@ that row's own and rows are never split across ranks. It does NOT hold, and woul
 than SUM, for (a) a normaliser taken over a subset, e.g. a Dr.GRPO constant set to the longest
 completion of the (micro-)batch instead of max_new_tokens (all-reduce MAX it first), or a mean
 over a micro-batch's sequences with the micro-batch's count (pass the global count instead);
-(b) losses whose per-row term depends on other rows: ``kl_cov`` / ``clip_cov`` pick top-k
-tokens by a covariance over the micro-batch (already micro-batch dependent single-process).
-Batch statistics computed before the update (group-normalised advantages, the 80/20 entropy
-mask, old/ref log-probs) must be computed on the whole batch before sharding, as RLTrainer
-does. Metrics are per-rank partials: the loss is the SUM over ranks.
+(b) losses whose per-row term depends on other rows, unless the dependence is resolved over
+the whole mini-batch first: ``kl_cov`` / ``clip_cov`` get their token selection from
+``RLUpdate`` (``select_cov_tokens``, once per mini-batch, identical on every rank) through
+``token_selection``, and the correction's (batch-normalised) IS weights are computed once per
+batch in ``RLUpdate.prepare``, so the SUM identity holds for them. Batch statistics computed
+before the update (group-normalised advantages, the 80/20 entropy mask, old/ref log-probs)
+must be computed on the whole batch before sharding, as RLTrainer does. Metrics are per-rank partials: the loss is the SUM over ranks.
 
 Why the replicas stay bit-identical. After the SUM every rank holds the same fp32 gradient
 bits (gloo's ring reduces each chunk once and broadcasts the result; with two ranks a + b is

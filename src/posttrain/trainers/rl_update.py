@@ -155,7 +155,9 @@ class RLUpdate:
         metrics.update(self.correction_metrics)
         if "kl/mean" in metrics:
             metrics["kl/coef"] = self.kl_ctl.update(metrics["kl/mean"], len(rollouts))
-        if "entropy/learner" in metrics and self.entropy_ctl.value > 0:
+        # Adaptive: updated every step, also at 0 (a coefficient at its floor must rise again when
+        # the entropy falls below the target, the collapse Skywork-OR1's controller exists to catch).
+        if "entropy/learner" in metrics and (self.entropy_ctl.value > 0 or self.cfg.algorithm.entropy.adaptive):
             metrics["entropy/coef"] = self.entropy_ctl.update(metrics["entropy/learner"])
         if self.dp.world > 1:
             metrics["time/collective_s"] = self.dp.comm_s - comm0
@@ -213,6 +215,8 @@ class RLUpdate:
             corr = CORRECTIONS.get(alg.correction.name)(
                 CorrectionInput(rollouts.behaviour_logprobs, rollouts.old_logprobs, rollouts.loss_mask), alg.correction)
             rollouts.loss_mask = rollouts.loss_mask * corr.mask
+            # and the weights: batch-normalised ones are normalised over this whole batch, not per micro-batch
+            rollouts.is_weights = corr.weights
             self.correction_metrics = {k if "/" in k else f"correction/{k}": float(v) for k, v in corr.metrics.items()}
 
     # ------------------------------------------------------------------ updates
@@ -229,7 +233,7 @@ class RLUpdate:
             counts[key] = counts.get(key, 0) + 1
 
         # The engine's entropies are missing (vLLM): the learner's stand in, in the same pass.
-        want_entropy = n > 0 and (self.entropy_ctl.value > 0 or rollouts.entropies is None)
+        want_entropy = n > 0 and (self.entropy_ctl.value > 0 or alg.entropy.adaptive or rollouts.entropies is None)
         value_fn = None
         mini_size = n // tc.mini_batches
         for epoch in range(tc.ppo_epochs):
@@ -326,11 +330,8 @@ class RLUpdate:
         mask = micro.loss_mask.to(logp.device)
         old = micro.old_logprobs.to(logp.device) if micro.old_logprobs is not None else logp.detach()
         behaviour = micro.behaviour_logprobs.to(logp.device)
-        is_weights = None
-        if alg.correction.name is not None:
-            # the weights; the rejection mask is already in loss_mask (prepare), with its metrics
-            corr = CORRECTIONS.get(alg.correction.name)(CorrectionInput(behaviour, old, mask), alg.correction)
-            is_weights, mask = corr.weights, mask * corr.mask
+        # the correction's weights and rejection mask were computed over the whole batch (prepare)
+        is_weights = micro.is_weights.to(logp.device) if micro.is_weights is not None else None
         token_selection = None
         if selection is not None:  # the micro-batch's rows, trimmed to its width as the learner trimmed it
             token_selection = selection[[md[MINI_ROW] for md in micro.metadata], :mask.shape[1]].to(logp.device)

@@ -279,6 +279,12 @@ TABLE: dict[str, Row] = {
         ("algorithm.entropy.coef=0", "algorithm.entropy.adaptive=true", "algorithm.entropy.target=10"),
         "Skywork-OR1 from a coefficient of 0 (or clipped to coef_min = 0)", logs=("entropy/coef",),
         acts="entropy/coef"),
+    # 003-22's reward-noise injection: the digit reward flipped with probability 0.4 per sample; the
+    # clean reward and the flip flags are logged as components (their means: clean reward, fraction flipped).
+    "option:noisy_reward": Row(("reward={type: noisy, flip_prob: 0.4, reward: {type: format, pattern: '[0-9]'}}",),
+                               "003-22: GRPO on a binary reward flipped with probability 0.4",
+                               logs=("reward_component/flipped", "reward_component/clean"),
+                               acts="reward_component/flipped"),
     "option:top_entropy_tokens": Row(("algorithm.entropy.top_quantile=0.2", "algorithm.loss.clip_high=0.28",
                                       "algorithm.aggregation=token-mean"),
                                      "80/20: only the top 20% entropy tokens get a loss (on DAPO)"),

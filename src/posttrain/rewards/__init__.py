@@ -12,6 +12,7 @@ from posttrain.rewards.errors import RewardError, score_group
 from posttrain.rewards.extract import extract_answer
 from posttrain.rewards.majority import MajorityVoteReward, majority_vote
 from posttrain.rewards.math import MathReward, NumericReward, answers_equivalent, canonical_answer
+from posttrain.rewards.noise import NoisyReward
 from posttrain.rewards.registry import REWARDS, build_reward, register_reward
 from posttrain.rewards.sandbox import SANDBOX_CAPABILITIES, SandboxError, SandboxResult, detect_capabilities, run_python
 from posttrain.rewards.shaping import CompositeReward, FormatReward, LengthReward, OverlongReward, ThinkFormatReward
@@ -25,6 +26,7 @@ __all__ = [
     "LengthReward",
     "MajorityVoteReward",
     "MathReward",
+    "NoisyReward",
     "NumericReward",
     "OverlongReward",
     "Reward",

@@ -9,7 +9,8 @@
 Every key other than ``type`` (and ``weight``/``parts`` inside a composite) is passed to the
 reward's constructor; unknown keys are a ``ValueError`` listing the allowed ones. Length
 rewards accept a tokenizer object through ``build_reward(spec, tokenizer=...)`` (it cannot
-live in YAML).
+live in YAML). ``noisy`` wraps another reward's spec: ``{type: noisy, flip_prob: 0.2, reward:
+{type: numeric}}`` (``posttrain.rewards.noise``).
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ def _builtin() -> None:
     from posttrain.rewards.code_reward import CodeReward
     from posttrain.rewards.majority import MajorityVoteReward
     from posttrain.rewards.math import MathReward, NumericReward
+    from posttrain.rewards.noise import NoisyReward
     from posttrain.rewards.shaping import FormatReward, LengthReward, OverlongReward, ThinkFormatReward
 
     for name, cls in {
@@ -55,6 +57,7 @@ def _builtin() -> None:
         "overlong": OverlongReward,
         "code": CodeReward,
         "majority_vote": MajorityVoteReward,
+        "noisy": NoisyReward,
     }.items():
         REWARDS.setdefault(name, cls)
 

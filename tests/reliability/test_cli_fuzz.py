@@ -306,13 +306,6 @@ GOOD_DATA = {  # what each data file holds before it is damaged
 TASK_LINES = st.lists(jsonl_lines(), min_size=1, max_size=8).map(lambda lines: b"\n".join(lines) + b"\n")
 
 
-# A known gap, outside the files of this change: trainers/sft_data.read_jsonl and
-# trainers/preference_data.load_preferences let a non-UTF-8 file's UnicodeDecodeError through (one
-# line, exit 2, nothing written, but the file is not named). Pinned by the strict xfail
-# test_a_non_utf8_data_file_is_named below: when it is fixed, drop this exemption.
-UNNAMED_UTF8 = "'utf-8' codec can't decode"
-
-
 def eval_done(out: Path) -> None:
     result = json.loads(out.read_text())
     assert result and isinstance(result, dict), result
@@ -354,10 +347,7 @@ def test_damaged_input_files_run_or_are_refused_naming_the_file(target, budget, 
                 argv = [command, str(base), extra]
             rc = c.run(argv if target == "eval model" else [*argv, "--output-dir", str(out)], out, done)
             if rc == 2 and target != "config":  # only the file differs from a good start: the error names it
-                if target in ("sft", "dpo") and UNNAMED_UTF8 in c.error:
-                    c.outcomes["note: known gap, a non-UTF-8 file not named"] += 1
-                else:
-                    assert str(named) in c.error, (target, c.error)
+                assert str(named) in c.error, (target, c.error)
 
         case()
 
@@ -540,11 +530,9 @@ def test_resume_with_fewer_steps_than_the_checkpoint_is_refused(case, run_dir): 
     assert "trainer.steps=1" in case.error and "step_2" in case.error, case.error
 
 
-@pytest.mark.xfail(strict=True, reason="trainers/sft_data.py and trainers/preference_data.py (not in this change) "
-                                       "let UnicodeDecodeError through without the file's name")
 @pytest.mark.parametrize("command", ["sft", "dpo"])
 def test_a_non_utf8_data_file_is_named(case, command):
-    """Known gap (see UNNAMED_UTF8): exit 2, one line, nothing written, but the file is not named."""
+    """Found: a non-UTF-8 SFT/DPO data file was refused (exit 2, nothing written) without its name."""
     bad = case.root / "data.jsonl"
     bad.write_bytes(GOOD_DATA[command][:20] + b"\x80\n")
     out = case.root / "out"

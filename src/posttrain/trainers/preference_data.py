@@ -49,30 +49,34 @@ def load_preferences(path: str | Path) -> list[PreferencePair]:
     if not path.is_file():
         raise PreferenceDataError(f"preference data file {path} does not exist")
     pairs: list[PreferencePair] = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise PreferenceDataError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
-            if not isinstance(row, dict):
-                raise PreferenceDataError(f"{where}: expected a JSON object, got {type(row).__name__}")
-            missing = [k for k in ("prompt", "chosen", "rejected") if k not in row]
-            if missing:
-                raise PreferenceDataError(f"{where}: missing key(s) {missing}; each line needs prompt, chosen, rejected")
-            _check_prompt(row["prompt"], where)
-            for key in ("chosen", "rejected"):
-                if not isinstance(row[key], str):
-                    raise PreferenceDataError(f"{where}: {key!r} must be a string, got {type(row[key]).__name__}")
-            margin = row.get("margin")
-            if margin is not None and (isinstance(margin, bool) or not isinstance(margin, (int, float))
-                                       or not math.isfinite(margin)):
-                raise PreferenceDataError(f"{where}: 'margin' must be a finite number, got {margin!r}")
-            pairs.append(PreferencePair(row["prompt"], row["chosen"], row["rejected"],
-                                        None if margin is None else float(margin), where))
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as exc:
+        raise PreferenceDataError(f"preference data file {path} is not UTF-8 text (byte {exc.start}); save it as "
+                                  "UTF-8 JSONL") from None
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{lineno}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise PreferenceDataError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+        if not isinstance(row, dict):
+            raise PreferenceDataError(f"{where}: expected a JSON object, got {type(row).__name__}")
+        missing = [k for k in ("prompt", "chosen", "rejected") if k not in row]
+        if missing:
+            raise PreferenceDataError(f"{where}: missing key(s) {missing}; each line needs prompt, chosen, rejected")
+        _check_prompt(row["prompt"], where)
+        for key in ("chosen", "rejected"):
+            if not isinstance(row[key], str):
+                raise PreferenceDataError(f"{where}: {key!r} must be a string, got {type(row[key]).__name__}")
+        margin = row.get("margin")
+        if margin is not None and (isinstance(margin, bool) or not isinstance(margin, (int, float))
+                                   or not math.isfinite(margin)):
+            raise PreferenceDataError(f"{where}: 'margin' must be a finite number, got {margin!r}")
+        pairs.append(PreferencePair(row["prompt"], row["chosen"], row["rejected"],
+                                    None if margin is None else float(margin), where))
     if not pairs:
         raise PreferenceDataError(f"preference data file {path} holds no pairs")
     return pairs

@@ -49,8 +49,12 @@ def read_jsonl(path: str | Path) -> list[Demonstration]:
     path = Path(path)
     if not path.is_file():
         raise DemonstrationError(f"data file {path} does not exist (data.path / data.validation_path)")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise DemonstrationError(f"data file {path} is not UTF-8 text (byte {exc.start}); save it as UTF-8 JSONL") from None
     out = []
-    for i, line in enumerate(path.read_text().splitlines(), 1):
+    for i, line in enumerate(text.splitlines(), 1):
         where = f"{path}:{i}"
         if not line.strip():
             continue

@@ -194,6 +194,16 @@ TABLE: dict[str, Row] = {
                                     logs=("loss/is_weight_mean", "mismatch/kl_k3")),
     "policy_loss:sapo": Row(("algorithm.policy_loss=sapo", "algorithm.aggregation=seq-mean-token-mean", *OFF_POLICY),
                             "SAPO: soft sigmoid gate instead of the clip", logs=("loss/gate_mean",)),
+    # SSPO's segment clip acts on the second mini-batch; a 2-token window makes 2 segments per 4-token answer
+    "policy_loss:sspo": Row(("algorithm.policy_loss=sspo", "algorithm.aggregation=token-mean",
+                             "algorithm.loss.sspo_window=2", *OFF_POLICY),
+                            "SSPO: segment-level ratios, entropy-scaled PPO clip, token-mean",
+                            logs=("loss/seg_ratio_mean", "loss/clip_scale_mean")),
+    # VESPO targets off-policy data: the gamma kernel of the behaviour/learner ratio (TRL: global token mean)
+    "policy_loss:vespo": Row(("algorithm.policy_loss=vespo", "algorithm.aggregation=token-mean", *MISMATCH,
+                              "algorithm.correction.name=tis_token", *OFF_POLICY),
+                             "VESPO: detached gamma weight of the sequence ratio (IS weights folded in), token-mean",
+                             logs=("loss/phi_mean", "mismatch/kl_k3")),
     # ------------------------------------------------------------ aggregations
     "aggregation:token-mean": Row(("algorithm.aggregation=token-mean", "algorithm.loss.clip_high=0.28", *OFF_POLICY),
                                   "DAPO: token-level loss with clip-higher"),

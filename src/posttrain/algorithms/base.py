@@ -172,6 +172,18 @@ class PolicyLossConfig:
     dppo_ratio_cap: float = 20.0  # DPPO truncation of the stop-gradient ratio (paper: large)
     dro_beta: float = 1.0  # DRO quadratic log-ratio penalty strength
     is_cap: float = 2.0  # reinforce_is: truncation C of the IS weight pi/mu
+    # VESPO gamma kernel phi(W) = W^k exp(lambda (1 - W)), chosen by the sign of A (TRL's defaults)
+    vespo_k_pos: float = 2.0  # power k for A >= 0 (paper section 3.4's c1; TRL: 2.0)
+    vespo_lambda_pos: float = 3.0  # decay lambda for A >= 0 (c2; TRL: 3.0)
+    vespo_k_neg: float = 3.0  # for A < 0 (TRL: 3.0)
+    vespo_lambda_neg: float = 2.0  # for A < 0 (TRL: 2.0)
+    # SSPO: segments are fixed windows of sspo_window token positions (no sentence ids reach the
+    # loss); PPO-CLIP bounds on the segment ratio, scaled by segment entropy / sequence entropy
+    sspo_window: int = 16  # tokens per segment (our choice; the abstract gives none)
+    sspo_clip_low: float = 0.2  # base eps_low before the entropy scale (PPO-CLIP's 0.2; our choice)
+    sspo_clip_high: float = 0.2  # base eps_high
+    sspo_entropy_scale_min: float = 0.5  # the entropy scale is clamped to [min, max] (our choice)
+    sspo_entropy_scale_max: float = 2.0
 
     def __post_init__(self) -> None:
         _check(self.clip_low >= 0 and self.clip_high >= 0, "algorithm.loss.clip_low and clip_high", "must be >= 0")
@@ -199,6 +211,23 @@ class PolicyLossConfig:
         _check(self.dppo_ratio_cap > 0, "algorithm.loss.dppo_ratio_cap", "must be > 0")
         _check(self.dro_beta >= 0, "algorithm.loss.dro_beta", "must be >= 0")
         _check(self.is_cap > 0, "algorithm.loss.is_cap", "must be > 0")
+        for key in ("vespo_k_pos", "vespo_k_neg"):
+            _check(0 <= getattr(self, key) < float("inf"), f"algorithm.loss.{key}",
+                   f"is VESPO's power k and must be a finite number >= 0 (TRL: 2.0 / 3.0), got {getattr(self, key)}")
+        for key in ("vespo_lambda_pos", "vespo_lambda_neg"):
+            _check(0 < getattr(self, key) < float("inf"), f"algorithm.loss.{key}",
+                   f"is VESPO's decay lambda and must be a finite number > 0 (TRL: 3.0 / 2.0), got {getattr(self, key)}")
+        _check(isinstance(self.sspo_window, int) and not isinstance(self.sspo_window, bool) and self.sspo_window >= 1,
+               "algorithm.loss.sspo_window", f"must be an integer >= 1 (tokens per segment), got {self.sspo_window!r}")
+        _check(0 < self.sspo_entropy_scale_min <= 1.0 <= self.sspo_entropy_scale_max < float("inf"),
+               "algorithm.loss.sspo_entropy_scale_min/max",
+               "must satisfy 0 < min <= 1 <= max (finite), so a segment of average entropy keeps the base clip; "
+               f"got {self.sspo_entropy_scale_min}, {self.sspo_entropy_scale_max}")
+        _check(0 <= self.sspo_clip_high < float("inf"), "algorithm.loss.sspo_clip_high",
+               f"must be a finite number >= 0, got {self.sspo_clip_high}")
+        _check(0 <= self.sspo_clip_low * self.sspo_entropy_scale_max < 1.0, "algorithm.loss.sspo_clip_low",
+               f"times sspo_entropy_scale_max must be in [0, 1) so the lower bound 1 - eps stays > 0; got "
+               f"{self.sspo_clip_low} x {self.sspo_entropy_scale_max}: lower one of them")
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""Sequence-level policy losses: GSPO, GSPO-token, LUSPO and GMPO.
+"""Sequence-level policy losses: GSPO, GSPO-token, LUSPO, GMPO, VESPO and SSPO (segment level).
 
 These losses are defined per sequence. To keep the uniform [N, T] contract, the sequence loss
 L_i is written on every completion token of sample i, so that ``seq-mean-token-mean``
@@ -11,11 +11,14 @@ Each L_i depends only on sample i, so these losses are micro-batch invariant. As
 
 from __future__ import annotations
 
+import dataclasses
+import math
+
 import torch
 
 from posttrain.algorithms.aggregation import masked, masked_mean
 from posttrain.algorithms.base import POLICY_LOSSES, PolicyLossConfig, PolicyLossInput, PolicyLossOutput
-from posttrain.algorithms.losses import clean, finish
+from posttrain.algorithms.losses import clean, finish, log_ratio
 
 
 def _seq_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -113,3 +116,119 @@ def gmpo(inp: PolicyLossInput, cfg: PolicyLossConfig) -> PolicyLossOutput:
         "seq_ratio_mean": masked_mean(ratio.detach().expand_as(m), m),
     }
     return finish(loss, inp, metrics)
+
+
+# TRL's bound on the VESPO log-weight: log(1e-8) below (so W > 0 and log W finite), 20 above
+_VESPO_LOG_W_MIN = math.log(1e-8)
+
+
+@POLICY_LOSSES.register(
+    "vespo",
+    paper="VESPO: Variational Sequence-Level Soft Policy Optimization for Stable Off-Policy LLM Training "
+    "(arXiv:2602.10693)",
+)
+def vespo(inp: PolicyLossInput, cfg: PolicyLossConfig) -> PolicyLossOutput:
+    """VESPO: l_{i,t} = -sg(phi(W_i)) * A_{i,t} * logp_{i,t},  phi(W) = W^k exp(lambda (1 - W)).
+
+    Paper: arXiv:2602.10693 (as TRL's ``loss_type="vespo"`` implements it; read for the equation
+    and defaults). W_i = pi_theta(o_i) / mu(o_i) is the sequence importance ratio, not
+    length-normalised: log W_i = sum_t clamp(logp - old, -20, 20) + sum_t log w_t, where w_t are
+    the mismatch-correction weights ``is_weights`` (pi_old / pi_behaviour, when a correction
+    gives them), and log W_i is clamped to [log 1e-8, 20]. phi is a Gamma-shaped kernel with
+    phi(1) = 1 that smoothly shrinks both very small and very large W (no hard clip, no length
+    bias); it is detached, so it only scales the REINFORCE gradient: dl_{i,t}/dlogp_{i,t} =
+    -phi(W_i) A_{i,t}. (k, lambda) follow the sign of A_{i,t}: ``vespo_k_pos`` = 2,
+    ``vespo_lambda_pos`` = 3 for A >= 0; ``vespo_k_neg`` = 3, ``vespo_lambda_neg`` = 2 for A < 0
+    (TRL's defaults, the paper's c1 / c2 of section 3.4). TRL aggregates with a global token mean:
+    use ``token-mean``.
+
+    Unlike the other losses, ``is_weights`` do not multiply the per-token loss: as in TRL they
+    enter W (log space), because W is the ratio to the sampling policy mu, and the kernel then
+    bounds their effect too (multiplying as well would count them twice).
+    """
+    inp = clean(inp)
+    m = inp.mask
+    keep = m > 0
+    log_w = log_ratio(inp).detach()
+    if inp.is_weights is not None:
+        # masked positions hold 0 after clean(): select before the log so no -inf is ever made
+        w_is = torch.where(keep, inp.is_weights.detach(), torch.ones((), dtype=log_w.dtype, device=log_w.device))
+        log_w = log_w + torch.log(w_is).clamp(_VESPO_LOG_W_MIN, 20.0)
+    log_w_seq = torch.where(keep, log_w, torch.zeros_like(log_w)).sum(-1, keepdim=True)
+    log_w_seq = log_w_seq.clamp(_VESPO_LOG_W_MIN, 20.0)
+    pos = inp.advantages >= 0
+    k = torch.where(pos, cfg.vespo_k_pos, cfg.vespo_k_neg).to(log_w.dtype)
+    lam = torch.where(pos, cfg.vespo_lambda_pos, cfg.vespo_lambda_neg).to(log_w.dtype)
+    # log phi = lambda + k log W - lambda W, in log space so W^k cannot overflow; exp(20) * lambda
+    # only drives log phi to -inf-like values, whose exp is 0, never NaN
+    phi = torch.exp(lam + k * log_w_seq - lam * torch.exp(log_w_seq))
+    loss = -phi * inp.advantages * inp.logprobs
+    metrics = {
+        "phi_mean": masked_mean(phi.expand_as(m), m),
+        "seq_ratio_mean": masked_mean(torch.exp(log_w_seq).expand_as(m), m),
+    }
+    return finish(masked(loss, m), dataclasses.replace(inp, is_weights=None), metrics)
+
+
+def _segment_mean(x: torch.Tensor, mask: torch.Tensor, window: int) -> torch.Tensor:
+    """Mean of x over the kept tokens of each fixed window of ``window`` positions, broadcast back
+    to the window's positions, [N, T]. A window with no kept token gives 0 (never read)."""
+    n, t = x.shape
+    pad = (-t) % window
+    xs = masked(x, mask)
+    xs = torch.nn.functional.pad(xs, (0, pad)).view(n, -1, window)
+    ms = torch.nn.functional.pad(mask, (0, pad)).view(n, -1, window)
+    mean = xs.sum(-1, keepdim=True) / ms.sum(-1, keepdim=True).clamp_min(1.0)
+    return mean.expand(-1, -1, window).reshape(n, -1)[:, :t]
+
+
+@POLICY_LOSSES.register("sspo", paper="SSPO: Subsentence-level Policy Optimization (arXiv:2511.04256)")
+def sspo(inp: PolicyLossInput, cfg: PolicyLossConfig) -> PolicyLossOutput:
+    """SSPO: l_t = -min(s_k A_t, clip(s_k, 1 - eps_l c_k, 1 + eps_h c_k) A_t) for t in segment k.
+
+    Paper: arXiv:2511.04256 (catalog 003-62). What the abstract defines: one importance ratio per
+    (sub)sentence, shared by its tokens, between GRPO's token ratio and GSPO's response ratio, so
+    a clip drops one segment rather than a whole response; and PPO-CLIP bounds adjusted by the
+    segment's entropy, wider for high-entropy text, narrower for low-entropy text. The abstract
+    gives no formula for either; this is our reading, with our defaults:
+
+    - s_k = exp(mean_{t in k} clamp(logp_t - old_t, -20, 20)), the geometric mean of the token
+      ratios of segment k (GSPO's length-normalised ratio, applied to a segment).
+    - c_k = clamp(H_k / H_i, ``sspo_entropy_scale_min`` = 0.5, ``sspo_entropy_scale_max`` = 2),
+      H_k the mean token entropy of segment k, H_i that of the whole response (c_k = 1 where
+      H_i = 0); eps_l = ``sspo_clip_low`` = 0.2, eps_h = ``sspo_clip_high`` = 0.2 (PPO-CLIP's).
+      Normalising by the response's own entropy keeps the loss per-sequence, so it is
+      micro-batch invariant. The entropy is ``inp.entropy`` (the learner's, detached) when given;
+      otherwise the sampled token's surprisal -old_t, whose expectation under the sampling policy
+      is the token entropy (the trainer passes ``entropy`` only with an entropy bonus).
+    - APPROXIMATION: segments are NOT sentences. Sentence boundaries need the tokenizer and the
+      loss contract carries only tensors, with no per-token segment id, so a segment is a fixed
+      window of ``sspo_window`` = 16 consecutive token positions (positions t // 16), masked
+      tokens excluded from its means.
+
+    The clip is sign-aware as in PPO. Unclipped, the gradient of sum_t l_t with respect to
+    logp_t (t in k) is -s_k * mean_{j in k} A_j; use ``token-mean`` aggregation.
+    """
+    inp = clean(inp)
+    m = inp.mask
+    w = cfg.sspo_window
+    log_s = _segment_mean(log_ratio(inp), m, w)
+    s = torch.exp(log_s)
+    ent = inp.entropy if inp.entropy is not None else -inp.old_logprobs
+    ent = ent.detach()
+    h_seg = _segment_mean(ent, m, w)
+    h_seq = _seq_mean(ent, m)
+    ok = h_seq > 0
+    scale = torch.where(ok, h_seg / torch.where(ok, h_seq, torch.ones_like(h_seq)), torch.ones_like(h_seg))
+    scale = scale.clamp(cfg.sspo_entropy_scale_min, cfg.sspo_entropy_scale_max)
+    low, high = 1.0 - cfg.sspo_clip_low * scale, 1.0 + cfg.sspo_clip_high * scale
+    adv = inp.advantages
+    unclipped = -s * adv
+    clipped = -torch.minimum(torch.maximum(s, low), high) * adv
+    loss = torch.maximum(unclipped, clipped)
+    metrics = {
+        "clip_frac": masked_mean((clipped > unclipped).float(), m),
+        "seg_ratio_mean": masked_mean(s.detach(), m),
+        "clip_scale_mean": masked_mean(scale, m),
+    }
+    return finish(masked(loss, m), inp, metrics)

@@ -147,6 +147,9 @@ TABLE: dict[str, Row] = {
                                                    *OFF_POLICY),
                                                   "REINFORCE++-baseline: group mean, batch whitening, k2 KL loss",
                                                   logs=("kl/mean",)),
+    # DRPO with its GPG pairing: the digit reward is the correctness, DRPO adds its own length weights
+    "advantage:drpo": Row(("algorithm.advantage_estimator=drpo", "algorithm.policy_loss=gpg"),
+                          "DRPO: length-weighted advantages among correct samples only, -1 on wrong ones"),
     "advantage:psr": Row(("algorithm.advantage_estimator=psr", "algorithm.policy_loss=gpg"),
                          "PSR: REINFORCE on correct samples only (+1), wrong ones 0, no baseline"),
     "advantage:remax": Row(("algorithm.advantage_estimator=remax", "algorithm.policy_loss=gpg"),

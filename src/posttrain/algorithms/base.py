@@ -105,6 +105,7 @@ class AdvantageConfig:
     seed_alpha: float = 1.0  # SEED-GRPO sensitivity alpha to the normalised semantic entropy
     ace_alpha: float = 1.0  # ACE strength of the softplus confidence penalty on wrong samples
     pure_rloo_baseline: bool = True  # PURE: subtract the leave-one-out mean trajectory value
+    drpo_lambda: float = 0.2  # DRPO KL temperature of the length-tilted positive distribution (our choice)
 
     def __post_init__(self) -> None:
         _check(self.eps >= 0, "algorithm.advantage.eps", "must be >= 0")
@@ -121,6 +122,8 @@ class AdvantageConfig:
         _check(0.0 <= self.unlikeliness_beta <= 1.0, "algorithm.advantage.unlikeliness_beta", "must be in [0, 1]")
         _check(self.seed_alpha >= 0, "algorithm.advantage.seed_alpha", "must be >= 0")
         _check(self.ace_alpha >= 0, "algorithm.advantage.ace_alpha", "must be >= 0")
+        _check(0 < self.drpo_lambda < float("inf"), "algorithm.advantage.drpo_lambda",
+               f"must be a finite number > 0 (the KL temperature of DRPO's length weights), got {self.drpo_lambda}")
 
 
 AdvantageFn = Callable[[AdvantageInput, AdvantageConfig], torch.Tensor]

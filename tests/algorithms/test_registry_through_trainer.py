@@ -298,6 +298,12 @@ TABLE: dict[str, Row] = {
                                "003-22: GRPO on a binary reward flipped with probability 0.4",
                                logs=("reward_component/flipped", "reward_component/clean"),
                                acts="reward_component/flipped"),
+    # 002-69's DARLING: the digit reward times the n-gram distinctness of the completion within its group
+    "option:darling_reward": Row(("reward={type: darling, diversity: ngram, ngram_n: 1, "
+                                  "reward: {type: format, pattern: '[0-9]'}}",),
+                                 "002-69: GRPO on quality x normalised diversity (n-gram stand-in)",
+                                 logs=("reward_component/diversity", "reward_component/quality"),
+                                 acts="reward_component/diversity"),
     "option:top_entropy_tokens": Row(("algorithm.entropy.top_quantile=0.2", "algorithm.loss.clip_high=0.28",
                                       "algorithm.aggregation=token-mean"),
                                      "80/20: only the top 20% entropy tokens get a loss (on DAPO)"),

@@ -10,7 +10,8 @@ Every key other than ``type`` (and ``weight``/``parts`` inside a composite) is p
 reward's constructor; unknown keys are a ``ValueError`` listing the allowed ones. Length
 rewards accept a tokenizer object through ``build_reward(spec, tokenizer=...)`` (it cannot
 live in YAML). ``noisy`` wraps another reward's spec: ``{type: noisy, flip_prob: 0.2, reward:
-{type: numeric}}`` (``posttrain.rewards.noise``).
+{type: numeric}}`` (``posttrain.rewards.noise``); ``darling`` wraps a quality reward's spec the
+same way: ``{type: darling, reward: {type: numeric}}`` (``posttrain.rewards.diversity``).
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ def _builtin() -> None:
         return
     import posttrain.rewards.learned  # noqa: F401  (registers reward_model and judge)
     from posttrain.rewards.code_reward import CodeReward
+    from posttrain.rewards.diversity import DarlingReward
     from posttrain.rewards.majority import MajorityVoteReward
     from posttrain.rewards.math import MathReward, NumericReward
     from posttrain.rewards.noise import NoisyReward
@@ -58,6 +60,7 @@ def _builtin() -> None:
         "code": CodeReward,
         "majority_vote": MajorityVoteReward,
         "noisy": NoisyReward,
+        "darling": DarlingReward,
     }.items():
         REWARDS.setdefault(name, cls)
 

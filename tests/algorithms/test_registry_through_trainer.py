@@ -201,7 +201,8 @@ TABLE: dict[str, Row] = {
     "policy_loss:sspo": Row(("algorithm.policy_loss=sspo", "algorithm.aggregation=token-mean",
                              "algorithm.loss.sspo_window=2", *OFF_POLICY),
                             "SSPO: segment-level ratios, entropy-scaled PPO clip, token-mean",
-                            logs=("loss/seg_ratio_mean", "loss/clip_scale_mean")),
+                            # entropy/learner: the learner's entropies reach the loss (no surprisal stand-in)
+                            logs=("loss/seg_ratio_mean", "loss/clip_scale_mean", "entropy/learner")),
     # VESPO targets off-policy data: the gamma kernel of the behaviour/learner ratio (TRL: global token mean)
     "policy_loss:vespo": Row(("algorithm.policy_loss=vespo", "algorithm.aggregation=token-mean", *MISMATCH,
                               "algorithm.correction.name=tis_token", *OFF_POLICY),

@@ -200,7 +200,7 @@ def sspo(inp: PolicyLossInput, cfg: PolicyLossConfig) -> PolicyLossOutput:
       Normalising by the response's own entropy keeps the loss per-sequence, so it is
       micro-batch invariant. The entropy is ``inp.entropy`` (the learner's, detached) when given;
       otherwise the sampled token's surprisal -old_t, whose expectation under the sampling policy
-      is the token entropy (the trainer passes ``entropy`` only with an entropy bonus).
+      is the token entropy (the trainer always passes the learner's entropies to sspo).
     - APPROXIMATION: segments are NOT sentences. Sentence boundaries need the tokenizer and the
       loss contract carries only tensors, with no per-token segment id, so a segment is a fixed
       window of ``sspo_window`` = 16 consecutive token positions (positions t // 16), masked

@@ -71,6 +71,9 @@ class NonFiniteLossError(RuntimeError):
     """Too many consecutive steps produced a non-finite loss or gradient."""
 
 
+ENTROPY_LOSSES = ("sspo",)  # policy losses that read the learner's token entropies
+
+
 def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
     """Multiplier of the base LR before optimizer step ``step`` (0-based)."""
     if warmup and step < warmup:
@@ -233,7 +236,9 @@ class RLUpdate:
             counts[key] = counts.get(key, 0) + 1
 
         # The engine's entropies are missing (vLLM): the learner's stand in, in the same pass.
-        want_entropy = n > 0 and (self.entropy_ctl.value > 0 or alg.entropy.adaptive or rollouts.entropies is None)
+        # sspo scales its clip by segment entropy: it gets the learner's entropies, not a surprisal stand-in
+        want_entropy = n > 0 and (self.entropy_ctl.value > 0 or alg.entropy.adaptive or rollouts.entropies is None
+                                  or alg.policy_loss in ENTROPY_LOSSES)
         value_fn = None
         mini_size = n // tc.mini_batches
         for epoch in range(tc.ppo_epochs):
@@ -338,7 +343,8 @@ class RLUpdate:
         out = loss_fn(
             PolicyLossInput(logprobs=logp, old_logprobs=old, advantages=micro.advantages.to(logp.device), mask=mask,
                             is_weights=is_weights, behaviour_logprobs=behaviour,
-                            entropy=entropy if entropy_coef > 0 else None, token_selection=token_selection),
+                            entropy=entropy if entropy_coef > 0 or alg.policy_loss in ENTROPY_LOSSES else None,
+                            token_selection=token_selection),
             alg.loss,
         )
         loss = aggregate(out.loss, mask, alg.aggregation, **counts_kw)

@@ -119,7 +119,7 @@ def test_every_declared_experiment_validates(tmp_path, capsys):
         assert {c.trainer.seed for c in cfgs.values()} == set(exp.seeds)
     assert not load_experiment(REPRODUCTIONS / "noisy_rewards.yaml").missing  # the noisy reward landed
     # the CLI's dry run: plan printed, nothing written
-    assert main(["reproduce", "grpo_pass1", "--dry-run", "--runs", str(tmp_path / "r"), *extra]) == 0
+    assert main(["reproduce", "grpo_pass1", *extra, "--dry-run", "--runs", str(tmp_path / "r")]) == 0
     out = capsys.readouterr().out
     assert "1. grpo seed 0" in out and "3. grpo seed 2" in out and "est. ~15 min" in out
     assert not (tmp_path / "r").exists()

@@ -36,6 +36,7 @@ class Rollouts:
     ref_logprobs: Optional[torch.Tensor] = None  # [N, T] frozen reference model
     loss_mask: Optional[torch.Tensor] = None  # [N, T] tokens that get a loss (default: completion_mask)
     is_weights: Optional[torch.Tensor] = None  # [N, T] train-inference correction weights, set once per batch
+    token_selection: Optional[torch.Tensor] = None  # [N, T] bool, kl_cov / clip_cov tokens of the mini-batch
     metadata: list[dict[str, Any]] = field(default_factory=list)  # per-sample extras
     policy_version: Optional[torch.Tensor] = None  # [N] long, the sampler's weights version per sample
     # [N, T] 1 on tokens the policy sampled, 0 on tokens an environment inserted (tool results,

@@ -468,7 +468,8 @@ def trim(batch: Rollouts, trim_prompt: bool = True) -> Rollouts:
     out = copy.copy(batch)
     out.prompt_ids, out.prompt_mask = batch.prompt_ids[:, p0:], batch.prompt_mask[:, p0:]
     for name in ("completion_ids", "completion_mask", "loss_mask", "behaviour_logprobs", "entropies", "advantages",
-                 "old_logprobs", "ref_logprobs", "values", "returns", "is_weights", "action_mask"):
+                 "old_logprobs", "ref_logprobs", "values", "returns", "is_weights", "action_mask",
+                 "token_selection"):
         value = getattr(batch, name)
         if value is not None:
             setattr(out, name, value[:, :c_len])

@@ -56,10 +56,6 @@ from posttrain.selection import build_selector
 from posttrain.trainers.learner import Learner
 
 
-# Metadata key tagging each row of a mini-batch with its index there, so that a micro-batch (rows
-# the learner picks, trimmed) finds its rows of the mini-batch's token selection.
-MINI_ROW = "mini_batch_row"
-
 
 def selection_seed(seed: int, step: int, epoch: int, mini_batch: int) -> int:
     """Seed of Clip-Cov's draw for one mini-batch: a function of the run's seed and the position
@@ -249,18 +245,15 @@ class RLUpdate:
                 # mini-batch's counts, so neither split changes the gradient.
                 counts_kw = dict(num_tokens=float(mini.loss_mask.sum()), num_seqs=float(len(mini)),
                                  norm_length=float(self.cfg.rollout.max_new_tokens)) if n else {}
-                selection = None
                 if n and alg.policy_loss in COV_SELECTING:
-                    selection = self._cov_selection(mini, step, epoch, m, record)
-                    tagged = [{**md, MINI_ROW: i} for i, md in enumerate(mini.metadata)]
-                    mini = dataclasses.replace(mini, metadata=tagged)
+                    # a Rollouts field, so each micro-batch gets its rows (select) at its width (trim)
+                    mini = dataclasses.replace(mini, token_selection=self._cov_selection(mini, step, epoch, m, record))
                 mine = mini.select(torch.tensor(dp.rows(len(mini)))) if n and dp.world > 1 else mini
                 if learner.critic is not None:
                     value_fn = lambda micro, values, kw=counts_kw: self._value_loss(micro, values, kw, record)  # noqa: E731
                 learner.zero_grad()
                 total_loss = learner.forward_backward(
-                    mine, lambda micro, logp, ent, kw=counts_kw, sel=selection: self._micro_loss(
-                        micro, logp, ent, loss_fn, kw, record, sel),
+                    mine, lambda micro, logp, ent, kw=counts_kw: self._micro_loss(micro, logp, ent, loss_fn, kw, record),
                     with_entropy=want_entropy, value_loss_fn=value_fn) if n else 0.0
                 total_loss += self._sft_backward(record)
                 if learner.fsdp is None:  # fsdp2 has reduce-scattered (SUM) them in the backward
@@ -326,10 +319,9 @@ class RLUpdate:
         return loss
 
     def _micro_loss(self, micro: Rollouts, logp: torch.Tensor, entropy: Optional[torch.Tensor], loss_fn: Callable,
-                    counts_kw: dict, record: Callable, selection: Optional[torch.Tensor] = None) -> torch.Tensor:
+                    counts_kw: dict, record: Callable) -> torch.Tensor:
         """Policy loss (+ KL, - entropy bonus) of one micro-batch, normalised by mini-batch counts.
-        ``selection``: the mini-batch's token selection (kl_cov / clip_cov), of which this
-        micro-batch's rows (tagged MINI_ROW) go to the loss."""
+        ``micro.token_selection``: its rows of the mini-batch's kl_cov / clip_cov token selection."""
         alg = self.cfg.algorithm
         entropy_coef = self.entropy_ctl.value
         mask = micro.loss_mask.to(logp.device)
@@ -337,9 +329,8 @@ class RLUpdate:
         behaviour = micro.behaviour_logprobs.to(logp.device)
         # the correction's weights and rejection mask were computed over the whole batch (prepare)
         is_weights = micro.is_weights.to(logp.device) if micro.is_weights is not None else None
-        token_selection = None
-        if selection is not None:  # the micro-batch's rows, trimmed to its width as the learner trimmed it
-            token_selection = selection[[md[MINI_ROW] for md in micro.metadata], :mask.shape[1]].to(logp.device)
+        selection = micro.token_selection
+        token_selection = selection.to(logp.device) if selection is not None else None
         out = loss_fn(
             PolicyLossInput(logprobs=logp, old_logprobs=old, advantages=micro.advantages.to(logp.device), mask=mask,
                             is_weights=is_weights, behaviour_logprobs=behaviour,

@@ -42,18 +42,23 @@ def _check_prompt(prompt: Any, where: str) -> None:
     )
 
 
+def read_text_lines(path: Path, error: type[Exception], what: str, hint: str = "") -> list[str]:
+    """The lines of a UTF-8 data file; a missing or non-UTF-8 file is ``error`` naming it (SFT and
+    preference data share this, each with its own error type)."""
+    if not path.is_file():
+        raise error(f"{what} {path} does not exist{hint}")
+    try:
+        return path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as exc:
+        raise error(f"{what} {path} is not UTF-8 text (byte {exc.start}); save it as UTF-8 JSONL") from None
+
+
 def load_preferences(path: str | Path) -> list[PreferencePair]:
     """Read a JSONL preference file; blank lines are skipped, anything malformed raises
     ``PreferenceDataError`` naming ``file:line``."""
     path = Path(path)
-    if not path.is_file():
-        raise PreferenceDataError(f"preference data file {path} does not exist")
+    lines = read_text_lines(path, PreferenceDataError, "preference data file")
     pairs: list[PreferencePair] = []
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError as exc:
-        raise PreferenceDataError(f"preference data file {path} is not UTF-8 text (byte {exc.start}); save it as "
-                                  "UTF-8 JSONL") from None
     for lineno, line in enumerate(lines, 1):
         if not line.strip():
             continue

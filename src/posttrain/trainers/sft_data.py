@@ -25,6 +25,7 @@ import torch
 from posttrain.rollout.batch import Rollouts
 from posttrain.rollout.sampler import render_prompt
 from posttrain.tasks.base import Problem
+from posttrain.trainers.preference_data import read_text_lines
 
 
 class DemonstrationError(ValueError):
@@ -47,14 +48,9 @@ def _check_messages(messages: Any, where: str) -> None:
 
 def read_jsonl(path: str | Path) -> list[Demonstration]:
     path = Path(path)
-    if not path.is_file():
-        raise DemonstrationError(f"data file {path} does not exist (data.path / data.validation_path)")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise DemonstrationError(f"data file {path} is not UTF-8 text (byte {exc.start}); save it as UTF-8 JSONL") from None
+    lines = read_text_lines(path, DemonstrationError, "data file", " (data.path / data.validation_path)")
     out = []
-    for i, line in enumerate(text.splitlines(), 1):
+    for i, line in enumerate(lines, 1):
         where = f"{path}:{i}"
         if not line.strip():
             continue

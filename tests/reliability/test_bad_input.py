@@ -388,6 +388,8 @@ def test_cli_bad_inputs_exit_2_with_one_line(tmp_path, capsys):
     a_file.write_text("x")
     data = tmp_path / "bad.jsonl"
     data.write_text('{"question": "a", "answer": "1"}\n{"question": 3\n')
+    bool_data = tmp_path / "bool.jsonl"
+    bool_data.write_text("".join(f'{{"question": "is {i} even?", "answer": {str(i % 2 == 0).lower()}}}\n' for i in range(6)))
     out = str(tmp_path / "out")
     cases = {
         "no config": (["rl"], "needs a config file"),
@@ -404,6 +406,9 @@ def test_cli_bad_inputs_exit_2_with_one_line(tmp_path, capsys):
                           "line 2"),
         "missing data": (["rl", str(cfg), f"task={{name: jsonl, path: {tmp_path}/none.jsonl}}", "--output-dir", out],
                          "none.jsonl"),
+        # a boolean answer is not a number: refused up front, not at the first evaluation (was exit 1 + a run dir)
+        "unscorable answers": (["rl", str(cfg), f"task={{name: jsonl, path: {bool_data}, test_fraction: 0.5}}",
+                                "--output-dir", out], "needs a numeric answer"),
         "unknown reward": (["rl", str(cfg), "reward.type=nope", "--output-dir", out], "nope"),
         "busy output dir": (["rl", str(cfg), "--output-dir", str(busy)], "not empty"),
         "file as parent": (["rl", str(cfg), "--output-dir", str(a_file / "run")], "not a directory"),

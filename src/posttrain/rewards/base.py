@@ -8,7 +8,7 @@ completion plus named components that are logged separately.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Protocol, Sequence, runtime_checkable
+from typing import Any, Optional, Protocol, Sequence, runtime_checkable
 
 from posttrain.tasks.base import Problem
 
@@ -33,3 +33,13 @@ class Reward(Protocol):
     name: str
 
     def __call__(self, problem: Problem, completions: Sequence[str]) -> RewardOutput: ...
+
+
+def problem_issue(reward: Reward, problem: Problem) -> Optional[str]:
+    """Why ``reward`` cannot score ``problem`` at all (e.g. ``numeric`` with a non-numeric
+    answer), or None. Rewards that need a kind of answer say so through an optional
+    ``check_problem(problem)``; wrappers (composite, noisy, darling) ask their inner rewards. The
+    trainers call this on every problem before any work starts, so a task/reward mismatch is a
+    config error, not a failure at the first evaluation with a half-written run directory."""
+    check = getattr(reward, "check_problem", None)
+    return check(problem) if check is not None else None

@@ -47,7 +47,7 @@ from __future__ import annotations
 import math
 from typing import Any, Optional, Sequence
 
-from posttrain.rewards.base import Reward, RewardOutput
+from posttrain.rewards.base import Reward, RewardOutput, problem_issue
 from posttrain.rewards.extract import extract_answer
 from posttrain.rewards.majority import majority_vote
 from posttrain.rewards.math import _check_extractor
@@ -156,6 +156,9 @@ class DarlingReward:
         if self.diversity == "answer":
             return answer_equivalence([extract_answer(c, self.extractor) for c in completions])
         return ngram_equivalence(completions, self.ngram_n, self.similarity_threshold)
+
+    def check_problem(self, problem: Problem) -> Optional[str]:
+        return problem_issue(self.inner, problem)
 
     def __call__(self, problem: Problem, completions: Sequence[str]) -> RewardOutput:
         out = self.inner(problem, completions)

@@ -323,6 +323,12 @@ class NumericReward:
     def __init__(self, extractor: str = "last_number"):
         self.extractor = _check_extractor(extractor)
 
+    def check_problem(self, problem: Problem) -> Optional[str]:
+        if parse_number(problem.answer) is None:
+            return (f"reward 'numeric' needs a numeric answer, and problem {problem.id!r} has {problem.answer!r}; "
+                    "use reward.type=math (symbolic or text answers) or give the task numeric answers")
+        return None
+
     def __call__(self, problem: Problem, completions: Sequence[str]) -> RewardOutput:
         gold = parse_number(problem.answer)
         if gold is None:

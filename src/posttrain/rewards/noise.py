@@ -38,7 +38,7 @@ import random
 from numbers import Real
 from typing import Any, Optional, Sequence
 
-from posttrain.rewards.base import Reward, RewardOutput
+from posttrain.rewards.base import Reward, RewardOutput, problem_issue
 from posttrain.tasks.base import Problem
 
 __all__ = ["NoisyReward", "flip_uniform"]
@@ -97,6 +97,9 @@ class NoisyReward:
     def flips(self, problem: Problem, completions: Sequence[str]) -> list[bool]:
         """Which samples of this group flip: u_i < flip_prob (so p = 0 flips none, p = 1 all)."""
         return [flip_uniform(self.seed, problem.id, i, c) < self.flip_prob for i, c in enumerate(completions)]
+
+    def check_problem(self, problem: Problem) -> Optional[str]:
+        return problem_issue(self.inner, problem)
 
     def __call__(self, problem: Problem, completions: Sequence[str]) -> RewardOutput:
         out = self.inner(problem, completions)

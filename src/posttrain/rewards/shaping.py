@@ -11,7 +11,7 @@ import math
 import re
 from typing import Any, Optional, Sequence
 
-from posttrain.rewards.base import Reward, RewardOutput
+from posttrain.rewards.base import Reward, RewardOutput, problem_issue
 from posttrain.tasks.base import Problem
 
 __all__ = [
@@ -190,6 +190,9 @@ class CompositeReward:
             seen[reward.name] = seen.get(reward.name, 0) + 1
             label = reward.name if seen[reward.name] == 1 else f"{reward.name}_{seen[reward.name]}"
             self.parts.append((label, reward, w))
+
+    def check_problem(self, problem: Problem) -> Optional[str]:
+        return next((issue for _, reward, _ in self.parts if (issue := problem_issue(reward, problem))), None)
 
     def __call__(self, problem: Problem, completions: Sequence[str]) -> RewardOutput:
         n = len(completions)

@@ -15,6 +15,7 @@ from typing import Callable, Optional
 
 from posttrain.config import RLConfig, dump_config, load_config
 from posttrain.models.loading import describe_source, latest_checkpoint, load_model_and_tokenizer
+from posttrain.rewards.base import Reward, problem_issue
 from posttrain.rewards.registry import build_reward
 from posttrain.runs import KILL_ENV, RunDir, RunDirError, check_writable, maybe_kill, new_run_dir
 from posttrain.tasks.registry import build_task
@@ -37,18 +38,34 @@ def prepare(cfg: RLConfig, output_dir: Optional[str], resume: bool, task=None, p
     for split in ("train", "test"):
         if not task.problems(split):
             raise ValueError(f"task {cfg.task.get('name')!r} has an empty {split} split; check the task options")
-    if not python_reward:
-        build_reward(cfg.reward)  # validates the spec; rebuilt with the tokenizer later
+    # The specs are validated here (rebuilt with the tokenizer later); without an environment the
+    # reward scores the task's answers directly, so every problem is checked against it.
+    reward = None if python_reward else build_reward(cfg.reward)
     if cfg.environment is not None and not python_env:
         from posttrain.environments.registry import build_environment
 
         build_environment(cfg.environment, None)  # unknown type or option: fails before any model loads
-    if cfg.eval_reward is not None:
-        build_reward(cfg.eval_reward)
+    eval_reward = build_reward(cfg.eval_reward) if cfg.eval_reward is not None else reward
+    if cfg.environment is None:
+        check_answers(task, {"train": ("reward", reward), "test": ("eval_reward" if cfg.eval_reward else "reward",
+                                                                  eval_reward)})
     path = run_path(output_dir or cfg.output_dir, resume)
     if resume:
         check_resume(path, cfg, ("critic.safetensors",) if cfg.algorithm.uses_critic else ())
     return task, path
+
+
+def check_answers(task, rewards: dict[str, tuple[str, Optional[Reward]]]) -> None:
+    """Refuse a task whose answers its reward cannot score (``rewards``: split -> (config key,
+    reward)), naming the first such problem and how many there are."""
+    for split, (key, reward) in rewards.items():
+        if reward is None:
+            continue
+        problems = task.problems(split)
+        issues = [issue for p in problems if (issue := problem_issue(reward, p))]
+        if issues:
+            raise ValueError(f"{key}: {len(issues)} of {len(problems)} {split} problems cannot be scored; the first: "
+                             f"{issues[0]}")
 
 
 class ResumeError(ValueError):

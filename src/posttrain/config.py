@@ -148,11 +148,6 @@ class AlgorithmConfig:
         _check(not self.kl.in_reward or self.kl.coef > 0 or self.kl.target is not None, "algorithm.kl.in_reward",
                "needs algorithm.kl.coef > 0 or a kl.target: with coefficient 0 the KL reward is 0 and no reference "
                "model is loaded")
-        # No reward posttrain ships produces per-step (process) rewards yet, and pure's advantage is
-        # built from nothing else: it would fail at step 1.
-        _check(self.advantage_estimator != "pure", "algorithm.advantage_estimator",
-               "pure needs per-step process rewards (a PRM's step scores), which no reward here produces yet; "
-               "choose another estimator")
         _check(self.hpt_gate is None or 0.0 <= self.hpt_gate < 1.0, "algorithm.hpt_gate", "must be in [0, 1) or null")
         _check(self.overlong_buffer >= 0, "algorithm.overlong_buffer", "must be >= 0")
         _check(self.overlong_penalty >= 0, "algorithm.overlong_penalty", "must be >= 0")
@@ -291,6 +286,12 @@ class RLConfig:
                or self.reward.get("type") == "composite", "algorithm.advantage.gdpo_components",
                "gdpo needs a composite reward (its parts are the components it normalises) or an explicit "
                "list of reward components")
+        # pure reads step scores only; a step reward's steps reach only token-level estimators (rewards/process.py;
+        # importing it also registers the step-level reward types)
+        from posttrain.rewards.process import step_reward_issue
+
+        step_issue = step_reward_issue(self.reward, self.algorithm.advantage_estimator, self.environment)
+        _check(step_issue is None, *(step_issue or ("", "")))
         _check(self.environment is None or self.distributed.rollout_workers == 0, "environment",
                "runs episodes in the trainer's process: set distributed.rollout_workers=0 (Ray workers sample "
                "single turns only)")

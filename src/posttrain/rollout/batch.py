@@ -42,6 +42,9 @@ class Rollouts:
     # [N, T] 1 on tokens the policy sampled, 0 on tokens an environment inserted (tool results,
     # observations: attended to, never trained on); None: every completion token was sampled
     action_mask: Optional[torch.Tensor] = None
+    # [N, T] process rewards from a step-level reward (rewards/process.py): each step's score on the
+    # token that ends it, NaN elsewhere; read by pure, gae and reinforce_plus_plus. None: outcome only
+    token_rewards: Optional[torch.Tensor] = None
 
     def __post_init__(self) -> None:
         if not self.metadata:

@@ -35,6 +35,7 @@ from posttrain.config import RLConfig, to_dict
 from posttrain.environments.episodes import episode_metrics, run_episodes
 from posttrain.environments.registry import build_environment
 from posttrain.rewards.errors import score_rollouts
+from posttrain.rewards.process import step_token_rewards
 from posttrain.rollout.batch import Rollouts
 from posttrain.rollout.engine import SamplingParams, resolve_dtype
 from posttrain.rollout.sampler import build_engine, context_window, encode_prompts
@@ -189,6 +190,8 @@ class RLTrainer:
             errors = self._scored(rollouts)
         for e in errors:
             self.run.append("reward_errors.jsonl", {"step": self.step + 1, **e})
+        if getattr(self.reward, "step_level", False):  # process rewards: step scores -> tokens (rewards/process.py)
+            rollouts.token_rewards = step_token_rewards(rollouts, self.tokenizer)
         baseline = self._greedy_baseline(problems, rollouts) if alg.advantage_estimator == "remax" else None
         sampled, sft, hpt_metrics = rollouts, None, {}
         if alg.hpt_gate is not None:  # HPT: prompts the policy rarely solves learn by SFT (trainers/hybrid.py)

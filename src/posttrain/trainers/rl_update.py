@@ -180,9 +180,11 @@ class RLUpdate:
             rollouts.reward_components["overlong_penalty"] = penalty
             rollouts.rewards = rollouts.rewards + penalty
         logprobs = rollouts.old_logprobs if rollouts.old_logprobs is not None else rollouts.behaviour_logprobs
-        token_rewards = None
-        if alg.kl.in_reward:
-            token_rewards = kl_in_reward(None, logprobs, rollouts.ref_logprobs, mask, self.kl_ctl.value,
+        # A step-level reward's scores (NaN off step ends; trainers/rl.py fills them), read by pure/gae/rf++
+        token_rewards = rollouts.token_rewards
+        if alg.kl.in_reward:  # only gae / rf++ (config), which count NaN as 0: a NaN must not hide the KL term
+            steps = torch.nan_to_num(token_rewards, nan=0.0) if token_rewards is not None else None
+            token_rewards = kl_in_reward(steps, logprobs, rollouts.ref_logprobs, mask, self.kl_ctl.value,
                                          alg.kl.estimator)
         if learner.critic is not None:
             rollouts.values = dp.gather_rows(rollouts, learner.values)

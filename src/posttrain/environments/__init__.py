@@ -4,7 +4,8 @@
 Reward as the one-step case); ``episodes.run_episodes`` samples a batch of episodes with any
 rollout engine into a ``Rollouts`` whose environment tokens carry no loss; ``tools`` holds the
 tool-call format, the ``python``/``calculator``/``search`` tools, user tools from Python
-functions and ``ToolEnvironment``; ``games`` holds guess-the-number; ``registry.build_environment``
+functions and ``ToolEnvironment``; ``tool_math`` the tool-use math environment with OTC's
+tool-efficiency term; ``games`` holds guess-the-number; ``registry.build_environment``
 builds one from a config dict.
 """
 
@@ -13,6 +14,7 @@ from posttrain.environments.episodes import between_turn_tokens, episode_metrics
 from posttrain.environments.games import GuessTheNumber, GuessTheNumberTask, guess_the_number_problems
 from posttrain.environments.registry import ENVIRONMENTS, build_environment, register_environment
 from posttrain.environments.search import BM25Index
+from posttrain.environments.tool_math import ToolMath, otc_tool_reward
 from posttrain.environments.tools import (
     TOOLS,
     Tool,
@@ -40,12 +42,14 @@ __all__ = [
     "ToolCall",
     "ToolEnvironment",
     "ToolError",
+    "ToolMath",
     "between_turn_tokens",
     "build_environment",
     "build_tool",
     "calculate",
     "episode_metrics",
     "guess_the_number_problems",
+    "otc_tool_reward",
     "parse_tool_call",
     "prompt_messages",
     "register_environment",

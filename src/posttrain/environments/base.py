@@ -48,6 +48,10 @@ Who does what:
 * ``bind_tokenizer(tokenizer)`` is called once by the runner before the first ``reset``, for an
   environment whose messages depend on what the chat template can render; the default does
   nothing.
+* ``finish(states, step_rewards, infos)`` is called once by the runner after every episode of
+  the batch has ended, before the batch is built, with each episode's per-step reward and info
+  lists, which it may change in place: a term that needs every episode of a problem (OTC-GRPO's
+  fewest tool calls among the correct ones, ``tool_math``) goes there. The default does nothing.
 
 A single-turn task is the one-step case: ``SingleTurn(reward)`` scores the first model message
 with the task's ``Reward`` (group by group, so group-aware rewards such as majority vote keep
@@ -115,6 +119,10 @@ class Environment:
 
     def step_many(self, states: Sequence[EpisodeState], messages: Sequence[str]) -> list[StepResult]:
         return [self.step(s, m) for s, m in zip(states, messages)]
+
+    def finish(self, states: Sequence[EpisodeState], step_rewards: list[list[float]],
+               infos: list[list[dict[str, Any]]]) -> None:
+        """Called once per batch after every episode ended; may rewrite the lists in place. Default: nothing."""
 
 
 class SingleTurn(Environment):

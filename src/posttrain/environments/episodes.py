@@ -215,6 +215,8 @@ def run_episodes(engine, env: Environment, problems: Sequence[Problem], n: int, 
             ep.add(between, False)
             still.append(ep)
         live = still
+    # group-level terms (e.g. OTC-GRPO's) need every episode of the batch ended: Environment.finish
+    env.finish([ep.state for ep in episodes], [ep.rewards for ep in episodes], [ep.infos for ep in episodes])
     stats["gen_tok_per_s"] = stats["gen_tokens"] / max(stats["gen_wall_s"], 1e-9)
     if hasattr(engine, "last_stats"):
         engine.last_stats = stats
@@ -284,7 +286,8 @@ def _to_rollouts(episodes: list[_Episode], n: int, tok, version: int, entropies:
 
 
 def episode_metrics(rollouts: Rollouts) -> dict[str, float]:
-    """Per-batch means of what ``run_episodes`` records: turns, tool calls and error rate, token split."""
+    """Per-batch means of what ``run_episodes`` records: turns, tool calls (per episode, and the
+    fraction of episodes with at least one) and error rate, token split."""
     meta = rollouts.metadata
     n = max(len(meta), 1)
     calls = sum(m.get("tool_calls", 0) for m in meta)
@@ -293,6 +296,7 @@ def episode_metrics(rollouts: Rollouts) -> dict[str, float]:
     out = {
         "env/turns_mean": sum(m.get("turns", 0) for m in meta) / n,
         "env/tool_calls_per_episode": calls / n,
+        "env/tool_use_frac": sum(1 for m in meta if m.get("tool_calls", 0) > 0) / n,  # episodes calling a tool
         "env/tool_error_rate": sum(m.get("tool_errors", 0) for m in meta) / max(calls, 1),
         "env/env_token_frac": env_tokens / max(all_tokens, 1),
         "env/retokenized_frac": sum(1 for m in meta if m.get("retokenized")) / n,

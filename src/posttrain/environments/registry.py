@@ -6,7 +6,7 @@
 
 ``type`` picks the environment (``ENVIRONMENTS``); every other key goes to its constructor, and
 an unknown key is a ``ValueError`` listing the allowed ones. Environments that score with the
-task's reward (``single_turn``, ``tools``) receive it as ``reward``; a ``tools`` entry is
+task's reward (``single_turn``, ``tools``, ``tool_math``) receive it as ``reward``; a ``tools`` entry is
 anything ``tools.build_tool`` takes (a name, ``{"type": "search", "directory": ...}``, or, from
 Python, a function).
 """
@@ -18,6 +18,7 @@ from typing import Any, Callable, Optional
 
 from posttrain.environments.base import Environment, SingleTurn
 from posttrain.environments.games import GuessTheNumber
+from posttrain.environments.tool_math import ToolMath
 from posttrain.environments.tools import ToolEnvironment
 from posttrain.rewards.base import Reward
 
@@ -27,6 +28,7 @@ ENVIRONMENTS: dict[str, Callable[..., Environment]] = {
     "single_turn": SingleTurn,
     "tools": ToolEnvironment,
     "guess_the_number": GuessTheNumber,
+    "tool_math": ToolMath,
 }
 
 

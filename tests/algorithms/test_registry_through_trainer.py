@@ -35,7 +35,7 @@ import torch
 from safetensors.torch import load_file
 
 from posttrain.cli import main
-from posttrain.config import ConfigError, DPOConfig, load_config
+from posttrain.config import DPOConfig, load_config
 from posttrain.models.tiny import tiny_model_and_tokenizer
 from posttrain.trainers.dpo import train_dpo
 from posttrain.trainers.rl_run import train_rl
@@ -55,6 +55,8 @@ EASY = "reward={type: format, pattern: '[a-zA-Z]', match: search}"
 # the extracted answer (the numeric part's, copied up by the composite): GDPO's and SEED-GRPO's inputs.
 COMPOSITE = ("reward={type: composite, parts: [{type: numeric}, "
              "{type: format, pattern: '[0-9]', match: search, weight: 0.5}]}")
+# A process reward: the digit format scored on each step's prefix (rewards/process.py, steps are lines)
+PRM = "reward={type: prefix_prm, reward: {type: format, pattern: '[0-9]'}}"
 # A sampler in bf16 and a learner in fp32: behaviour log-probs differ from the recomputed old ones
 # by ~1e-3 per token, as a low-precision inference engine's do. The thresholds below are set to
 # that scale so that each correction truncates, masks or rejects part of the batch.
@@ -134,9 +136,10 @@ TABLE: dict[str, Row] = {
                             logs=("correction/weight_mean", "loss/clip_frac")),
     "advantage:opo": Row(("algorithm.advantage_estimator=opo", "trainer.ppo_epochs=1", "trainer.mini_batches=1"),
                          "OPO: length-weighted baseline, strictly on-policy (one update per batch)"),
-    "advantage:pure": Row(("algorithm.advantage_estimator=pure",), "PURE: min-form credit over process rewards",
-                          xfail="pure needs per-step process rewards (a PRM's step scores), which no reward "
-                                "produces yet; config rejects it", raises=ConfigError),
+    # the digit format as a PRM over each step's prefix (rewards/process.py); no outcome reward, so every bit
+    # of signal reaches pure through the trainer's token rewards (pure raises without them)
+    "advantage:pure": Row(("algorithm.advantage_estimator=pure", PRM), "PURE: min-form credit over process rewards",
+                          logs=("reward_component/steps", "reward_component/step_min")),
     "advantage:reinforce_plus_plus": Row(("algorithm.advantage_estimator=reinforce_plus_plus",
                                           "algorithm.kl.in_reward=true", "algorithm.kl.coef=0.01",
                                           "algorithm.kl.estimator=k1", *OFF_POLICY),
@@ -323,6 +326,13 @@ TABLE: dict[str, Row] = {
         logs=("correction/batch_norm_factor", "correction/weight_mean", "mismatch/kl_k3")),
     "option:hpt": Row(("algorithm.hpt_gate=0.3",), "HPT: prompts the policy rarely solves learn by SFT",
                       logs=("loss/sft",), acts="hpt/sft_prompts"),
+    # 003-14: success reward on the last token + Clip / Delta-shaped PRM step rewards, read by REINFORCE++
+    **{f"option:prm_{shaping}": Row(("algorithm.advantage_estimator=reinforce_plus_plus",
+                                     PRM[:-1] + f", shaping: {shaping}, clip_eta: 1, outcome: {{type: format, "
+                                                "pattern: '[0-9]'}}"),
+                                    f"003-14: REINFORCE++ on the success reward + {shaping}-shaped step rewards",
+                                    logs=("reward_component/step_return", "reward_component/outcome/format"))
+       for shaping in ("clip", "delta")},
 }
 
 

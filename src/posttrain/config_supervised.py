@@ -19,10 +19,33 @@ class SFTDataConfig:
     completion: Literal["answer", "solution"] = "answer"  # task demonstrations: the answer, or metadata["solution"]
     batch_size: int = 16  # demonstrations per optimizer step
     max_length: int = 1024  # prompt + completion tokens; a longer demonstration is an error
+    # Batches of similar-length demonstrations: each epoch's shuffled order is cut into windows of
+    # bucket_window batches, arranged by prompt and completion length inside a window, and the
+    # window's batches shuffled (sft.LengthBucketSampler). Less padding; each demonstration still once an epoch.
+    length_bucketing: bool = False
+    bucket_window: int = 16  # batches per sorted window (larger: less padding, batches less random)
 
     def __post_init__(self) -> None:
         _check(self.batch_size >= 1, "data.batch_size", "must be >= 1")
         _check(self.max_length >= 2, "data.max_length", "must be >= 2")
+        _check(self.bucket_window >= 1, "data.bucket_window", "must be >= 1 (batches per sorted window)")
+
+
+@dataclass
+class SFTLossConfig:
+    """``sft:`` of ``posttrain sft``: the loss (algorithms/sft_losses.py SFT_LOSSES). ``nll`` is plain
+    SFT; ``forward_kl``, ``js`` and ``alpha`` are the f-divergence variants (catalog 004-48), whose
+    reference is the policy the run starts from (its token log-probs, computed once up front)."""
+
+    loss: str = "nll"
+    alpha: float = 0.5  # loss: alpha only; in (0, 1)
+
+    def __post_init__(self) -> None:
+        from posttrain.algorithms.sft_losses import SFT_LOSSES
+
+        _check(self.loss in SFT_LOSSES, "sft.loss", f"must be one of {SFT_LOSSES.names()}, got {self.loss!r}")
+        _check(0.0 < self.alpha < 1.0, "sft.alpha",
+               f"must be in (0, 1), got {self.alpha} (alpha -> 0 is sft.loss=nll, alpha -> 1 is forward_kl)")
 
 
 @dataclass
@@ -32,6 +55,7 @@ class SFTConfig:
 
     model: ModelConfig = field(default_factory=ModelConfig)
     data: SFTDataConfig = field(default_factory=SFTDataConfig)
+    sft: SFTLossConfig = field(default_factory=SFTLossConfig)
     task: dict = field(default_factory=lambda: {"name": "arithmetic"})
     reward: dict = field(default_factory=lambda: {"type": "numeric"})
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
@@ -157,3 +181,7 @@ class EIConfig:
     def __post_init__(self) -> None:
         _check(self.data.path is None and self.data.validation_path is None, "data.path",
                "is not used by posttrain ei (its demonstrations are the policy's own verified samples): remove it")
+        # A round's samples get a plain shuffled sampler (expert_iteration._set_round): refuse
+        # the option rather than ignore it.
+        _check(not self.data.length_bucketing, "data.length_bucketing", "is not supported by posttrain ei yet: "
+               "remove it")

@@ -11,6 +11,13 @@ A demonstration becomes one row of a ``Rollouts``: the prompt rendered exactly a
 renders it (chat template with the generation prompt), the completion's tokens plus EOS as the
 "completion", so the learner's log-prob pass is the RL one and the loss masks prompt tokens by
 construction (they are never in ``completion_mask``).
+
+Length bucketing (``data.length_bucketing``, sft.LengthBucketSampler) composes each batch of
+demonstrations of similar length. Packing several demonstrations into one row was not built: the
+learner's passes (models/logprobs.py, the lean decoder's ``additive_mask``) take one key mask per
+row, so attention across the packed examples could not be blocked without changing them; the lean
+decoder already skips padded positions in every token-wise op (``fast_decoder.Packing``), so
+padding costs there only in the attention grid, which packing would make longer, not shorter.
 """
 
 from __future__ import annotations
@@ -142,3 +149,11 @@ def load_demonstrations(data_cfg, task) -> tuple[list[Demonstration], Optional[l
     if not data_cfg.path:
         return train, from_task(task.problems("test"), data_cfg.completion)
     return train, None
+
+
+def padding_fraction(batch: Rollouts) -> float:
+    """Share of the batch's [rows, prompt width + completion width] grid that is padding."""
+    real = float(batch.prompt_mask.sum() + batch.completion_mask.sum())
+    grid = batch.prompt_ids.numel() + batch.completion_ids.numel()
+    return 1.0 - real / grid
+

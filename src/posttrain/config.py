@@ -133,6 +133,8 @@ class AlgorithmConfig:
     # HPT (trainers/hybrid.py): a prompt whose rollout accuracy is <= this gate learns by SFT on its
     # answer instead of RL; null: RL everywhere
     hpt_gate: Optional[float] = None
+    # multi-turn episodes: each turn credited with its own step rewards on (algorithms/advantages_turn.py)
+    turn_credit: bool = False
 
     def __post_init__(self) -> None:
         from posttrain.algorithms import ADVANTAGES, AGGREGATIONS, CORRECTIONS, POLICY_LOSSES
@@ -149,6 +151,11 @@ class AlgorithmConfig:
                "needs algorithm.kl.coef > 0 or a kl.target: with coefficient 0 the KL reward is 0 and no reference "
                "model is loaded")
         _check(self.hpt_gate is None or 0.0 <= self.hpt_gate < 1.0, "algorithm.hpt_gate", "must be in [0, 1) or null")
+        from posttrain.algorithms.advantages_turn import TURN_CREDIT_ESTIMATORS
+
+        _check(not self.turn_credit or self.advantage_estimator in TURN_CREDIT_ESTIMATORS, "algorithm.turn_credit",
+               f"cannot be used with advantage_estimator={self.advantage_estimator}, which gives one advantage per "
+               f"episode; use one of {list(TURN_CREDIT_ESTIMATORS)}")
         _check(self.overlong_buffer >= 0, "algorithm.overlong_buffer", "must be >= 0")
         _check(self.overlong_penalty >= 0, "algorithm.overlong_penalty", "must be >= 0")
 
@@ -292,6 +299,8 @@ class RLConfig:
 
         step_issue = step_reward_issue(self.reward, self.algorithm.advantage_estimator, self.environment)
         _check(step_issue is None, *(step_issue or ("", "")))
+        _check(not self.algorithm.turn_credit or self.environment is not None, "algorithm.turn_credit",
+               "credits the step rewards of multi-turn episodes: it needs an environment (environment: {type: ...})")
         _check(self.environment is None or self.distributed.rollout_workers == 0, "environment",
                "runs episodes in the trainer's process: set distributed.rollout_workers=0 (Ray workers sample "
                "single turns only)")

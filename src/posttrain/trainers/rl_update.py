@@ -43,6 +43,7 @@ from posttrain.algorithms import (
     kl_estimate,
 )
 from posttrain.algorithms.advantages_token import gae_returns, value_loss
+from posttrain.algorithms.advantages_turn import turn_credit
 from posttrain.algorithms.corrections import mismatch_metrics
 from posttrain.algorithms.losses import COV_SELECTING, select_cov_tokens
 from posttrain.algorithms.overlong import dapo_overlong_penalty, mask_truncated
@@ -194,7 +195,11 @@ class RLUpdate:
             ref_logprobs=rollouts.ref_logprobs, baseline_rewards=baseline, values=rollouts.values,
             answers=[sample_answer(m) for m in rollouts.metadata],  # canonical key, None if no answer
         )
-        rollouts.advantages = ADVANTAGES.get(alg.advantage_estimator)(adv_input, alg.advantage).float()
+        adv_fn = ADVANTAGES.get(alg.advantage_estimator)
+        if alg.turn_credit:  # multi-turn episodes: each turn credited with its own step rewards on
+            adv_input, adv_fn = turn_credit(adv_input, [m.get("step_rewards") for m in rollouts.metadata],
+                                            alg.advantage_estimator)
+        rollouts.advantages = adv_fn(adv_input, alg.advantage).float()
         if learner.critic is not None:
             rollouts.returns = gae_returns(adv_input, alg.advantage).float()
         # Which tokens get a loss: DAPO overlong filtering, 80/20 high-entropy tokens (on the

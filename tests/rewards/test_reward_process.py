@@ -223,3 +223,23 @@ def test_config_accepts_step_rewards_with_token_level_estimators():
         cfg = load_config(None, TINY + [f"algorithm.advantage_estimator={estimator}",
                                         "reward={type: step_verifier, shaping: clip_delta, clip_eta: 0.5}"])
         assert cfg.reward["shaping"] == "clip_delta"
+
+
+# ------------------------------------------------------------------ 003-22's reasoning-pattern reward
+def test_reasoning_pattern_reward_by_hand():
+    r = build_reward({"type": "reasoning_pattern"})
+    p = Problem(id="p", prompt="q", answer="7")
+    # "first, ", "i need to", "therefore": 3 phrases / 20 = 0.15; 12 words < one 20-gram: no repetition
+    out = r(p, ["First, I need to add. Therefore 3+4 = 7. The answer is 7.", "Let me check, therefore."])
+    approx(out.rewards, [0.15, 0.0])  # the second has no extractable answer: 0
+    assert out.components["patterns"] == [3.0, 2.0] and out.components["repetition"] == [0.0, 0.0]
+    approx(build_reward({"type": "reasoning_pattern", "require_answer": False})(p, ["Let me check, therefore."]).rewards,
+           [0.1])
+    # one phrase / norm 1 = 1, minus the repeated bigrams: (wait wait) x2, (wait 5) x1 -> 1 of 3 -> 2/3
+    custom = build_reward({"type": "reasoning_pattern", "patterns": ["wait"], "norm": 1, "ngram": 2})
+    approx(custom(p, ["Wait wait wait 5"]).rewards, [2 / 3])
+    assert "correct" not in out.components  # it checks no answer: accuracy needs a verifier as eval_reward
+    with pytest.raises(ValueError, match="norm must be > 0"):
+        build_reward({"type": "reasoning_pattern", "norm": 0})
+    with pytest.raises(ValueError, match="patterns must be a non-empty list"):
+        build_reward({"type": "reasoning_pattern", "patterns": []})

@@ -30,10 +30,14 @@ Rewards here
   the completion cut after step k (e.g. a learned ``reward_model``), the outcome is an optional
   ``outcome`` reward (0 without one).
 
-Both take ``shaping`` (``shape_step_rewards``): ``none``, or 003-14's ``clip`` / ``delta`` /
-``clip_delta``, which bound the sum of a trajectory's step rewards so that repeating correct but
-unnecessary steps stops paying ("On Designing Effective RL Reward at Training Time for LLM
-Reasoning", arXiv:2410.15115).
+The two step-level rewards take ``shaping`` (``shape_step_rewards``): ``none``, or 003-14's
+``clip`` / ``delta`` / ``clip_delta``, which bound the sum of a trajectory's step rewards so that
+repeating correct but unnecessary steps stops paying ("On Designing Effective RL Reward at
+Training Time for LLM Reasoning", arXiv:2410.15115).
+
+Also here, not step-level: ``reasoning_pattern``, 003-22's Reasoning Pattern Reward, an outcome
+reward that pays for key reasoning phrases without checking the answer (it rewards the process,
+not the result).
 """
 
 from __future__ import annotations
@@ -46,8 +50,9 @@ from posttrain.rewards.base import Reward, RewardOutput, problem_issue
 from posttrain.rewards.registry import build_reward, register_reward
 from posttrain.tasks.base import Problem
 
-__all__ = ["SHAPINGS", "STEP_ESTIMATORS", "STEP_REWARDS_KEY", "STEP_REWARD_TYPES", "PrefixPRMReward",
-           "StepVerifierReward", "shape_step_rewards", "split_steps", "step_reward_issue", "step_token_rewards"]
+__all__ = ["REASONING_PATTERNS", "SHAPINGS", "STEP_ESTIMATORS", "STEP_REWARDS_KEY", "STEP_REWARD_TYPES",
+           "PrefixPRMReward", "ReasoningPatternReward", "StepVerifierReward", "repeated_ngram_ratio",
+           "shape_step_rewards", "split_steps", "step_reward_issue", "step_token_rewards"]
 
 # info[i][key] = [[end offset, score], ...] of completion i (environments' per-turn "step_rewards" are another thing)
 STEP_REWARDS_KEY = "step_scores"
@@ -279,6 +284,80 @@ class PrefixPRMReward:
             if "correct" in out.components:  # held-out accuracy reads it
                 components["correct"] = list(out.components["correct"])
         return _step_output(rewards, scores, self.shaping, self.clip_eta, components)
+
+
+# ---------------------------------------------------------------------------- reasoning-pattern reward (003-22)
+# Phrases that mark a reasoning move (planning, checking, backtracking, concluding); lower case, matched as
+# substrings of the lower-cased completion. Each counts once however often it occurs.
+REASONING_PATTERNS = (
+    "first, ", "firstly, ", "next, ", "then, ", "finally, ", "i need to", "we need to", "let me first", "let's first",
+    "let me check", "let me verify", "let me see", "let me try", "let's try", "try again", "wait", "alternatively",
+    "on the other hand", "does not work", "doesn't work", "not correct", "we know that", "we can see ", "since we ",
+    "because ", "therefore", "thus", "hence", "as a result", "consequently", "if we ", "for example",
+)
+
+
+def repeated_ngram_ratio(text: str, n: int) -> float:
+    """(distinct word n-grams occurring more than once) / (word n-grams in ``text``); 0 with none.
+
+    >>> repeated_ngram_ratio("a b a b a", 2)   # a b, b a, a b, b a: both distinct bigrams repeat
+    0.5
+    """
+    words = text.split()
+    grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
+    if not grams:
+        return 0.0
+    counts: dict[tuple, int] = {}
+    for g in grams:
+        counts[g] = counts.get(g, 0) + 1
+    return sum(1 for c in counts.values() if c > 1) / len(grams)
+
+
+@register_reward("reasoning_pattern")
+class ReasoningPatternReward:
+    """Reasoning Pattern Reward (RPR) of "The Climb Carves Wisdom Deeper Than the Summit: On the
+    Noisy Rewards in Learning to Reason" (arXiv:2505.22653, catalog 003-22): reward the appearance
+    of key reasoning phrases, without checking the answer.
+
+        r = max(0, min(1, |{p in patterns : p in lower(text)}| / norm) - rep_n(text))
+
+    with rep_n the share of repeated word n-grams (``repeated_ngram_ratio``, n = ``ngram``), which
+    stops a completion from earning its phrases by looping. With ``require_answer`` a completion
+    with no extractable answer (``rewards.extract.extract_answer``) gets 0. norm = 20, n = 20 and
+    the answer gate follow the authors' released scorer; its phrase list (40 phrases) is not
+    copied: ``REASONING_PATTERNS`` is ours, in the same spirit, and ``patterns`` replaces it. The
+    authors' extra penalty for a completion that writes a new "user:" turn belongs to their prompt
+    template and is left out. Components: ``patterns`` (distinct phrases found), ``repetition``.
+    No ``correct`` component: evaluate with a verifier (``eval_reward``).
+    """
+
+    name = "reasoning_pattern"
+
+    def __init__(self, patterns: Optional[list[str]] = None, norm: float = 20.0, ngram: int = 20,
+                 require_answer: bool = True):
+        chosen = list(REASONING_PATTERNS if patterns is None else patterns)
+        if not chosen or not all(isinstance(p, str) and p.strip() for p in chosen):
+            raise ValueError(f"reward reasoning_pattern: patterns must be a non-empty list of phrases, got {patterns!r}")
+        if isinstance(norm, bool) or not isinstance(norm, (int, float)) or not norm > 0:
+            raise ValueError(f"reward reasoning_pattern: norm must be > 0 (phrases for the full reward), got {norm!r}")
+        if isinstance(ngram, bool) or not isinstance(ngram, int) or ngram < 1:
+            raise ValueError(f"reward reasoning_pattern: ngram must be an integer >= 1, got {ngram!r}")
+        self.patterns = [p.lower() for p in chosen]
+        self.norm, self.ngram, self.require_answer = float(norm), ngram, bool(require_answer)
+
+    def __call__(self, problem: Problem, completions: Sequence[str]) -> RewardOutput:
+        from posttrain.rewards.extract import extract_answer
+
+        rewards, found, repetition = [], [], []
+        for c in completions:
+            low = c.lower()
+            k = sum(1 for p in self.patterns if p in low)
+            rep = repeated_ngram_ratio(low, self.ngram)
+            gated = self.require_answer and extract_answer(c) is None
+            rewards.append(0.0 if gated else max(0.0, min(1.0, k / self.norm) - rep))
+            found.append(float(k))
+            repetition.append(rep)
+        return RewardOutput(rewards=rewards, components={"patterns": found, "repetition": repetition})
 
 
 # ---------------------------------------------------------------------------- config and trainer side

@@ -110,6 +110,18 @@ def test_bad_tool_math_options_are_clear_errors():
         build_environment({"type": "tool_math", "otc_n": 2}, None)
 
 
+def test_example_config_loads_and_builds_its_environment():
+    from pathlib import Path
+
+    from posttrain.rewards.registry import build_reward
+
+    path = Path(__file__).resolve().parents[2] / "examples" / "tool_math.yaml"
+    cfg = load_config(str(path), ["algorithm.turn_credit=true"])
+    env = build_environment(cfg.environment, build_reward(cfg.reward))
+    assert isinstance(env, ToolMath) and env.otc == "grpo" and env.max_turns == 3 and list(env.tools) == ["python"]
+    assert cfg.rollout.stop == ["</tool_call>"] and cfg.task["name"] == "multi_digit_arithmetic"
+
+
 TOOL_MATH = ["task={name: multi_digit_arithmetic, digits: 3, test_size: 4}",
              "environment={type: tool_math, tools: [python], max_turns: 2, otc: grpo}", "reward={type: numeric}",
              "rollout.num_prompts=2", "rollout.num_completions=2", "rollout.max_new_tokens=4",

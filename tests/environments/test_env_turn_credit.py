@@ -93,6 +93,13 @@ def test_token_turn_credit_by_hand():
     assert torch.allclose(adv_in.token_rewards[0], torch.tensor([-0.1, 0.4, 0, 0, -0.1, 0.9, 0]))
 
 
+def test_group_turn_credit_refuses_other_token_rewards():
+    x = inp()
+    x.token_rewards = torch.zeros_like(MASK)
+    with pytest.raises(ValueError, match="already has token rewards"):
+        turn_credit(x, STEPS, "grpo")
+
+
 def replace_values(x):
     x.values = torch.zeros_like(MASK)
     return x

@@ -149,6 +149,10 @@ def turn_credit(inp: AdvantageInput, step_rewards: Sequence[Optional[Sequence[fl
                          f"one advantage per episode; use one of {list(TURN_CREDIT_ESTIMATORS)}")
     turns = turn_step_rewards(inp.mask, step_rewards, inp.rewards)
     if how == "group":
+        if inp.token_rewards is not None:  # turn_grpo reads token_rewards as turn ends only
+            raise ValueError(f"algorithm.turn_credit with {estimator} replaces the token rewards by the turns' step "
+                             "rewards, and this batch already has token rewards (a step-level reward); use "
+                             "gae or reinforce_plus_plus, which add the two")
         fn = turn_grpo
         if estimator == "dr_grpo":
             fn = lambda i, cfg: turn_grpo(i, dataclasses.replace(cfg, std_normalize=False))  # noqa: E731

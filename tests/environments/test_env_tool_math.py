@@ -62,6 +62,14 @@ def test_otc_grpo_scales_rewards_by_the_groups_fewest_correct_calls():
     states, rewards, infos = map(list, zip(*eps))
     ToolMath(NumericReward(), tools=["calculator"], otc="ppo").finish(states, rewards, infos)
     assert [sum(r) for r in rewards] == pytest.approx([math.cos(2 * math.pi / 5), 0.5])
+    # a composite reward's format part pays a wrong answer: its numeric/correct, not r > 0, decides n
+    right, wrong = _episode(0, 2, True), _episode(0, 0, False)
+    wrong[1][-1] = 0.2
+    wrong[2][-1]["components"] = {"numeric/correct": 0.0}
+    right[2][-1]["components"] = {"numeric/correct": 1.0}
+    states, rewards, infos = map(list, zip(right, wrong))
+    ToolMath(NumericReward(), tools=["calculator"], otc="grpo").finish(states, rewards, infos)
+    assert sum(rewards[0]) == pytest.approx(1.0) and infos[0][-1]["components"]["otc/optimal_calls"] == 2.0
     # no otc: nothing changes
     states, rewards, infos = map(list, zip(*[_episode(0, 2, True)]))
     ToolMath(NumericReward(), tools=["calculator"]).finish(states, rewards, infos)

@@ -28,7 +28,8 @@ with m the tool calls of the episode and n the optimal (fewest) number for the p
   OTC-PPO form), which changes nothing there since r_task = 0.
 
 r_task is the run's reward of the answer (0 for an episode that never answered). An episode is
-correct when its answer's ``correct`` reward component is > 0 (else when r_task > 0). Since
+correct by held-out evaluation's rule: its answer's ``correct`` reward component > 0 (else a
+composite part's ``<part>/correct``, else r_task > 0). Since
 r_tool > 0 for every finite m of a correct episode, correct episodes keep a reward > 0 and
 wrong ones 0: held-out accuracy (the ``correct`` component, which passes through unscaled) is
 unchanged by the option. n is estimated from the batch's group only, so the term needs no state
@@ -76,6 +77,17 @@ def otc_tool_reward(m: int, n: Optional[int] = None, c: float = 1.0) -> float:
     return math.sin(otc_mapping(m, n) * math.pi / (2 * n))
 
 
+def _correct(components: dict[str, float], reward: float) -> bool:
+    """Held-out evaluation's rule (evaluation.runner.correct_flags): the ``correct`` component,
+    else a composite part's ``<part>/correct``, else reward > 0."""
+    if "correct" in components:
+        return components["correct"] > 0
+    for name, value in components.items():
+        if name.endswith("/correct"):
+            return value > 0
+    return reward > 0
+
+
 class ToolMath(ToolEnvironment):
     """A ToolEnvironment for math with a python tool by default and an optional OTC term (module docstring)."""
 
@@ -104,10 +116,7 @@ class ToolMath(ToolEnvironment):
             return
         calls = [sum(1 for i in info if i.get("tool_call")) for info in infos]
         task = [sum(r) for r in step_rewards]
-        correct = []
-        for info, r in zip(infos, task):
-            comps = info[-1].get("components", {}) if info else {}
-            correct.append(comps["correct"] > 0 if "correct" in comps else r > 0)
+        correct = [_correct(info[-1].get("components", {}) if info else {}, r) for info, r in zip(infos, task)]
         optimal: dict[int, int] = {}  # group -> fewest tool calls of a correct episode
         if self.otc == "grpo":
             for s, m, ok in zip(states, calls, correct):

@@ -43,6 +43,7 @@ def _builtin() -> None:
     if REWARDS.get("numeric") is not None:
         return
     import posttrain.rewards.learned  # noqa: F401  (registers reward_model and judge)
+    import posttrain.rewards.process  # noqa: F401  (registers step_verifier, prefix_prm, reasoning_pattern)
     from posttrain.rewards.code_reward import CodeReward
     from posttrain.rewards.diversity import DarlingReward
     from posttrain.rewards.majority import MajorityVoteReward

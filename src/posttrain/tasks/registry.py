@@ -60,6 +60,13 @@ def _countdown(params: dict[str, Any]) -> TaskSource:
     return CountdownTask(_from_dataclass(CountdownConfig, params, "countdown"))
 
 
+@register_task("stepwise_arithmetic")
+def _stepwise_arithmetic(params: dict[str, Any]) -> TaskSource:
+    from posttrain.tasks.stepwise_arithmetic import StepwiseArithmeticConfig, StepwiseArithmeticTask
+
+    return StepwiseArithmeticTask(_from_dataclass(StepwiseArithmeticConfig, params, "stepwise_arithmetic"))
+
+
 @register_task("sorting")
 def _sorting(params: dict[str, Any]) -> TaskSource:
     from posttrain.tasks.procedural import SortingConfig, SortingTask

@@ -299,8 +299,6 @@ class RLConfig:
 
         step_issue = step_reward_issue(self.reward, self.algorithm.advantage_estimator, self.environment)
         _check(step_issue is None, *(step_issue or ("", "")))
-        _check(not self.algorithm.turn_credit or self.environment is not None, "algorithm.turn_credit",
-               "credits the step rewards of multi-turn episodes: it needs an environment (environment: {type: ...})")
         _check(self.environment is None or self.distributed.rollout_workers == 0, "environment",
                "runs episodes in the trainer's process: set distributed.rollout_workers=0 (Ray workers sample "
                "single turns only)")

@@ -11,7 +11,7 @@ from posttrain.algorithms.advantages_turn import turn_credit, turn_grpo, turn_sp
 from posttrain.config import ConfigError, load_config
 from posttrain.environments import Environment, StepResult, register_environment
 from posttrain.trainers import rl
-from posttrain.trainers.rl_run import train_rl
+from posttrain.trainers.rl_run import prepare, train_rl
 
 NAN = float("nan")
 # Two episodes of one problem, two model turns each (m = model token, e = environment token, . = pad):
@@ -123,8 +123,9 @@ def test_turn_credit_config_errors():
                                           r"'dr_grpo', 'gae', 'reinforce_plus_plus'"):
         load_config(None, GAME + ["environment={type: guess_the_number}", "algorithm.turn_credit=true",
                                   "algorithm.advantage_estimator=rloo"])
+    # checked where it is known whether a Python environment was passed (posttrain.api.train(environment=...))
     with pytest.raises(ConfigError, match="turn_credit credits the step rewards .* needs an environment"):
-        load_config(None, GAME + ["algorithm.turn_credit=true"])
+        prepare(load_config(None, GAME + ["algorithm.turn_credit=true"]), None, False)
 
 
 @register_environment("digit_steps")

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
-from posttrain.config import RLConfig, dump_config, load_config
+from posttrain.config import ConfigError, RLConfig, dump_config, load_config
 from posttrain.models.loading import describe_source, latest_checkpoint, load_model_and_tokenizer
 from posttrain.rewards.base import Reward, problem_issue
 from posttrain.rewards.registry import build_reward
@@ -41,6 +41,9 @@ def prepare(cfg: RLConfig, output_dir: Optional[str], resume: bool, task=None, p
     # The specs are validated here (rebuilt with the tokenizer later); without an environment the
     # reward scores the task's answers directly, so every problem is checked against it.
     reward = None if python_reward else build_reward(cfg.reward)
+    if cfg.algorithm.turn_credit and cfg.environment is None and not python_env:  # here: a Python env counts
+        raise ConfigError("algorithm.turn_credit credits the step rewards of multi-turn episodes: it needs an "
+                          "environment (environment: {type: ...}, or posttrain.api.train(..., environment=...))")
     if cfg.environment is not None and not python_env:
         from posttrain.environments.registry import build_environment
 

@@ -170,7 +170,7 @@ class AlgorithmConfig:
         return self.kl.coef > 0 or self.kl.target is not None or self.advantage_estimator == "ace"
 
 
-TOKEN_REWARD_ESTIMATORS = ("gae", "reinforce_plus_plus")
+TOKEN_REWARD_ESTIMATORS = ("gae", "reinforce_plus_plus", "optimal_token_baseline")
 
 
 @dataclass

@@ -138,6 +138,10 @@ TABLE: dict[str, Row] = {
                          "OPO: length-weighted baseline, strictly on-policy (one update per batch)"),
     # the digit format as a PRM over each step's prefix (rewards/process.py); no outcome reward, so every bit
     # of signal reaches pure through the trainer's token rewards (pure raises without them)
+    # verl's example: one mini-batch, token-mean, no KL loss; sum pi^2 comes from the old-log-prob pass
+    "advantage:optimal_token_baseline": Row(("algorithm.advantage_estimator=optimal_token_baseline",
+                                             "algorithm.aggregation=token-mean"),
+                                            "OTB (verl): per-token group baseline weighted by realized energy"),
     "advantage:pure": Row(("algorithm.advantage_estimator=pure", PRM), "PURE: min-form credit over process rewards",
                           logs=("reward_component/steps", "reward_component/step_min")),
     "advantage:reinforce_plus_plus": Row(("algorithm.advantage_estimator=reinforce_plus_plus",

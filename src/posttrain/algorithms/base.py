@@ -78,6 +78,7 @@ class AdvantageInput:
     ref_logprobs: Optional[torch.Tensor] = None  # [N, T]
     baseline_rewards: Optional[torch.Tensor] = None  # [N] e.g. ReMax greedy-rollout reward
     answers: Optional[Sequence[Optional[str]]] = None  # canonical answer per sample, None: no answer (seed_grpo)
+    sum_pi2: Optional[torch.Tensor] = None  # [N, T] sum_v pi_v^2 per token, learner's pass (optimal_token_baseline)
 
 
 def _check(cond: bool, key: str, what: str) -> None:

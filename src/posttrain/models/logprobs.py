@@ -35,10 +35,15 @@ class TokenLogProbs(torch.autograd.Function):
     keeps the low-precision logits for the backward when they take at most
     ``SAVED_LOGITS_MAX_BYTES`` (a micro-batch of 1000 tokens over 49k: 100 MB in bf16), which
     spares one of the head's four matmuls; otherwise the backward recomputes them chunk by chunk.
+
+    ``with_sum_pi2`` adds a third output, S_i = sum_j p_ij^2 (no gradient): the optimal token
+    baseline's per-token term (``advantages_otb``), read off the softmax block already in cache,
+    so it costs one more reduction over that block instead of a second pass over the head.
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, temperature: float, chunk: int, with_entropy: bool):
+    def forward(ctx, hidden, weight, bias, targets, temperature: float, chunk: int, with_entropy: bool,
+                with_sum_pi2: bool = False):
         dtype = fast_decoder.compute_dtype(hidden)
         w = weight.to(dtype)
         b = (bias / temperature).to(dtype) if bias is not None else None  # z = W (h / T) + b / T
@@ -47,6 +52,7 @@ class TokenLogProbs(torch.autograd.Function):
         logp = torch.empty(M, dtype=torch.float32, device=h.device)
         logz = torch.empty(M, dtype=torch.float32, device=h.device)
         entropy = torch.zeros(M, dtype=torch.float32, device=h.device)
+        sum_pi2 = torch.zeros(M, dtype=torch.float32, device=h.device) if with_sum_pi2 else None
         rows = max(1, chunk)
         keep = any(ctx.needs_input_grad[:3]) and M * w.shape[0] * w.element_size() <= SAVED_LOGITS_MAX_BYTES
         saved = torch.empty((M, w.shape[0]), dtype=dtype, device=h.device) if keep else None
@@ -65,13 +71,19 @@ class TokenLogProbs(torch.autograd.Function):
                         # H = log S - sum_j p_j z_j (z shifted by max; S = sum_j exp z_j)
                         entropy[i:j] = norm.log() - (p * z).sum(-1) / norm
                     else:
-                        norm = z.exp_().sum(-1)
+                        p = z.exp_()
+                        norm = p.sum(-1)
+                    if with_sum_pi2:  # sum_j (e^{z_j} / S)^2, on the unnormalised p already formed
+                        sum_pi2[i:j] = torch.linalg.vector_norm(p, 2, -1).square_().div_(norm.square())
                     lz = top.squeeze(-1) + norm.log()
                     logz[i:j] = lz
                     logp[i:j] = target_logit - lz
         ctx.save_for_backward(h, w, b, targets, logz, entropy, saved)
         ctx.temperature, ctx.rows, ctx.with_entropy = temperature, rows, with_entropy
         ctx.weight_dtype, ctx.hidden_dtype = weight.dtype, hidden.dtype
+        if with_sum_pi2:
+            ctx.mark_non_differentiable(sum_pi2)
+            return logp, entropy, sum_pi2
         return logp, entropy
 
     @staticmethod
@@ -97,7 +109,7 @@ class TokenLogProbs(torch.autograd.Function):
             yield e, z
 
     @staticmethod
-    def backward(ctx, grad_logp, grad_entropy):
+    def backward(ctx, grad_logp, grad_entropy, *_grad_sum_pi2):
         h, w, b, targets, logz, entropy, saved = ctx.saved_tensors
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         rows, temperature, M = ctx.rows, ctx.temperature, h.shape[0]
@@ -149,7 +161,7 @@ class TokenLogProbs(torch.autograd.Function):
         if need_w:
             grad_w = torch.zeros(w.shape, dtype=ctx.weight_dtype, device=h.device) if grad_w is None else grad_w
             grad_w = grad_w.to(ctx.weight_dtype)
-        return grad_h, grad_w, grad_b, None, None, None, None
+        return (grad_h, grad_w, grad_b) + (None,) * (len(ctx.needs_input_grad) - 3)  # 7 or 8 inputs
 
 
 def uses_fast_decoder(decoder, mode: str) -> bool:
@@ -314,11 +326,14 @@ def completion_logprobs(
     prompt_states: Optional[PromptStates] = None,
     decoder_mode: str = "auto",
     checkpoint_layers: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    with_sum_pi2: bool = False,
+) -> tuple[torch.Tensor, ...]:
     """log pi(o_t | q, o_<t) / temperature-scaled, for every completion token: two [n, T] tensors.
 
     ``prompt_ids`` are left-padded and ``completion_ids`` right-padded, as in ``Rollouts``.
-    Entropies are zeros unless ``with_entropy``.
+    Entropies are zeros unless ``with_entropy``. ``with_sum_pi2`` returns a third [n, T] tensor,
+    sum over the vocabulary of pi^2 at each completion token (0 on padding, no gradient), from
+    the same fused pass.
     """
     device = next(model.parameters()).device
     n, T = completion_ids.shape
@@ -329,8 +344,6 @@ def completion_logprobs(
     flat_hidden = hidden[mask]
     flat_targets = completion_ids.to(device)[mask]
     head = model.get_output_embeddings()
-    lp, en = TokenLogProbs.apply(flat_hidden, head.weight, head.bias, flat_targets, temperature, chunk_tokens,
-                                 with_entropy)
-    logp = torch.zeros((n, T), device=device, dtype=torch.float32).masked_scatter(mask, lp)
-    ent = torch.zeros((n, T), device=device, dtype=torch.float32).masked_scatter(mask, en)
-    return logp, ent
+    flat = TokenLogProbs.apply(flat_hidden, head.weight, head.bias, flat_targets, temperature, chunk_tokens,
+                               with_entropy, *((True,) if with_sum_pi2 else ()))
+    return tuple(torch.zeros((n, T), device=device, dtype=torch.float32).masked_scatter(mask, x) for x in flat)

@@ -179,7 +179,8 @@ class Learner:
             low.register_post_accumulate_grad_hook(move)
 
     # ------------------------------------------------------------------ log-prob passes
-    def _logprobs(self, model, batch: Rollouts, with_entropy: bool = False, prompt_states=None):
+    def _logprobs(self, model, batch: Rollouts, with_entropy: bool = False, prompt_states=None,
+                  with_sum_pi2: bool = False):
         cfg, mc = self.cfg, self.model_cfg
         call = completion_logprobs
         sharded = self.fsdp is not None and model is self.model
@@ -192,6 +193,7 @@ class Learner:
                 share_prompts=cfg.share_prompt_pass and not sharded, attention=mc.attention,
                 prompt_states=prompt_states, decoder_mode=mc.decoder,
                 checkpoint_layers=cfg.activation_checkpointing,  # a no-op under no_grad
+                with_sum_pi2=with_sum_pi2,  # True: a third output, sum_v pi_v^2, from the same pass
             )
 
     def _values(self, batch: Rollouts) -> torch.Tensor:
@@ -206,16 +208,17 @@ class Learner:
         """[N, T] from ``fn`` run per length bucket on padding-trimmed rows, zero-padded, in row
         order. ``lockstep``: ``fn`` runs the sharded model, so every rank runs as many passes."""
         N, T = batch.completion_ids.shape
-        out = torch.zeros((N, T))
+        out = None  # [N, T, ...]: fn may return trailing dims (logprobs_and_sum_pi2)
         buckets = length_buckets(batch, self.cfg.micro_batch_size, self.cfg.micro_batch_tokens)
         extra = self._extra_passes(len(buckets)) if lockstep else 0  # before any pass: a collective too
         with torch.no_grad():
             for rows in buckets:
                 part = fn(trim(batch.select(rows))).float().cpu()
+                out = torch.zeros((N, T, *part.shape[2:])) if out is None else out
                 out[rows, : part.shape[1]] = part
             for _ in range(extra):
                 fn(trim(batch.select(buckets[0][:1])))  # output discarded
-        return out
+        return out if out is not None else torch.zeros((N, T))
 
     def logprobs(self, batch: Rollouts, which: str = "current") -> torch.Tensor:
         """Log-probs of the completion tokens under the current policy or the frozen reference."""
@@ -226,6 +229,13 @@ class Learner:
             with model.disabled():  # the base: the policy's own model with the adapter off
                 return self._no_grad_pass(batch, lambda micro: self._logprobs(self.model, micro)[0])
         return self._no_grad_pass(batch, lambda micro: self._logprobs(model, micro)[0], lockstep=model is self.model)
+
+    def logprobs_and_sum_pi2(self, batch: Rollouts) -> torch.Tensor:
+        """[N, T, 2]: the current policy's log-probs and sum_v pi_v^2 per token, from one fused pass
+        (the optimal token baseline's inputs; verl's calculate_sum_pi_squared)."""
+        return self._no_grad_pass(
+            batch, lambda micro: torch.stack(self._logprobs(self.model, micro, with_sum_pi2=True)[::2], -1),
+            lockstep=True)
 
     def entropies(self, batch: Rollouts) -> torch.Tensor:
         """Per-token entropy of the current policy (for engines that do not record it)."""

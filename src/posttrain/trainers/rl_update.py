@@ -42,6 +42,7 @@ from posttrain.algorithms import (
     aggregate,
     kl_estimate,
 )
+from posttrain.algorithms.advantages_otb import NEEDS_SUM_PI2
 from posttrain.algorithms.advantages_token import gae_returns, value_loss
 from posttrain.algorithms.advantages_turn import turn_credit
 from posttrain.algorithms.corrections import mismatch_metrics
@@ -102,11 +103,13 @@ def old_logprobs_mode(cfg: RLConfig) -> str:
     (one epoch, one mini-batch: old = current.detach() exactly, no extra pass) and no correction
     needs the old log-probs before the update, else "recompute". A correction's rejection mask
     must be known before the loss so that the token count normalising it counts only kept tokens
-    (verl computes its rollout corrections from recomputed old log-probs too)."""
+    (verl computes its rollout corrections from recomputed old log-probs too). An estimator that
+    reads sum_v pi_v^2 (NEEDS_SUM_PI2) gets "recompute": that pass runs anyway, before the loss."""
     mode = cfg.trainer.old_logprobs
     if mode == "auto":
         one_pass = cfg.trainer.ppo_epochs == 1 and cfg.trainer.mini_batches == 1
-        return "current" if one_pass and cfg.algorithm.correction.name is None else "recompute"
+        return "current" if one_pass and cfg.algorithm.correction.name is None \
+            and cfg.algorithm.advantage_estimator not in NEEDS_SUM_PI2 else "recompute"
     return mode
 
 
@@ -168,7 +171,14 @@ class RLUpdate:
         """Old / ref log-probs, overlong penalty, advantages (and critic returns), loss mask."""
         cfg, alg, learner, dp = self.cfg, self.cfg.algorithm, self.learner, self.dp
         mode = old_logprobs_mode(cfg)
-        if mode == "recompute":
+        sum_pi2 = None
+        if alg.advantage_estimator in NEEDS_SUM_PI2:
+            # sum_v pi_v^2 comes out of the same fused pass as the old log-probs (no second pass)
+            both = dp.gather_rows(rollouts, learner.logprobs_and_sum_pi2)
+            sum_pi2 = both[..., 1]
+            if mode == "recompute":
+                rollouts.old_logprobs = both[..., 0]
+        elif mode == "recompute":
             rollouts.old_logprobs = dp.gather_rows(rollouts, learner.logprobs)
         elif mode == "behaviour":
             rollouts.old_logprobs = rollouts.behaviour_logprobs
@@ -194,6 +204,7 @@ class RLUpdate:
             reward_components=rollouts.reward_components, token_rewards=token_rewards, logprobs=logprobs,
             ref_logprobs=rollouts.ref_logprobs, baseline_rewards=baseline, values=rollouts.values,
             answers=[sample_answer(m) for m in rollouts.metadata],  # canonical key, None if no answer
+            sum_pi2=sum_pi2,
         )
         adv_fn = ADVANTAGES.get(alg.advantage_estimator)
         if alg.turn_credit:  # multi-turn episodes: each turn credited with its own step rewards on

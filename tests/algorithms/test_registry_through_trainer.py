@@ -142,6 +142,11 @@ TABLE: dict[str, Row] = {
     "advantage:optimal_token_baseline": Row(("algorithm.advantage_estimator=optimal_token_baseline",
                                              "algorithm.aggregation=token-mean"),
                                             "OTB (verl): per-token group baseline weighted by realized energy"),
+    # HAPO's recipe: its token-level advantage with its entropy-adaptive clip, token-mean, clip 0.2/0.2
+    "advantage:hapo": Row(("algorithm.advantage_estimator=hapo", "algorithm.policy_loss=hapo",
+                           "algorithm.aggregation=token-mean", *OFF_POLICY),
+                          "HAPO: token-level group-average advantages with asymmetric adaptive clipping",
+                          logs=("loss/clip_low_mean", "entropy/learner")),
     "advantage:pure": Row(("algorithm.advantage_estimator=pure", PRM), "PURE: min-form credit over process rewards",
                           logs=("reward_component/steps", "reward_component/step_min")),
     "advantage:reinforce_plus_plus": Row(("algorithm.advantage_estimator=reinforce_plus_plus",
@@ -210,6 +215,10 @@ TABLE: dict[str, Row] = {
                             "SSPO: segment-level ratios, entropy-scaled PPO clip, token-mean",
                             # entropy/learner: the learner's entropies reach the loss (no surprisal stand-in)
                             logs=("loss/seg_ratio_mean", "loss/clip_scale_mean", "entropy/learner")),
+    "policy_loss:hapo": Row(("algorithm.policy_loss=hapo", "algorithm.advantage_estimator=hapo",
+                             "algorithm.aggregation=token-mean", *OFF_POLICY),
+                            "HAPO: PPO clip with bounds widened by token entropy (learner's), token-mean",
+                            logs=("loss/clip_low_mean", "loss/clip_high_mean", "entropy/learner")),
     # VESPO targets off-policy data: the gamma kernel of the behaviour/learner ratio (TRL: global token mean)
     "policy_loss:vespo": Row(("algorithm.policy_loss=vespo", "algorithm.aggregation=token-mean", *MISMATCH,
                               "algorithm.correction.name=tis_token", *OFF_POLICY),

@@ -10,6 +10,7 @@ from posttrain.algorithms import (  # noqa: F401  (fill the registries)
     advantages_shaped,
     advantages_token,
     corrections,
+    hapo,
     losses,
     losses_sequence,
     preference,

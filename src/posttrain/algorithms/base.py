@@ -107,6 +107,7 @@ class AdvantageConfig:
     ace_alpha: float = 1.0  # ACE strength of the softplus confidence penalty on wrong samples
     pure_rloo_baseline: bool = True  # PURE: subtract the leave-one-out mean trajectory value
     drpo_lambda: float = 0.2  # DRPO KL temperature of the length-tilted positive distribution (our choice)
+    hapo_fallback_z: float = 5.0  # HAPO: a group with some |A| >= this falls back to GRPO (HAPO's code: 5)
 
     def __post_init__(self) -> None:
         _check(self.eps >= 0, "algorithm.advantage.eps", "must be >= 0")
@@ -123,6 +124,8 @@ class AdvantageConfig:
         _check(0.0 <= self.unlikeliness_beta <= 1.0, "algorithm.advantage.unlikeliness_beta", "must be in [0, 1]")
         _check(self.seed_alpha >= 0, "algorithm.advantage.seed_alpha", "must be >= 0")
         _check(self.ace_alpha >= 0, "algorithm.advantage.ace_alpha", "must be >= 0")
+        _check(0 < self.hapo_fallback_z, "algorithm.advantage.hapo_fallback_z",
+               f"must be > 0 (|A| at which a hapo group falls back to GRPO; HAPO's code: 5), got {self.hapo_fallback_z}")
         _check(0 < self.drpo_lambda < float("inf"), "algorithm.advantage.drpo_lambda",
                f"must be a finite number > 0 (the KL temperature of DRPO's length weights), got {self.drpo_lambda}")
 
@@ -188,6 +191,9 @@ class PolicyLossConfig:
     sspo_clip_high: float = 0.2  # base eps_high
     sspo_entropy_scale_min: float = 0.5  # the entropy scale is clamped to [min, max] (our choice)
     sspo_entropy_scale_max: float = 2.0
+    # HAPO asymmetric adaptive clipping: bounds widened by the token's entropy score (HAPO's recipes)
+    hapo_entropy_pivot: float = 0.8  # quantile of the log-entropy that scores 0
+    hapo_clip_alpha: float = 1.0  # eps_low x (1 + alpha) at the lowest entropy, eps_high x (1 + alpha) at the highest
 
     def __post_init__(self) -> None:
         _check(self.clip_low >= 0 and self.clip_high >= 0, "algorithm.loss.clip_low and clip_high", "must be >= 0")
@@ -227,6 +233,11 @@ class PolicyLossConfig:
                "algorithm.loss.sspo_entropy_scale_min/max",
                "must satisfy 0 < min <= 1 <= max (finite), so a segment of average entropy keeps the base clip; "
                f"got {self.sspo_entropy_scale_min}, {self.sspo_entropy_scale_max}")
+        _check(0.0 <= self.hapo_entropy_pivot <= 1.0, "algorithm.loss.hapo_entropy_pivot",
+               f"is a quantile and must be in [0, 1] (HAPO: 0.8), got {self.hapo_entropy_pivot}")
+        # (a lower bound 1 - eps_low <= 0 only means no lower clip: the ratio is > 0)
+        _check(0 <= self.hapo_clip_alpha < float("inf"), "algorithm.loss.hapo_clip_alpha",
+               f"must be a finite number >= 0 (HAPO: 1.0), got {self.hapo_clip_alpha}")
         _check(0 <= self.sspo_clip_high < float("inf"), "algorithm.loss.sspo_clip_high",
                f"must be a finite number >= 0, got {self.sspo_clip_high}")
         _check(0 <= self.sspo_clip_low * self.sspo_entropy_scale_max < 1.0, "algorithm.loss.sspo_clip_low",

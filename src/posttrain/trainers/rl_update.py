@@ -69,7 +69,7 @@ class NonFiniteLossError(RuntimeError):
     """Too many consecutive steps produced a non-finite loss or gradient."""
 
 
-ENTROPY_LOSSES = ("sspo",)  # policy losses that read the learner's token entropies
+ENTROPY_LOSSES = ("sspo", "hapo")  # policy losses that read the learner's token entropies
 
 
 def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:

@@ -35,6 +35,14 @@ Behaviour log-probs
     would return a different quantity (a biased importance ratio) with an error naming the fix.
     Greedy (top_k=1) runs as vLLM's greedy sampling, whose log-probs are log softmax(logits).
 
+Multi-turn episodes
+    ``environments.run_episodes`` drives this engine like the hf one: every model turn is an
+    ordinary ``generate`` on the conversation so far (re-rendered by posttrain, handed over as
+    token ids), so nothing here is turn-aware. vLLM's prefix cache reuses the full KV blocks of
+    the earlier turns. Entropies are None, as for single turns; the learner computes them.
+    ``tests/vllm_engine/test_vllm_episodes.py`` checks the masks, the log-probs of both turns
+    against the learner's, and RL steps with an environment.
+
 CPU threading (vLLM 0.32, ``vllm/utils/ompmultiprocessing.py``)
     The CPU build always runs the model in a separate worker process (multiprocessing *spawn*,
     so scripts that start an engine need an ``if __name__ == "__main__":`` guard) next to the

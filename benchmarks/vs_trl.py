@@ -1,7 +1,7 @@
 """posttrain vs TRL's GRPOTrainer, side by side on this machine, in one invocation.
 
 Same model (SmolLM2-135M-Instruct), same prompts (the quickstart's arithmetic train split in
-the same order), 8 prompts x 8 completions per step, up to 64 new tokens, temperature 1, the
+the same order), 8 prompts x 8 completions per step (``--prompts``, ``--completions``), up to 64 new tokens, temperature 1, the
 same loss (token-mean GRPO with group-std advantages, PPO clip 0.2, one epoch, no KL), the
 same reward, learning rate and seed. Each system runs in its own subprocess so peak RSS is
 its own. TRL runs twice:
@@ -50,8 +50,8 @@ ALLOCATOR = {"library": None}
 def base_overrides(args) -> list[str]:
     return [
         f"model.name={args.model}",
-        f"rollout.num_prompts={PROMPTS}",
-        f"rollout.num_completions={COMPLETIONS}",
+        f"rollout.num_prompts={args.prompts}",
+        f"rollout.num_completions={args.completions}",
         f"rollout.max_new_tokens={args.max_new_tokens}",
         "rollout.temperature=1.0",
         "algorithm.advantage_estimator=grpo",
@@ -87,7 +87,9 @@ def _completion_lengths(out, prompt_len: int, eos_ids: set[int]) -> list[int]:
     return lengths
 
 
-def worker_trl(args, tuned: bool = False) -> dict:
+def worker_trl(args, tuned: bool = False, on_step=None) -> dict:
+    """TRL's GRPOTrainer on the shape in ``args``; ``on_step(row)``, when given, is called after every
+    step with its timings (benchmarks/sweep.py uses it to give up on a cell after its first step)."""
     import torch
     from datasets import Dataset
     from transformers import TrainerCallback
@@ -109,7 +111,8 @@ def worker_trl(args, tuned: bool = False) -> dict:
     from posttrain.trainers.rl import EpochSampler
 
     sampler = EpochSampler(list(build_task(cfg.task).problems("train")), cfg.trainer.seed)
-    problems = sampler.next(PROMPTS * (args.steps + args.warmup))
+    prompts_per_step, completions = args.prompts, args.completions
+    problems = sampler.next(prompts_per_step * (args.steps + args.warmup))
     by_prompt = {p.prompt: p for p in problems}
     data = Dataset.from_list([{"prompt": [{"role": "user", "content": p.prompt}]} for p in problems])
 
@@ -149,11 +152,13 @@ def worker_trl(args, tuned: bool = False) -> dict:
             steps.append({"step_s": total, "gen_s": g, "learn_s": total - g,
                           "completion_tokens": gen["tokens"] - self.n0, "prompt_tokens": gen["prompt_tokens"] - self.p0,
                           "peak": matmul_peak_gflops(torch.bfloat16)})  # after the timing, as posttrain.bench does
+            if on_step is not None:
+                on_step(steps[-1])
 
     with tempfile.TemporaryDirectory() as tmp:
         config = GRPOConfig(
-            output_dir=tmp, per_device_train_batch_size=PROMPTS * COMPLETIONS, gradient_accumulation_steps=1,
-            num_generations=COMPLETIONS, max_completion_length=args.max_new_tokens, temperature=1.0, top_p=1.0,
+            output_dir=tmp, per_device_train_batch_size=prompts_per_step * completions,
+            gradient_accumulation_steps=1, num_generations=completions, max_completion_length=args.max_new_tokens, temperature=1.0, top_p=1.0,
             top_k=0, learning_rate=args.lr, lr_scheduler_type="constant", warmup_steps=0, beta=0.0,
             loss_type="dapo", scale_rewards="group", num_iterations=1, epsilon=0.2, max_grad_norm=1.0,
             max_steps=args.steps + args.warmup, logging_steps=1, report_to="none", save_strategy="no",
@@ -202,7 +207,7 @@ def worker_generate(args) -> dict:
     cfg = load_config(ROOT / "examples" / "arithmetic.yaml", base_overrides(args))
     model, tokenizer = load_model_and_tokenizer(cfg.model.name)
     engine = HFRolloutEngine(model, tokenizer, dtype=torch.bfloat16)
-    problems = build_task(cfg.task).problems("train")[:PROMPTS]
+    problems = build_task(cfg.task).problems("train")[:args.prompts]
     tokenizer.padding_side = "left"
     texts = [tokenizer.apply_chat_template([{"role": "user", "content": p.prompt}], tokenize=False,
                                            add_generation_prompt=True) for p in problems]
@@ -215,7 +220,7 @@ def worker_generate(args) -> dict:
         t = time.perf_counter()
         with torch.no_grad():
             out = engine.model.generate(**enc, do_sample=True, temperature=1.0, top_p=1.0, top_k=0,
-                                        max_new_tokens=args.max_new_tokens, num_return_sequences=COMPLETIONS,
+                                        max_new_tokens=args.max_new_tokens, num_return_sequences=args.completions,
                                         pad_token_id=tokenizer.pad_token_id)
         dt = time.perf_counter() - t
         engine.model.config._attn_implementation = default_attention
@@ -228,7 +233,7 @@ def worker_generate(args) -> dict:
         # generate with the attention kernel posttrain picks on CPU, to separate the two effects
         hf_eager_tps = hf_generate("eager")
         t = time.perf_counter()
-        r = engine.generate(problems, COMPLETIONS, SamplingParams(max_new_tokens=args.max_new_tokens),
+        r = engine.generate(problems, args.completions, SamplingParams(max_new_tokens=args.max_new_tokens),
                             torch.Generator().manual_seed(rep))
         dt2 = time.perf_counter() - t
         if rep:
@@ -324,7 +329,8 @@ def table(results: dict) -> str:
         lines.append(f"{name}: gradient checkpointing {t['gradient_checkpointing']}, {t['learner_dtype']}, "
                      f"{t['attention']} attention.")
     lines.append("")
-    lines.append(f"Sampling alone, same bf16 weights, batch {PROMPTS * COMPLETIONS}, up to {results['max_new_tokens']} new "
+    batch = results.get("prompts", PROMPTS) * results.get("completions", COMPLETIONS)
+    lines.append(f"Sampling alone, same bf16 weights, batch {batch}, up to {results['max_new_tokens']} new "
                  f"tokens: transformers generate {g['hf_generate_tok_per_s']:.0f} tok/s ({g['hf_default_attention']} "
                  f"attention, its default), posttrain engine {g['posttrain_tok_per_s']:.0f} tok/s "
                  f"({g['posttrain_tok_per_s'] / g['hf_generate_tok_per_s']:.2f}x). transformers generate with the "
@@ -354,6 +360,8 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=5, help="measured steps")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--prompts", type=int, default=PROMPTS, help="prompts per step")
+    parser.add_argument("--completions", type=int, default=COMPLETIONS, help="completions per prompt (group size)")
     parser.add_argument("--lr", type=float, default=2e-5)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--gen-reps", type=int, default=3)
@@ -382,14 +390,14 @@ def main() -> int:
     ALLOCATOR["library"] = find_tcmalloc() if args.allocator == "tcmalloc" else None
     argv = ["--model", args.model, "--steps", str(args.steps), "--warmup", str(args.warmup),
             "--max-new-tokens", str(args.max_new_tokens), "--lr", str(args.lr), "--seed", str(args.seed),
-            "--gen-reps", str(args.gen_reps)]
+            "--gen-reps", str(args.gen_reps), "--prompts", str(args.prompts), "--completions", str(args.completions)]
     for s in args.set:
         argv += ["--set", s]
     results = {
         "peak_bf16_gflops": matmul_peak_gflops(torch.bfloat16),
         "peak_fp32_gflops": matmul_peak_gflops(torch.float32),
         "max_new_tokens": args.max_new_tokens,
-        "prompts": PROMPTS, "completions": COMPLETIONS, "steps": args.steps, "warmup": args.warmup,
+        "prompts": args.prompts, "completions": args.completions, "steps": args.steps, "warmup": args.warmup,
         "allocator": "tcmalloc" if ALLOCATOR["library"] else "system (glibc)",
         "onednn_cache": os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"],
         "environment": environment(),

@@ -147,6 +147,9 @@ TABLE: dict[str, Row] = {
                            "algorithm.aggregation=token-mean", *OFF_POLICY),
                           "HAPO: token-level group-average advantages with asymmetric adaptive clipping",
                           logs=("loss/clip_low_mean", "entropy/learner")),
+    # COPO on GRPO's loss: a 4-token digit reward leaves some groups all-wrong or all-right (the global term)
+    "advantage:copo": Row(("algorithm.advantage_estimator=copo", "algorithm.aggregation=seq-mean-token-mean"),
+                          "COPO: GRPO blended with the batch-standardised prompt return by outcome entropy"),
     "advantage:pure": Row(("algorithm.advantage_estimator=pure", PRM), "PURE: min-form credit over process rewards",
                           logs=("reward_component/steps", "reward_component/step_min")),
     "advantage:reinforce_plus_plus": Row(("algorithm.advantage_estimator=reinforce_plus_plus",

@@ -6,6 +6,7 @@ Importing the package fills the registries (``ADVANTAGES``, ``POLICY_LOSSES``, `
 
 from posttrain.algorithms import (  # noqa: F401  (fill the registries)
     advantages,
+    advantages_copo,
     advantages_otb,
     advantages_shaped,
     advantages_token,

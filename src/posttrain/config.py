@@ -324,14 +324,22 @@ class RLConfig:
             _check(sel.replay_size >= 1, "selection.replay_size", "must be >= 1 (groups the replay buffer holds)")
             _check(sel.max_replay_age >= 0, "selection.max_replay_age", "must be >= 0 (steps a group may be replayed "
                    "after it was sampled)")
-        if sel.name == "replay":
+        if sel.replay_fraction != 0:  # cures' rollout replay: a fraction of every batch from its buffer
+            _check(sel.name == "cures", "selection.replay_fraction", f"is read by cures only, not {sel.name}")
+            _check(0 < sel.replay_fraction < 1 and sel.replayed_groups(self.rollout.num_prompts) >= 1,
+                   "selection.replay_fraction", f"must be in [1/rollout.num_prompts, 1) = [1/{self.rollout.num_prompts}"
+                   f", 1), or 0: at least one group replayed and one generated fresh per step")
+            _check(sel.max_replay_age >= 1, "selection.max_replay_age", "must be >= 1 with selection.replay_fraction "
+                   "> 0 (a group is replayed one step after it was sampled at the earliest)")
+        if sel.name == "replay" or sel.replay_fraction > 0:
             # A replayed sample is off-policy: only the correction reweights it by pi_theta / pi_behaviour,
             # and with old = behaviour log-probs that ratio is 1.
+            who = "replay" if sel.name == "replay" else "selection.replay_fraction > 0"
             _check(self.algorithm.correction.name is not None, "selection.name",
-                   "replay needs an off-policy correction for its stale samples: set algorithm.correction.name "
+                   f"{who} needs an off-policy correction for its stale samples: set algorithm.correction.name "
                    "(e.g. tis_token)")
             _check(self.trainer.old_logprobs != "behaviour", "selection.name",
-                   "replay needs trainer.old_logprobs auto or recompute: with behaviour log-probs as the old ones "
+                   f"{who} needs trainer.old_logprobs auto or recompute: with behaviour log-probs as the old ones "
                    "the correction's ratio pi_old / pi_behaviour is 1 for a replayed sample")
         per_group = sel.completions_kept(self.rollout.num_completions)
         if sel.name in ("pods", "d3s"):  # d3s may keep all n and select tokens only

@@ -84,6 +84,26 @@ def test_replay_buffer_ranks_by_variance_drops_old_and_constant_groups():
     assert [e["problem"]["id"] for e in buf.entries] == ["1", "2"]  # the oldest was evicted
 
 
+def test_replay_buffer_sample_is_uniform_keeps_groups_and_one_group_per_prompt():
+    """cures' use of the buffer (DOTS): uniform draws that stay in the buffer, ages returned."""
+    import random
+
+    buf = ReplayBuffer(capacity=4, max_age=2, one_per_prompt=True)
+    buf.add(*_group([0.0, 1.0], step=1, pid="a"), step=1)
+    buf.add(*_group([0.0, 1.0], step=2, pid="b"), step=2)
+    buf.add(*_group([1.0, 0.0], step=3, pid="c"), step=3)
+    buf.add(*_group([0.0, 0.0], step=3, pid="b"), step=3)  # b's newer group is constant: b0 goes, nothing stored
+    assert [e["problem"]["id"] for e in buf.entries] == ["a", "c"]
+    rng, ref = random.Random(1), random.Random(1)
+    # at step 4, "a" (age 3 > 2) is dropped; "c" is the only eligible group, age 1
+    assert [(p.id, age) for p, _, age in buf.sample(2, step=4, rng=rng)] == [("c", 1)]
+    ref.sample(range(1), 1)
+    assert rng.getstate() == ref.getstate() and len(buf) == 1  # one draw from rng; "c" stays
+    assert buf.sample(0, step=4, rng=rng) == [] and rng.getstate() == ref.getstate()  # k = 0: no draw
+    assert [p.id for p, _, _ in buf.sample(1, step=5, rng=rng)] == ["c"]  # replayed again while young enough
+    assert buf.sample(1, step=6, rng=rng) == [] and len(buf) == 0
+
+
 def test_replay_state_survives_a_weights_only_checkpoint():
     sel = build_selector(SelectionConfig(name="replay"), 2)
     sel.remember([_group([0.0, 1.0], step=3, pid="a")], step=3)

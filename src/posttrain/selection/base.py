@@ -16,7 +16,10 @@ A selector with ``chooses = True`` picks the prompts itself (curricula.py): the 
 ``bind(train_problems, seed)`` once, before its first draw, and then ``choose(k) -> k prompts``
 instead of walking the epoch sampler with ``accept``. Its randomness comes from a
 ``random.Random(seed)`` it owns and checkpoints, and ``load_state_dict`` may come before ``bind``
-(a resume), so the state it restores must not be reset by ``bind``.
+(a resume), so the state it restores must not be reset by ``bind``. A choosing selector with
+rollout replay (cures with ``replay_fraction`` > 0) returns k - m fresh prompts and sets m earlier
+groups aside; the loop's ``replay(m, step)`` in the same step hands them over, so the batch still
+has k groups and only k - m are generated.
 
 Every hook sees a ``ScoredGroups``: the scored rollouts with per-sample correctness and the
 group structure already worked out (group g is ``problems[g]``, its rows ``rows_of[g]``). The
@@ -25,6 +28,7 @@ base class accepts and keeps everything, so a selector overrides only the hooks 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, Optional
@@ -50,8 +54,9 @@ class SelectionConfig:
     ucb_c: float = 1.0  # dump: weight of the UCB exploration bonus
     token_fraction: float = 0.5  # d3s: fraction of tokens kept by |A| x entropy (at step 0 when annealed)
     anneal_steps: int = 0  # d3s: steps over which the kept fraction rises to 1 (0: constant)
-    replay_size: int = 64  # replay: groups the buffer holds
-    max_replay_age: int = 4  # replay: a group is replayed at most this many steps after it was sampled
+    replay_size: int = 64  # replay, cures: groups the buffer holds
+    max_replay_age: int = 4  # replay, cures: a group is replayed at most this many steps after it was sampled
+    replay_fraction: float = 0.0  # cures: fraction of each batch's groups taken from the buffer (0: none)
 
     def completions_kept(self, num_completions: int) -> int:
         """Rollouts per prompt that enter the update: ``keep_completions`` (default n // 2) under
@@ -59,6 +64,11 @@ class SelectionConfig:
         if self.name in ("pods", "d3s"):
             return self.keep_completions or max(1, num_completions // 2)
         return num_completions
+
+    def replayed_groups(self, num_prompts: int) -> int:
+        """Groups a step asks cures' buffer for: floor(replay_fraction x num_prompts) (DOTS's
+        int((1 - sigma) B)); the 1e-9 keeps e.g. 0.29 x 100 = 28.999... at 29."""
+        return math.floor(self.replay_fraction * num_prompts + 1e-9)
 
 
 @dataclass

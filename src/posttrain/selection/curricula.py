@@ -1,8 +1,10 @@
 """Curricula that choose which prompts to sample (``chooses = True``; the contract is in base.py).
 
 Each is bound to the train split once and then hands the loop ``choose(k)`` prompts a step. None
-filters or refills: every chosen group is trained on. Randomness comes from a ``random.Random``
-seeded with ``trainer.seed`` and checkpointed with the rest of the state, so a resume is exact.
+filters or refills: every chosen group is trained on (``cures`` with ``replay_fraction`` > 0 hands
+over fewer and the loop fills the batch from its replay buffer). Randomness comes from a
+``random.Random`` seeded with ``trainer.seed`` and checkpointed with the rest of the state, so a
+resume is exact.
 
 The learning signal of ``sec`` and ``dump`` is |A| for GRPO's group-normalised advantage of the
 rewards, computed by posttrain's ``grpo`` estimator (unbiased group std, eps 1e-6, 0 for a group
@@ -22,6 +24,7 @@ import torch
 from posttrain.algorithms.advantages import grpo
 from posttrain.algorithms.base import AdvantageConfig, AdvantageInput
 from posttrain.selection.base import SELECTORS, ScoredGroups, SelectionConfig, Selector
+from posttrain.selection.replay import ReplayBuffer
 from posttrain.tasks.base import Problem
 
 
@@ -269,30 +272,58 @@ class DUMP(ArmBandit):
 
 
 @SELECTORS.register("cures", paper="CurES: From Gradient Analysis to Efficient Curriculum Learning for Reasoning "
-                                   "LLMs (arXiv:2510.01037)")
+                                   "LLMs (arXiv:2510.01037); rollout replay from DOTS (arXiv:2506.05316)")
 class CurES(ChoosingSelector):
-    """Prompt sampling by a Beta-Bernoulli posterior of each prompt's pass rate.
+    """Prompt sampling by a Beta-Bernoulli posterior of each prompt's pass rate, with rollout replay.
 
     p_x = (1 + s_x) / (2 + s_x + f_x)   (posterior mean of Beta(1 + s_x, 1 + f_x))
-    w_x = sqrt(p_x (1 - p_x));   k distinct prompts drawn without replacement, P ~ w_x
+    w_x = sqrt(p_x (1 - p_x));   the fresh prompts are drawn without replacement, P ~ w_x
 
-    s_x / f_x count the correct / incorrect rollouts of prompt x so far; an unseen prompt has
-    p = 0.5, the largest weight. w_x is the Bernoulli reward's std, to which the expected GRPO
-    gradient norm of a prompt is proportional: this is posttrain's reading of the paper's gradient
-    analysis, not a closed form taken from it. The draw is Efraimidis-Spirakis (the k largest
-    log(u_x) / w_x), i.e. successive sampling; when k exceeds the train split, every round of
-    len(split) prompts is distinct. The paper's other half, allocating rollouts per prompt, is not
-    implemented (every prompt gets rollout.num_completions). Nor is DOTS ("Improving Data
-    Efficiency for LLM Reinforcement Fine-tuning Through Difficulty-targeted Online Data Selection
-    and Rollout Replay"), which predicts difficulty from a reference set through an attention-based
-    similarity model. Logs ``selection/posterior_pass_rate`` (mean p_x of the last chosen prompts)
-    and ``selection/prompts_seen``.
+    s_x / f_x count the correct / incorrect fresh rollouts of prompt x so far (replayed groups are
+    not counted twice); an unseen prompt has p = 0.5, the largest weight. w_x is the Bernoulli
+    reward's std, to which the expected GRPO gradient norm of a prompt is proportional: this is
+    posttrain's reading of CurES's gradient analysis (catalog 004-31: "the abstract gives no
+    closed-form rule"), not a closed form taken from the paper. The draw is Efraimidis-Spirakis
+    (the largest log(u_x) / w_x), i.e. successive sampling; when more prompts are wanted than the
+    train split holds, every round of len(split) prompts is distinct.
+
+    Rollout replay (``selection.replay_fraction`` rho > 0), as in "Improving Data Efficiency for
+    LLM Reinforcement Fine-tuning Through Difficulty-targeted Online Data Selection and Rollout
+    Replay" (DOTS, arXiv:2506.05316, catalog 003-17), at step t with k = rollout.num_prompts:
+
+        B_t = buffered groups sampled at step t_g with t - t_g <= selection.max_replay_age
+        m_t = min(floor(rho k), |B_t|) groups drawn uniformly without replacement from B_t
+        k - m_t fresh prompts by w_x above; only those are generated (k - m_t) x num_completions
+
+    so the batch keeps k groups. After the step, the fresh groups whose rewards differ enter a
+    FIFO buffer of ``selection.replay_size`` groups (the newest group of a prompt replaces its
+    older ones, as the DOTS code's de-duplication does); a replayed group stays in it and may be
+    replayed again until it is too old or evicted. The bound on age is posttrain's (DOTS bounds
+    the buffer's size only). A replayed sample keeps its ``policy_version``, so ``staleness/*``
+    count it, and the configured train-inference correction (``algorithm.correction``, required
+    when rho > 0) reweights it by pi_theta / pi_behaviour, as for the ``replay`` selector.
+    While the buffer is short (the first step, rho k > |B_t|) more prompts are generated fresh.
+
+    Not implemented: CurES's other half, allocating rollouts per prompt (every prompt gets
+    rollout.num_completions), and DOTS's difficulty predictor (an attention-based similarity to a
+    small reference set whose pass rates are measured); this posterior replaces it, so every
+    prompt's difficulty comes from its own earlier rollouts. Logs ``selection/posterior_pass_rate``
+    (mean p_x of the fresh prompts), ``selection/prompts_seen``, ``selection/replayed_groups``,
+    ``selection/rollouts_generated``, ``selection/buffer_groups`` and the steps since the replayed
+    groups were sampled, ``selection/replay_staleness_mean`` and ``_max`` (0 with none).
     """
 
     def __init__(self, cfg: SelectionConfig, num_completions: int):
         super().__init__(cfg, num_completions)
         self.outcomes: dict[str, list[int]] = {}  # prompt id -> [correct, incorrect] rollouts so far
         self.chosen_pass_rate = 0.5
+        self.buffer = ReplayBuffer(cfg.replay_size, cfg.max_replay_age, one_per_prompt=True)
+        # choose() gets no step: it serves the step after the last remember() (None before one;
+        # the buffer is empty then). replay() checks that the loop agrees.
+        self.next_step: Optional[int] = None
+        self.set_aside: list[tuple[Problem, Any]] = []  # choose() -> replay() within one step
+        self.staleness: list[int] = []  # of this step's replayed groups
+        self.generated = 0  # rollouts generated this step
 
     def pass_rate(self, problem: Problem) -> float:
         s, f = self.outcomes.get(problem.id, (0, 0))
@@ -304,11 +335,17 @@ class CurES(ChoosingSelector):
 
     def choose(self, k: int) -> list[Problem]:
         rng, out = self._require_bound(), []
-        while len(out) < k:
+        drawn = [] if self.next_step is None else \
+            self.buffer.sample(self.cfg.replayed_groups(k), self.next_step, rng)
+        self.set_aside = [(p, g) for p, g, _ in drawn]
+        self.staleness = [age for _, _, age in drawn]
+        fresh = k - len(drawn)
+        while len(out) < fresh:
             keys = [math.log(1.0 - rng.random()) / self.weight(p) for p in self.problems]  # log u, u in (0, 1]
-            take = heapq.nlargest(min(k - len(out), len(keys)), range(len(keys)), key=keys.__getitem__)
+            take = heapq.nlargest(min(fresh - len(out), len(keys)), range(len(keys)), key=keys.__getitem__)
             out += [self.problems[i] for i in take]
         self.chosen_pass_rate = sum(self.pass_rate(p) for p in out) / len(out)
+        self.generated = len(out) * self.num_completions
         return out
 
     def observe(self, batch: ScoredGroups, epoch: int) -> None:
@@ -318,15 +355,44 @@ class CurES(ChoosingSelector):
             counts[0] += s
             counts[1] += len(rows) - s
 
+    def replay(self, k: int, step: int) -> list[tuple[Problem, Any]]:
+        if k != len(self.set_aside) or (self.set_aside and step != self.next_step):
+            raise RuntimeError(f"selection 'cures': asked for {k} replayed groups at step {step}, but choose() set "
+                               f"aside {len(self.set_aside)} for step {self.next_step}; the loop must call choose, "
+                               f"replay and remember once per step, in that order")
+        out, self.set_aside = self.set_aside, []
+        return out
+
+    def remember(self, groups: list[tuple[Problem, Any]], step: int) -> None:
+        if self.cfg.replay_fraction > 0:  # without replay, keep no rollouts (nor checkpoint them)
+            for problem, group in groups:
+                self.buffer.add(problem, group, step)
+        self.next_step = step + 1
+
     def metrics(self) -> dict[str, float]:
+        stale = self.staleness
         return {"selection/posterior_pass_rate": self.chosen_pass_rate,
-                "selection/prompts_seen": float(len(self.outcomes))}
+                "selection/prompts_seen": float(len(self.outcomes)),
+                "selection/replayed_groups": float(len(stale)),
+                "selection/rollouts_generated": float(self.generated),
+                "selection/buffer_groups": float(len(self.buffer)),
+                "selection/replay_staleness_mean": sum(stale) / len(stale) if stale else 0.0,
+                "selection/replay_staleness_max": float(max(stale, default=0))}
 
     def state_dict(self) -> dict[str, Any]:
+        if self.set_aside:  # they would be lost: the trainer checkpoints between steps only
+            raise RuntimeError("selection 'cures': state_dict() between choose() and replay() would drop "
+                               f"{len(self.set_aside)} set-aside groups")
         return {**super().state_dict(), "outcomes": {x: list(c) for x, c in self.outcomes.items()},
-                "chosen_pass_rate": self.chosen_pass_rate}
+                "chosen_pass_rate": self.chosen_pass_rate, "entries": list(self.buffer.entries),
+                "next_step": self.next_step, "staleness": list(self.staleness), "generated": self.generated}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
         self.outcomes = {x: [int(s), int(f)] for x, (s, f) in state["outcomes"].items()}
         self.chosen_pass_rate = float(state["chosen_pass_rate"])
+        # checkpoints from before rollout replay have no buffer: an empty one, as at step 0
+        self.buffer.entries = list(state.get("entries", []))
+        self.next_step = None if state.get("next_step") is None else int(state["next_step"])
+        self.staleness = [int(a) for a in state.get("staleness", [])]
+        self.generated = int(state.get("generated", 0))

@@ -1,10 +1,11 @@
-"""Rollout replay: informative groups from earlier steps fill a batch the filter left short."""
+"""Rollout replay: informative groups from earlier steps fill a batch the filter left short
+(``replay``), or stand in for part of every fresh batch (``cures`` with ``replay_fraction``)."""
 
 from __future__ import annotations
 
 import dataclasses
+import random
 from typing import Any
-
 
 from posttrain.rollout.batch import Rollouts
 from posttrain.selection.base import SELECTORS, SelectionConfig
@@ -28,34 +29,52 @@ def _from_state(entry: dict[str, Any]) -> tuple[Problem, Rollouts]:
 
 
 class ReplayBuffer:
-    """Up to ``capacity`` recent groups with unequal rewards, each replayed at most once.
+    """Up to ``capacity`` recent groups with unequal rewards, oldest evicted first (FIFO).
 
     take(k, step): the k groups of largest reward variance (ties: the most recent) among those
-    sampled at most ``max_age`` steps before ``step``; they leave the buffer. Older groups are
-    dropped, so no replayed sample is more than ``max_age`` policy versions stale.
+    sampled at most ``max_age`` steps before ``step``; they leave the buffer (``replay``).
+    sample(k, step, rng): k of those groups uniformly without replacement, in the order drawn;
+    they stay in the buffer, so a group may be replayed again while it is young enough (DOTS's
+    rollout replay, used by ``cures``).
+    Either way older groups are dropped first, so no replayed sample is more than ``max_age``
+    policy versions stale. With ``one_per_prompt`` a prompt's new group replaces its older ones
+    (also when the new one is not stored for having constant rewards): the latest evidence only.
     """
 
-    def __init__(self, capacity: int, max_age: int):
-        self.capacity, self.max_age = capacity, max_age
+    def __init__(self, capacity: int, max_age: int, one_per_prompt: bool = False):
+        self.capacity, self.max_age, self.one_per_prompt = capacity, max_age, one_per_prompt
         self.entries: list[dict[str, Any]] = []  # {"step", "variance", "problem", "rollouts"}, oldest first
 
     def __len__(self) -> int:
         return len(self.entries)
 
     def add(self, problem: Problem, group: Rollouts, step: int) -> None:
+        if self.one_per_prompt:
+            self.entries = [e for e in self.entries if e["problem"]["id"] != problem.id]
         variance = float(group.rewards.double().var(unbiased=False))
         if variance <= 0.0:  # zero advantage: nothing to learn from it twice
             return
         self.entries.append({"step": step, "variance": variance, **_to_state(problem, group)})
         del self.entries[: max(0, len(self.entries) - self.capacity)]
 
-    def take(self, k: int, step: int) -> list[tuple[Problem, Rollouts]]:
+    def _drop_old(self, step: int) -> None:
         self.entries = [e for e in self.entries if step - e["step"] <= self.max_age]
+
+    def take(self, k: int, step: int) -> list[tuple[Problem, Rollouts]]:
+        self._drop_old(step)
         ranked = sorted(range(len(self.entries)), key=lambda i: (-self.entries[i]["variance"], -self.entries[i]["step"]))
         chosen = set(ranked[:k])
         out = [_from_state(self.entries[i]) for i in ranked[:k]]
         self.entries = [e for i, e in enumerate(self.entries) if i not in chosen]
         return out
+
+    def sample(self, k: int, step: int, rng: random.Random) -> list[tuple[Problem, Rollouts, int]]:
+        """(problem, group, age = step - the step it was sampled at), for k groups drawn as above."""
+        self._drop_old(step)
+        if k <= 0 or not self.entries:  # no draw from rng: a step without replay leaves the stream alone
+            return []
+        drawn = rng.sample(range(len(self.entries)), min(k, len(self.entries)))
+        return [(*_from_state(self.entries[i]), step - self.entries[i]["step"]) for i in drawn]
 
 
 @SELECTORS.register("replay", paper="Improving RL Exploration for LLM Reasoning through Retrospective Replay "

@@ -87,9 +87,10 @@ def _completion_lengths(out, prompt_len: int, eos_ids: set[int]) -> list[int]:
     return lengths
 
 
-def worker_trl(args, tuned: bool = False, on_step=None) -> dict:
-    """TRL's GRPOTrainer on the shape in ``args``; ``on_step(row)``, when given, is called after every
-    step with its timings (benchmarks/sweep.py uses it to give up on a cell after its first step)."""
+def worker_trl(args, tuned: bool = False, on_step=None, on_step_begin=None) -> dict:
+    """TRL's GRPOTrainer on the shape in ``args``. ``on_step_begin()`` and ``on_step(row)``, when given,
+    are called as each step begins and after it ends, with its timings (benchmarks/sweep.py uses them
+    to give up on a cell whose first step predicts more than its time budget)."""
     import torch
     from datasets import Dataset
     from transformers import TrainerCallback
@@ -143,6 +144,8 @@ def worker_trl(args, tuned: bool = False, on_step=None) -> dict:
 
     class Timer(TrainerCallback):
         def on_step_begin(self, *a, **kw):
+            if on_step_begin is not None:
+                on_step_begin()
             self.t0 = time.perf_counter()
             self.g0, self.n0, self.p0 = gen["s"], gen["tokens"], gen["prompt_tokens"]
 

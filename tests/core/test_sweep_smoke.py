@@ -1,0 +1,96 @@
+"""benchmarks/sweep.py on the tiny model: one cell for posttrain and TRL tuned, resume, the budget.
+
+The figures of one tiny step mean nothing; the tests check that every system's cell runs in its own
+process with the cell's thread count, that the three outputs are written, that --resume runs no
+finished cell again, that a cell whose first step predicts more than --max-cell-minutes is recorded
+as skipped with its estimate, and the learner lower bound used to skip cells before they start.
+"""
+
+import json
+import subprocess
+import sys
+from argparse import Namespace
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPT = ROOT / "benchmarks" / "sweep.py"
+
+
+def sweep(*args: str) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def test_smoke_cell_runs_both_systems_and_resume_skips_it(tmp_path):
+    pytest.importorskip("trl", reason="TRL is the benchmark's peer: pip install -e '.[bench]'")
+    stem = tmp_path / "sweep"
+    sweep("--smoke", "--out", str(stem))
+    res = json.loads(stem.with_suffix(".json").read_text())
+    cells = {c["system"]: c for c in res["cells"]}
+    assert set(cells) == {"posttrain", "trl_tuned"}
+    for cell in cells.values():
+        assert cell["status"] == "ok", cell
+        assert (cell["model"], cell["length"], cell["group"], cell["threads"]) == ("tiny-random", 8, 2, 1)
+        assert cell["torch_threads"] == 1  # the cell's own process ran with the cell's threads
+        assert cell["step_s"] > 0 and cell["peak_rss_mb"] > 0 and cell["gen_tok_per_s"] > 0
+        assert 0 < cell["mean_completion_len"] <= 8 and 0 < cell["learner_mfu"] < 1
+    assert res["models"]["tiny-random"]["random_weights"] is True
+    assert res["environment"]["trl"] != "not installed" and len(res["invocations"]) == 1
+    md = stem.with_suffix(".md").read_text()
+    assert "| 8 | 2 | 1 |" in md and "RANDOM weights" in md
+    assert stem.with_suffix(".png").stat().st_size > 10_000
+
+    again = sweep("--smoke", "--out", str(stem), "--resume")
+    assert "0 cells to run, 2 already finished" in again.stdout
+    res2 = json.loads(stem.with_suffix(".json").read_text())
+    assert [c["step_s"] for c in res2["cells"]] == [c["step_s"] for c in res["cells"]]
+    assert len(res2["invocations"]) == 2
+
+
+def test_cell_over_budget_after_its_first_step_is_skipped(tmp_path):
+    stem = tmp_path / "sweep"
+    # 3 steps against a budget of 0.006 s: the time to the end of the first step alone exceeds it
+    sweep("--smoke", "--skip-trl", "--steps", "3", "--max-cell-minutes", "0.0001", "--out", str(stem))
+    (cell,) = json.loads(stem.with_suffix(".json").read_text())["cells"]
+    assert cell["status"] == "skipped" and cell["reason"].startswith("skipped: estimated ")
+    assert "first step" in cell["reason"] and "3 steps" in cell["reason"]
+    assert "skipped: estimated" in stem.with_suffix(".md").read_text()
+
+
+def test_learner_floor_by_hand():
+    """Tiny model: 81,920 decoder matmul weights, hidden 64, vocab 101; 2 prompts x 2 x 8 tokens = 32
+    completion tokens; FLOPs = 6 * 81,920 * 32 + 6 * 64 * 101 * 32 = 15,728,640 + 1,241,088 = 16,969,728;
+    at 65% of 1 GFLOP/s, 2 steps: 2 * 16,969,728 / 0.65e9 s = 0.052215 s = 0.00087024 min."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import sweep as sweep_module
+
+    info = {"nonembed_matmul_params": 81_920, "hidden": 64, "vocab": 101}
+    opts = Namespace(prompts=2, steps=1, warmup=1)
+    minutes = sweep_module.learner_floor_minutes(info, {"group": 2, "length": 8}, opts, peak_gflops=1.0)
+    assert minutes == pytest.approx(0.00087024, rel=1e-5)
+
+
+def test_watchdog_stops_a_first_step_that_cannot_fit():
+    """Started 2 s ago after 1 s of loading, 3 steps: at least 1 + 2 x 3 = 7 s > a 6 s budget, so the
+    watchdog gives up while the step still runs; with a 60 s budget it does not."""
+    import threading
+    import time
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import sweep as sweep_module
+
+    def watch(budget_minutes: float) -> list[str]:
+        now, reasons, fired = time.perf_counter(), [], threading.Event()
+        state = {"start": now - 3.0, "first_start": now - 2.0, "steps": 0}
+        opts = Namespace(max_cell_minutes=budget_minutes, max_cell_gb=None)
+        sweep_module.watchdog(opts, 3, state, lambda reason: (reasons.append(reason), fired.set()))
+        fired.wait(1.0)
+        state["steps"] = 1  # ends the second watchdog's checks of the first step
+        return reasons
+
+    (reason,) = watch(0.1)
+    assert reason.startswith("skipped: estimated > 0.1 min (first step still running after 2 s, 3 steps")
+    assert watch(1.0) == []

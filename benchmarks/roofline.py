@@ -2,7 +2,8 @@
 
 Measured here, in one invocation:
     bandwidth   STREAM-like (McCalpin's STREAM benchmark; not in the paper catalog) on float64 torch
-                arrays of ``--stream-mb`` MB each, far beyond the caches, all torch threads, best of
+                arrays of ``--stream-mb`` MB each (default: 256, or 4x the
+                last-level cache if larger), all torch threads, best of
                 ``--stream-reps``:  copy  a = b        16 bytes per element (read b, write a)
                                     triad a = b + s c  24 bytes per element
                 (STREAM's convention: write-allocate traffic is not counted). The roofline uses the
@@ -101,6 +102,16 @@ def roofline_tok_per_s(dims: dict, batch: int, context: float, peak_flops: float
 STREAM_BYTES_PER_ELEMENT = {"copy": 16, "triad": 24}
 
 
+def last_level_cache_mb() -> float:
+    """The largest CPU cache this machine reports (sysfs), in MB; 0 when it reports none."""
+    sizes = []
+    for f in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        text = f.read_text().strip()
+        scale = {"K": 1 / 1024, "M": 1.0, "G": 1024.0}.get(text[-1], 1 / 2**20)
+        sizes.append(float(text.rstrip("KMG")) * scale)
+    return max(sizes, default=0.0)
+
+
 def stream_bandwidth(mb: float = 256, reps: int = 10) -> dict:
     """Best-of-``reps`` GB/s (10^9 bytes) of STREAM copy and triad on float64 arrays of ``mb`` MB."""
     import torch
@@ -183,7 +194,7 @@ def measure(opts) -> dict:
     res = {"benchmark": "benchmarks/roofline.py", "environment": vs_trl.environment(), "model": opts.model,
            "sampler_model": opts.sampler_model, "new_tokens": opts.new_tokens, "batches": opts.batches}
     print("[roofline] memory bandwidth and matmul peak ...", flush=True)
-    res["stream"] = stream_bandwidth(opts.stream_mb, opts.stream_reps)
+    res["stream"] = stream_bandwidth(opts.stream_mb, opts.stream_reps) | {"last_level_cache_mb": last_level_cache_mb()}
     res["bandwidth_gbps"] = max(res["stream"]["copy_gbps"], res["stream"]["triad_gbps"])
     res["peak_bf16_gflops"] = matmul_peak_gflops(torch.bfloat16)
     model, tokenizer = load_model_and_tokenizer(opts.model)
@@ -224,7 +235,8 @@ def markdown(res: dict) -> str:
     env, d = res["environment"], res["dims"]
     peak, bw = res["peak_bf16_gflops"], res["bandwidth_gbps"]
     lines = [f"# Decoding roofline of {res['model']} (benchmarks/roofline.py)", "",
-             f"Measured {env['date']}: memory bandwidth (STREAM-like, float64, {res['stream']['array_mb']:.0f} MB arrays, "
+             f"Measured {env['date']}: memory bandwidth (STREAM-like, float64, {res['stream']['array_mb']:.0f} MB arrays; "
+             f"last-level cache {res['stream'].get('last_level_cache_mb', 0):.0f} MB; "
              f"best of {res['stream']['reps']}, {env['torch_threads']} torch threads) copy "
              f"{res['stream']['copy_gbps']:.1f} GB/s, triad {res['stream']['triad_gbps']:.1f} GB/s (the roofline uses "
              f"{bw:.1f}); bf16 matmul peak {peak:.0f} GFLOP/s. Model: {d['params'] / 1e6:.1f}M parameters, "
@@ -284,10 +296,13 @@ def plot(res: dict, path: Path) -> None:
             label=f"posttrain hf sampler, decode ({res['sampler_model']})")
     ax.plot([r["batch"] for r in res["sampler"]], [r["tok_per_s"] for r in res["sampler"]], "o:", color="C0", alpha=0.5,
             label="posttrain hf sampler, total (prefill incl.)")
-    for r in res["vllm_shape"]:
-        ax.plot([r["batch"]], [r["tok_per_s"]], "s", color="C1", label=f"posttrain, real model, max {r['new_tokens']}")
+    for j, r in enumerate(res["vllm_shape"]):  # filled markers: the first length; hollow: the next
+        fill = {} if j == 0 else {"markerfacecolor": "none"}
+        ax.plot([r["batch"]], [r["tok_per_s"]], "s", color="C1", label=f"posttrain, real model, max {r['new_tokens']}",
+                **fill)
         for i, (name, v) in enumerate(r["reference_tok_per_s"].items()):
-            ax.plot([r["batch"]], [v], "^", color=f"C{2 + i}", label=f"{name} (sampling_engines.json), max {r['new_tokens']}")
+            ax.plot([r["batch"]], [v], "^", color=f"C{2 + i}", label=f"{name} (sampling_engines.json), max {r['new_tokens']}",
+                    **fill)
     ax.set(xscale="log", yscale="log", xlabel="batch (rows decoding together)", ylabel="tokens / s",
            title=f"Decoding roofline, {res['model']}: {bw / 1e9:.1f} GB/s, {peak / 1e9:.0f} GFLOP/s bf16")
     ax.title.set_fontsize(9)
@@ -306,7 +321,8 @@ def main(argv=None) -> int:
     p.add_argument("--batches", nargs="+", type=int, default=[1, 8, 32, 64, 128])
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--reps", type=int, default=3)
-    p.add_argument("--stream-mb", type=float, default=256)
+    p.add_argument("--stream-mb", type=float, default=None,
+                   help="MB per STREAM array (default: the larger of 256 and 4x the last-level cache)")
     p.add_argument("--stream-reps", type=int, default=10)
     p.add_argument("--vllm-json", type=Path, default=RESULTS / "sampling_engines.json")
     p.add_argument("--out", type=Path, default=None, help="stem (default benchmarks/results/roofline)")
@@ -317,6 +333,7 @@ def main(argv=None) -> int:
         opts.model = opts.sampler_model = "tiny-random"
         opts.batches, opts.new_tokens, opts.reps, opts.stream_mb, opts.stream_reps = [1, 8], 4, 1, 16, 2
     opts.out = opts.out or (ROOT / "bench_out" / "roofline_smoke" if opts.smoke else RESULTS / "roofline")
+    opts.stream_mb = opts.stream_mb or max(256.0, 4 * last_level_cache_mb())
     if opts.new_tokens < 2 or opts.reps < 1 or min(opts.batches) < 1 or opts.stream_mb <= 0:
         p.error("--new-tokens must be >= 2 (one decode step at least), --reps and --batches >= 1, --stream-mb > 0")
     res = json.loads(opts.out.with_suffix(".json").read_text()) if opts.report_only else measure(opts)

@@ -90,6 +90,16 @@ class CellOverBudget(Exception):
 
 
 # ---------------------------------------------------------------------------------- models
+def arch_config(name: str, base):
+    """``base`` (SmolLM2-135M-Instruct's config) with the dimensions of ``name`` in ARCHS."""
+    hidden, inter, layers, heads, kv, theta = ARCHS[name]
+    config = copy.deepcopy(base)
+    config.update({"hidden_size": hidden, "intermediate_size": inter, "num_hidden_layers": layers,
+                   "num_attention_heads": heads, "num_key_value_heads": kv, "head_dim": hidden // heads,
+                   "rope_parameters": {"rope_theta": theta, "rope_type": "default"}})
+    return config
+
+
 def random_arch_dir(name: str) -> Path:
     """A local model directory for ``name`` in ARCHS: SmolLM2-135M-Instruct's config with that size's
     dimensions, its tokenizer and chat template, random weights (seed 0, bf16 on disk). Built once
@@ -103,13 +113,9 @@ def random_arch_dir(name: str) -> Path:
         return out
     from transformers import LlamaForCausalLM
 
-    hidden, inter, layers, heads, kv, theta = ARCHS[name]
     base, tokenizer = load_model_and_tokenizer("smollm2-135m-instruct")
-    config = copy.deepcopy(base.config)
+    config = arch_config(name, base.config)
     del base
-    config.update({"hidden_size": hidden, "intermediate_size": inter, "num_hidden_layers": layers,
-                   "num_attention_heads": heads, "num_key_value_heads": kv, "head_dim": hidden // heads,
-                   "rope_parameters": {"rope_theta": theta, "rope_type": "default"}})
     print(f"[sweep] building {name} (random weights) in {out} ...", flush=True)
     default_dtype = torch.get_default_dtype()
     torch.manual_seed(0)
@@ -346,7 +352,7 @@ def plot(results: dict, path: Path) -> None:
     ok = [c for c in results["cells"] if c["status"] == "ok"]
     models = list(dict.fromkeys(c["model"] for c in results["cells"]))
     threads = sorted({c["threads"] for c in results["cells"]})
-    fig, axes = plt.subplots(len(threads), len(models), figsize=(4.6 * len(models), 3.6 * len(threads)),
+    fig, axes = plt.subplots(len(threads), len(models), figsize=(max(7.0, 4.6 * len(models)), 3.6 * len(threads)),
                              squeeze=False)
     colours = {g: f"C{i}" for i, g in enumerate(sorted({c["group"] for c in results["cells"]}))}
     for row, t in enumerate(threads):

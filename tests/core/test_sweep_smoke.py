@@ -94,3 +94,20 @@ def test_watchdog_stops_a_first_step_that_cannot_fit():
     (reason,) = watch(0.1)
     assert reason.startswith("skipped: estimated > 0.1 min (first step still running after 2 s, 3 steps")
     assert watch(1.0) == []
+
+
+def test_random_architectures_have_the_published_parameter_counts():
+    """SmolLM2 sizes from ARCHS on a SmolLM2-like base config (vocabulary 49,152, tied embedding):
+    135M 134,515,008 (the real model's safetensors); 360M 361,821,120 (its model card's count);
+    1.7B: 24 x (4 x 2048^2 + 3 x 2048 x 8192) + (24 x 2 + 1) x 2048 + 49,152 x 2048 = 1,711,376,384."""
+    from transformers import LlamaConfig
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import roofline
+    import sweep as sweep_module
+
+    base = LlamaConfig(vocab_size=49152, tie_word_embeddings=True, hidden_size=64, num_attention_heads=4)
+    counts = {name: roofline.arch_dims(sweep_module.arch_config(name, base))["params"] for name in sweep_module.ARCHS}
+    assert counts == {"smollm2-135m-random": 134_515_008, "smollm2-360m-random": 361_821_120,
+                      "smollm2-1.7b-random": 1_711_376_384}
+    assert base.hidden_size == 64  # the base config is copied, not changed

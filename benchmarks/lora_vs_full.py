@@ -120,7 +120,10 @@ def read_run(run_dir: Path, warmup: int) -> dict:
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     evals = [json.loads(line) for line in (run_dir / "eval.jsonl").read_text().splitlines() if line.strip()]
     measured = rows[warmup:] or rows  # a run shorter than the warm-up: every step
-    med = lambda key: statistics.median(r[key] for r in measured) if all(key in r for r in measured) else None  # noqa: E731
+
+    def med(key):
+        return statistics.median(r[key] for r in measured) if all(key in r for r in measured) else None
+
     first, last = min(evals, key=lambda e: e["step"]), max(evals, key=lambda e: e["step"])
     if first["step"] != 0 or last["step"] != summary["steps"]:
         raise ValueError(f"{run_dir}/eval.jsonl lacks the evaluation before (step 0) or after (step "

@@ -80,15 +80,6 @@ def test_two_turn_episodes_mask_environment_tokens_and_match_the_learner(setup):
     assert engine.last_stats["generate_calls"] == 2
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    model, tok = tiny_model_and_tokenizer(num_heads=2)
-    path = tmp_path_factory.mktemp("tiny")
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
-
-
 def test_rl_steps_with_an_environment_on_vllm_rollouts(tiny_dir, tmp_path, monkeypatch):
     seen = []
     original = rl.RLUpdate.learn

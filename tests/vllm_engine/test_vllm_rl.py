@@ -11,18 +11,7 @@ pytest.importorskip("vllm")
 from safetensors.torch import load_file  # noqa: E402
 
 from posttrain.config import load_config  # noqa: E402
-from posttrain.models.tiny import tiny_model_and_tokenizer  # noqa: E402
 from posttrain.trainers.rl_run import train_rl  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    # 2 heads (head_dim 32): vLLM's CPU attention has no kernel for the default tiny model's 16
-    model, tok = tiny_model_and_tokenizer(num_heads=2)
-    path = tmp_path_factory.mktemp("tiny")
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
 
 
 def overrides(tiny_dir, *extra):

@@ -270,6 +270,7 @@ def _rich_input(n_groups=3, g=4, t=5, seed=0) -> AdvantageInput:
         ref_logprobs=-torch.rand(n, t, generator=gen),
         baseline_rewards=torch.rand(n, generator=gen),
         answers=[str(int(x)) for x in torch.randint(0, 3, (n,), generator=gen)],
+        sum_pi2=torch.rand(n, t, generator=gen),  # optimal_token_baseline's sum_v pi_v^2
     )
 
 
@@ -279,7 +280,7 @@ def _permute(x: AdvantageInput, perm: torch.Tensor) -> AdvantageInput:
         reward_components={k: v[perm] for k, v in x.reward_components.items()},
         token_rewards=x.token_rewards[perm], values=x.values[perm], logprobs=x.logprobs[perm],
         ref_logprobs=x.ref_logprobs[perm], baseline_rewards=x.baseline_rewards[perm],
-        answers=[x.answers[i] for i in perm.tolist()],
+        answers=[x.answers[i] for i in perm.tolist()], sum_pi2=x.sum_pi2[perm],
     )
 
 

@@ -33,7 +33,10 @@ def test_unknown_mode():
 
 # Token-local losses: each token's loss depends only on its own sequence, so splitting the
 # mini-batch must not change anything. KL-Cov / Clip-Cov are batch-dependent by design.
-INVARIANT_LOSSES = [n for n in POLICY_LOSSES.names() if n not in ("kl_cov", "clip_cov")]
+# kl_cov / clip_cov select tokens and hapo sets its clip bounds from quantiles of the tokens it is
+# given: all three depend on the micro-batch by design (their docstrings say so)
+BATCH_DEPENDENT_LOSSES = ("kl_cov", "clip_cov", "hapo")
+INVARIANT_LOSSES = [n for n in POLICY_LOSSES.names() if n not in BATCH_DEPENDENT_LOSSES]
 
 
 def _batch(seed=0, n=6, t=5):
@@ -48,7 +51,7 @@ def _batch(seed=0, n=6, t=5):
     return logp, old, adv, mask, behaviour, isw
 
 
-def _loss_and_grad(name, mode, logp, old, adv, mask, behaviour, isw, splits, counts):
+def _loss_and_grad(name, mode, logp, old, adv, mask, behaviour, isw, splits, counts, entropy=None):
     """Sum over micro-batches of aggregate(loss) with global counts; returns (value, grad)."""
     leaf = logp.clone().requires_grad_()
     total = torch.zeros((), dtype=torch.float64)
@@ -57,6 +60,7 @@ def _loss_and_grad(name, mode, logp, old, adv, mask, behaviour, isw, splits, cou
         x = PolicyLossInput(
             logprobs=leaf[idx], old_logprobs=old[idx], advantages=adv[idx], mask=mask[idx],
             behaviour_logprobs=behaviour[idx], is_weights=isw[idx],
+            entropy=None if entropy is None else entropy[idx],
         )
         out = POLICY_LOSSES.get(name)(x, cfg)
         total = total + aggregate(out.loss, mask[idx], mode, **counts)
@@ -97,3 +101,19 @@ def test_kl_cov_is_permutation_invariant_on_the_full_batch():
     p_loss, g_perm = _loss_and_grad("kl_cov", "token-mean", *(a[perm] for a in args), [torch.arange(n)], counts)
     assert p_loss.item() == pytest.approx(full.item())
     assert torch.allclose(g_perm, g_full[perm])
+
+
+def test_hapo_is_permutation_invariant_on_the_full_batch():
+    # hapo's entropy quantile is taken over the batch it is given; sample order must not matter
+    logp, old, adv, mask, behaviour, isw = _batch()
+    n = logp.shape[0]
+    entropy = torch.rand(n, 5, generator=torch.Generator().manual_seed(3), dtype=torch.float64) * 2
+    counts = {"num_tokens": float(mask.sum()), "num_seqs": float(n), "norm_length": 5.0}
+    args = (logp, old, adv, mask, behaviour, isw)
+    full, g_full = _loss_and_grad("hapo", "token-mean", *args, [torch.arange(n)], counts, entropy=entropy)
+    perm = torch.tensor([3, 5, 0, 2, 4, 1])
+    p_loss, g_perm = _loss_and_grad("hapo", "token-mean", *(a[perm] for a in args), [torch.arange(n)], counts,
+                                    entropy=entropy[perm])
+    assert p_loss.item() == pytest.approx(full.item())
+    assert torch.allclose(g_perm, g_full[perm])
+    assert g_full.abs().sum() > 0

@@ -262,6 +262,7 @@ def test_every_loss_is_finite_and_differentiable(name):
         logprobs=lp, old_logprobs=lp.detach() + 0.1 * torch.randn(n, t, generator=gen, dtype=torch.float64),
         advantages=torch.randn(n, 1, generator=gen, dtype=torch.float64).expand(n, t) * mask, mask=mask,
         behaviour_logprobs=lp.detach() + 0.05, is_weights=torch.ones(n, t, dtype=torch.float64),
+        entropy=torch.rand(n, t, generator=gen, dtype=torch.float64) * 2,  # hapo reads the learner's entropy
     )
     out = POLICY_LOSSES.get(name)(x, PolicyLossConfig())
     assert out.loss.shape == (n, t) and torch.isfinite(out.loss).all()

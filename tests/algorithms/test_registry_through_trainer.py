@@ -35,10 +35,11 @@ import torch
 from safetensors.torch import load_file
 
 from posttrain.cli import main
-from posttrain.config import DPOConfig, load_config
+from posttrain.config import DPOConfig, SFTConfig, load_config
 from posttrain.models.tiny import tiny_model_and_tokenizer
 from posttrain.trainers.dpo import train_dpo
 from posttrain.trainers.rl_run import train_rl
+from posttrain.trainers.sft import train_sft
 
 STEPS = 2
 # A dense binary "correctness": the random char-level model writes a digit in ~35% of its 4-token
@@ -64,6 +65,9 @@ MISMATCH = ("rollout.dtype=bfloat16", "trainer.autocast=none")
 # Two mini-batches: the second one's current policy differs from the old one, so ratios, clips
 # and trust regions act (with one mini-batch every ratio is exactly 1).
 OFF_POLICY = ("trainer.mini_batches=2",)
+SFT_BASE = ("model.name=tiny-random", "task.test_size=4", "data.batch_size=4", "rollout.max_new_tokens=4",
+            f"trainer.steps={STEPS}", "trainer.lr=1e-3", "trainer.eval_problems=1", "trainer.threads=1",
+            "trainer.seed=0")
 DPO_BASE = ("model.name=tiny-random", "task.test_size=4", "data.synthetic_size=16", "data.batch_size=4",
             "rollout.max_new_tokens=4", f"trainer.steps={STEPS}", "trainer.lr=1e-3", "trainer.eval_problems=1",
             "trainer.threads=1", "trainer.seed=0")
@@ -77,7 +81,7 @@ class Row:
     acts: Optional[str] = None  # a metric that must be > 0 at some step: the method changed something
     xfail: Optional[str] = None  # why it cannot run through the trainer today (strict xfail)
     raises: Optional[type] = None  # the exception the xfail expects, when known
-    trainer: str = "rl"  # rl: train_rl (RL_BASE); dpo: train_dpo (DPO_BASE)
+    trainer: str = "rl"  # rl: train_rl (RL_BASE); dpo: train_dpo (DPO_BASE); sft: train_sft (SFT_BASE)
 
 
 def _kl_loss(estimator: str) -> Row:
@@ -100,6 +104,11 @@ def _correction(name: str, *extra: str) -> Row:
                "GRPO on a bf16 sampler vs an fp32 learner, old log-probs recomputed",
                logs=("correction/masked_frac", "correction/weight_mean", "mismatch/kl_k3"),
                acts="correction/truncated_frac" if name.startswith("tis_") else "correction/masked_frac")
+
+
+def _sft(loss: str, why: str) -> Row:
+    # the f-divergence losses log the NLL beside their own loss/sft
+    return Row((f"sft.loss={loss}",), why, logs=("loss/nll",), trainer="sft")
 
 
 def _pref(loss: str, why: str, *extra: str) -> Row:
@@ -272,6 +281,11 @@ TABLE: dict[str, Row] = {
     "preference_loss:orpo": _pref("orpo", "ORPO: NLL + odds ratio, no reference"),
     # LiPO's paper ranks lists; the DPO trainer makes pairs only, the K = 2 case of its loss.
     "preference_loss:lipo": _pref("lipo", "LiPO-lambda on pairs (K = 2)"),
+    # ------------------------------------------------------------ SFT losses (posttrain sft)
+    "sft_loss:nll": _sft("nll", "SFT: the NLL of the demonstrations"),
+    "sft_loss:forward_kl": _sft("forward_kl", "SFT under the forward KL to the initial policy"),
+    "sft_loss:js": _sft("js", "SFT under the Jensen-Shannon divergence to the initial policy"),
+    "sft_loss:alpha": _sft("alpha", "SFT under the alpha-divergence (alpha 0.5)"),
     # ------------------------------------------------------------ selectors
     "selection:dynamic_sampling": Row(("selection.name=dynamic_sampling", "selection.max_rounds=1", SPARSE,
                                        "algorithm.loss.clip_high=0.28", "algorithm.aggregation=token-mean"),
@@ -375,6 +389,10 @@ def test_method_trains_through_its_trainer(tmp_path, key, row):
         cfg = load_config(None, [*DPO_BASE, *row.overrides], cls=DPOConfig)
         summary = train_dpo(cfg, output_dir=str(run), quiet=True)
         loss_key = "loss/preference"
+    elif row.trainer == "sft":
+        cfg = load_config(None, [*SFT_BASE, *row.overrides], cls=SFTConfig)
+        summary = train_sft(cfg, output_dir=str(run), quiet=True)
+        loss_key = "loss/nll"
     else:
         cfg = load_config(None, [*RL_BASE, *row.overrides])
         summary = train_rl(cfg, output_dir=str(run), quiet=True)

@@ -5,12 +5,15 @@ Reward as the one-step case); ``episodes.run_episodes`` samples a batch of episo
 rollout engine into a ``Rollouts`` whose environment tokens carry no loss; ``tools`` holds the
 tool-call format, the ``python``/``calculator``/``search`` tools, user tools from Python
 functions and ``ToolEnvironment``; ``tool_math`` the tool-use math environment with OTC's
-tool-efficiency term; ``games`` holds guess-the-number; ``registry.build_environment``
+tool-efficiency term; ``games`` holds guess-the-number; ``external`` adapts TextArena's single-player games
+(``textarena`` task and environment; the package itself is imported only when one is built);
+``registry.build_environment``
 builds one from a config dict.
 """
 
 from posttrain.environments.base import EpisodeState, Environment, SingleTurn, StepResult, prompt_messages
 from posttrain.environments.episodes import between_turn_tokens, episode_metrics, run_episodes
+from posttrain.environments.external import TextArenaEnvironment, TextArenaTask
 from posttrain.environments.games import GuessTheNumber, GuessTheNumberTask, guess_the_number_problems
 from posttrain.environments.registry import ENVIRONMENTS, build_environment, register_environment
 from posttrain.environments.search import BM25Index
@@ -38,6 +41,8 @@ __all__ = [
     "SingleTurn",
     "StepResult",
     "TOOLS",
+    "TextArenaEnvironment",
+    "TextArenaTask",
     "Tool",
     "ToolCall",
     "ToolEnvironment",

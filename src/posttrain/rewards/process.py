@@ -58,7 +58,7 @@ __all__ = ["REASONING_PATTERNS", "SHAPINGS", "STEP_ESTIMATORS", "STEP_REWARDS_KE
 STEP_REWARDS_KEY = "step_scores"
 STEP_REWARD_TYPES = ("step_verifier", "prefix_prm")
 # Advantage estimators that read AdvantageInput.token_rewards (algorithms/advantages_token.py)
-STEP_ESTIMATORS = ("gae", "reinforce_plus_plus", "pure")
+STEP_ESTIMATORS = ("gae", "reinforce_plus_plus", "pure", "optimal_token_baseline")
 SHAPINGS = ("none", "clip", "delta", "clip_delta")
 WRAPPERS = ("composite", "noisy", "darling")  # reward types that hold inner reward specs
 

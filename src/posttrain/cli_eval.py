@@ -21,6 +21,11 @@ required.
 Sampling settings not given on the command line (``--max-new-tokens``, ``--temperature``,
 ``--top-p``) come from the ``rollout`` section of that config when there is one.
 
+``--reward-model PATH --reta`` adds a ``posttrain rm`` reward model as a best-of-N scorer and
+writes its RETA curve (key ``reta``, plot ``<json>_reta.png``); ``--judge-flip`` runs the judge
+flip-rate test (key ``judge_flip``). Both are described in
+``posttrain.evaluation.reward_model_eval`` and ``posttrain.evaluation.rm_reliability``.
+
 Everything (numbers, JSON path, model source, task, reward, k values) is checked before any
 weights are loaded; a problem is a ``ValueError`` that ``posttrain`` prints as one line (exit
 code 2) and nothing is written. The JSON is written atomically. Name it ``eval_<name>.json``
@@ -72,6 +77,8 @@ class EvalPlan:
     progress: bool
     task: Any = field(default=None, repr=False)  # the built TaskSource
     notes: list[str] = field(default_factory=list)
+    # --reward-model / --reta / --judge-flip, checked by _plan_reliability
+    reliability: dict[str, Any] = field(default_factory=dict)
 
 
 # ------------------------------------------------------------------------------ parsing helpers
@@ -201,6 +208,43 @@ def check_json_path(arg: str) -> Path:
 # ------------------------------------------------------------------------------ planning
 
 
+def _plan_reliability(args, n: int) -> dict[str, Any]:
+    """The reward-model / judge reliability options, checked without loading weights (catalog
+    001-14 RETA, 001-15 flip rates; see posttrain.evaluation.reward_model_eval)."""
+    rm, reta, etas = getattr(args, "reward_model", None), getattr(args, "reta", False), getattr(args, "etas", None)
+    flip, judge, distractor = (getattr(args, "judge_flip", False), getattr(args, "judge", None),
+                               getattr(args, "distractor", None))
+    if reta and rm is None:
+        raise ValueError("--reta needs --reward-model PATH: the reward model whose ranking RETA measures")
+    if etas is not None and not reta:
+        raise ValueError("--etas is only used with --reta")
+    if reta and n < 2:
+        raise ValueError(f"--reta needs --n >= 2 (responses per prompt to rank), got --n {n}")
+    if (judge is not None or distractor is not None) and not flip:
+        raise ValueError("--judge and --distractor are only used with --judge-flip")
+    if distractor is not None and not distractor.strip():
+        raise ValueError("--distractor is empty: give the text to append to the losing response")
+    out: dict[str, Any] = {}
+    if rm is not None:
+        from posttrain.models.reward_model import resolve_reward_model_dir
+
+        out["reward_model"] = str(resolve_reward_model_dir(rm))
+    if reta:
+        from posttrain.evaluation.reward_model_eval import check_etas, default_etas
+
+        try:
+            out["etas"] = check_etas(etas if etas is not None else default_etas(n))
+        except ValueError as exc:
+            raise ValueError(f"--etas: {exc}") from exc
+    if flip:
+        from posttrain.models.loading import describe_source
+
+        if judge is not None:
+            describe_source(judge)
+        out["judge_flip"] = {"judge": judge, "distractor": distractor}
+    return out
+
+
 def plan(args) -> EvalPlan:
     """Resolve and validate every input of ``posttrain eval`` without loading weights."""
     from posttrain.evaluation.runner import k_grid
@@ -228,6 +272,7 @@ def plan(args) -> EvalPlan:
     except ValueError as exc:
         raise ValueError(f"--k: {exc}") from exc
     json_path = check_json_path(args.json)
+    reliability = _plan_reliability(args, args.n)
 
     # model source
     source = describe_source(args.model)
@@ -302,7 +347,7 @@ def plan(args) -> EvalPlan:
         json_path=json_path, n=args.n, problems=args.problems, seed=args.seed, temperature=temperature, top_p=top_p,
         top_k=top_k, max_new_tokens=max_new_tokens, stop=stop, chat_template=chat_template, ks=ks,
         scorers=list(args.scorers), batch_prompts=args.batch_prompts, dtype=args.dtype, report=args.report,
-        progress=not args.no_progress, task=task, notes=notes,
+        progress=not args.no_progress, task=task, notes=notes, reliability=reliability,
     )
 
 
@@ -390,17 +435,31 @@ def run_eval(args) -> int:
 
     model, tokenizer = load_model_and_tokenizer(p.model)
     reward = build_reward(p.reward_spec, tokenizer=tokenizer)
+    rm_fn = None
+    if "reward_model" in p.reliability:
+        from posttrain.evaluation.rm_reliability import reward_model_proxy
+
+        rm_fn, _ = reward_model_proxy(p.reliability["reward_model"])
+        p.scorers = [*p.scorers, "reward_model"]
     result = evaluate(
         model, tokenizer, p.task, reward, n=p.n, problems=p.problems, seed=p.seed, temperature=p.temperature,
         max_new_tokens=p.max_new_tokens, top_p=p.top_p, top_k=p.top_k, stop=p.stop, chat_template=p.chat_template,
         batch_prompts=p.batch_prompts, scorers=p.scorers, ks=p.ks, dtype=p.dtype, progress=p.progress,
-        model_name=p.model,
+        model_name=p.model, reward_model=rm_fn,
     )
+    if p.reliability:
+        from posttrain.evaluation.rm_reliability import run_reliability
+
+        run_reliability(p, result, model, tokenizer, reward)
     problems = result.pop("problems")
     result.update({"task_spec": p.task_spec, "reward_spec": p.reward_spec, "checkpoint": p.checkpoint,
                    "problems": problems})
     write_json_atomic(p.json_path, result)
     _print_table(result, p.json_path)
+    if p.reliability:
+        from posttrain.evaluation.rm_reliability import print_reliability
+
+        print_reliability(result)
     if result.get("reward_errors"):
         print(f"warning: the reward failed on {result['reward_errors']} group(s); they count as incorrect "
               "(see reward_error_examples in the JSON)")
@@ -442,4 +501,16 @@ def add_commands(sub) -> None:
                     help="sampling precision (auto: bf16 where the CPU has it)")
     ev.add_argument("--no-progress", action="store_true", help="no progress bar")
     ev.add_argument("--report", action="store_true", help="also write report.html next to the JSON")
+    ev.add_argument("--reward-model", metavar="PATH",
+                    help="a reward model from `posttrain rm` (run or model directory): adds it as a best-of-N scorer")
+    ev.add_argument("--reta", action="store_true",
+                    help="RETA curve of --reward-model: mean task reward of its top-eta responses per problem "
+                         "(JSON key reta, plot <json>_reta.png)")
+    ev.add_argument("--etas", type=float, nargs="+", metavar="ETA",
+                    help="RETA quantiles in (0, 1] (default: k/n for k = 1..n)")
+    ev.add_argument("--judge-flip", action="store_true",
+                    help="judge flip-rate test: pointwise vs pairwise (A/B, both orders) judging of 2 sampled "
+                         "responses per problem, before and after a distractor (JSON key judge_flip)")
+    ev.add_argument("--judge", metavar="MODEL", help="judge model for --judge-flip (default: the evaluated model)")
+    ev.add_argument("--distractor", metavar="TEXT", help="text appended to the losing response in --judge-flip")
     ev.set_defaults(func=run_eval)

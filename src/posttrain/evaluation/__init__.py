@@ -1,5 +1,6 @@
 """Evaluation: sampling metrics (pass@k, maj@k, best-of-N, ...), rliable-style statistics with
-seeded bootstrap intervals, training-dynamics diagnostics, and the HTML run report.
+seeded bootstrap intervals, training-dynamics diagnostics, reward-model / judge reliability
+(RETA, flip rates), and the HTML run report.
 
 Everything here is numpy (+ matplotlib for the report); no torch is imported.
 """
@@ -30,6 +31,16 @@ from posttrain.evaluation.metrics import (
     weighted_majority,
 )
 from posttrain.evaluation.report import RunData, group_seed_runs, load_run, render_pass_at_k_table, write_report
+from posttrain.evaluation.reward_model_eval import (
+    distractor_flips,
+    order_swap_flips,
+    pairwise_margin,
+    protocol_disagreement,
+    rate_with_ci,
+    reta_curve,
+    reta_per_prompt,
+    reta_summary,
+)
 from posttrain.evaluation.stats import (
     Interval,
     PerformanceProfile,
@@ -80,6 +91,15 @@ __all__ = [
     "SelfCorrectionFit",
     "fit_self_correction",
     "fit_self_correction_from_counts",
+    # reward-model / judge reliability
+    "reta_curve",
+    "reta_per_prompt",
+    "reta_summary",
+    "pairwise_margin",
+    "distractor_flips",
+    "order_swap_flips",
+    "protocol_disagreement",
+    "rate_with_ci",
     # report
     "RunData",
     "load_run",

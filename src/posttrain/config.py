@@ -21,6 +21,8 @@ import yaml
 from posttrain.algorithms.base import AdvantageConfig, CorrectionConfig, PolicyLossConfig
 from posttrain.selection.base import SelectionConfig
 from posttrain.algorithms.regularizers import EntropyConfig, KLConfig
+from posttrain.models.moe_config import MoEConfig, moe_issue
+from posttrain.loggers import LoggingConfig  # trainer.report_to, trainer.log_completions(_every)
 
 
 class ConfigError(ValueError):
@@ -135,6 +137,7 @@ class AlgorithmConfig:
     hpt_gate: Optional[float] = None
     # multi-turn episodes: each turn credited with its own step rewards on (algorithms/advantages_turn.py)
     turn_credit: bool = False
+    moe: MoEConfig = field(default_factory=MoEConfig)  # MoE models: routing replay (R3), aux loss (models/moe.py)
 
     def __post_init__(self) -> None:
         from posttrain.algorithms import ADVANTAGES, AGGREGATIONS, CORRECTIONS, POLICY_LOSSES
@@ -174,7 +177,7 @@ TOKEN_REWARD_ESTIMATORS = ("gae", "reinforce_plus_plus", "optimal_token_baseline
 
 
 @dataclass
-class TrainerConfig:
+class TrainerConfig(LoggingConfig):
     steps: int = 20
     lr: float = 1e-6
     weight_decay: float = 0.0
@@ -212,6 +215,7 @@ class TrainerConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"  # learner and hf engine; auto: CUDA when available
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         _check(self.steps >= 1, "trainer.steps", "must be >= 1")
         _check(self.lr > 0, "trainer.lr", "must be > 0")
         _check(self.weight_decay >= 0, "trainer.weight_decay", "must be >= 0")
@@ -299,6 +303,7 @@ class RLConfig:
 
         step_issue = step_reward_issue(self.reward, self.algorithm.advantage_estimator, self.environment)
         _check(step_issue is None, *(step_issue or ("", "")))
+        _check(moe_issue(self) is None, *(moe_issue(self) or ("", "")))
         _check(self.environment is None or self.distributed.rollout_workers == 0, "environment",
                "runs episodes in the trainer's process: set distributed.rollout_workers=0 (Ray workers sample "
                "single turns only)")

@@ -1,11 +1,14 @@
-"""Run directories: resolved config, metrics (JSONL + TensorBoard), atomic checkpoints.
+"""Run directories: resolved config, metrics (JSONL + the chosen loggers), atomic checkpoints.
 
 Layout::
 
     RUN_DIR/config.yaml            resolved config
     RUN_DIR/metrics.jsonl          one JSON object per training step
     RUN_DIR/eval.jsonl             one JSON object per held-out evaluation
-    RUN_DIR/tb/                    TensorBoard event files
+    RUN_DIR/completions.jsonl      sampled completions every trainer.log_completions_every RL steps
+    RUN_DIR/tb/                    TensorBoard event files (trainer.report_to: [tensorboard], the default)
+    RUN_DIR/wandb/                 wandb's offline run (report_to: [wandb]; ``wandb sync`` uploads it)
+    RUN_DIR/loggers.json           the wandb run id and trackio run name a resume continues
     RUN_DIR/checkpoints/step_N/    Hugging Face model + tokenizer + trainer_state.pt + COMPLETE
     RUN_DIR/summary.json           written at the end
 
@@ -14,6 +17,10 @@ written last inside it, so a directory without ``COMPLETE`` is never loaded. Che
 deleted by renaming them to ``step_N.tmp-del-PID`` first, so a kill mid-delete never leaves a
 half-deleted ``step_N`` behind; ``clean_stale`` (on resume, and after each save) removes such
 leftovers.
+
+Metrics go to metrics.jsonl always and to each logger of ``trainer.report_to`` (tensorboard,
+wandb, trackio: ``posttrain.loggers``), opened on the first step logged; ``use_loggers`` picks them
+(``RunDir`` alone logs to TensorBoard, as before ``report_to`` existed).
 
 Crash tests set ``POSTTRAIN_TEST_KILL_AT=POINT:STEP`` to SIGKILL the process at a chosen point
 (``maybe_kill``): ``checkpoint_write`` (step STEP's files are on disk, ``COMPLETE`` is not), and,
@@ -95,7 +102,9 @@ class RunDir:
     def __init__(self, path: Path):
         self.path = Path(path)
         self.checkpoints = self.path / "checkpoints"
-        self._tb = None
+        self.report_to: list[str] = ["tensorboard"]
+        self._logger_args: dict[str, Any] = {}
+        self._loggers: Optional[list] = None
 
     # ------------------------------------------------------------------ metrics
     def append(self, name: str, row: dict[str, Any]) -> None:
@@ -104,21 +113,40 @@ class RunDir:
             f.flush()
             os.fsync(f.fileno())
 
+    def use_loggers(self, report_to: list[str], resume_step: int = 0, quiet: bool = False) -> None:
+        """Log to ``report_to`` (``posttrain.loggers``) from now on; a resume continues the
+        loggers' runs from ``resume_step``; ``quiet`` silences their console output."""
+        self.close()
+        self.report_to, self._logger_args = list(report_to), {"resume_step": resume_step, "quiet": quiet}
+
+    def loggers(self) -> list:
+        if self._loggers is None:
+            import yaml
+
+            from posttrain.loggers import open_loggers
+
+            config_file = self.path / "config.yaml"  # the resolved config, shown next to the run's metrics
+            config = yaml.safe_load(config_file.read_text()) if config_file.exists() else None
+            self._loggers = open_loggers(self.report_to, self.path, config=config, **self._logger_args)
+        return self._loggers
+
     def log_metrics(self, step: int, metrics: dict[str, float]) -> None:
         self.append("metrics.jsonl", {"step": step, **metrics})
-        tb = self.tensorboard()
-        if tb is not None:
-            for key, value in metrics.items():
-                if isinstance(value, (int, float)):
-                    tb.add_scalar(key, value, step)
-            tb.flush()
+        for logger in self.loggers():
+            logger.log_scalars(step, metrics)
 
-    def tensorboard(self):
-        if self._tb is None:
-            from torch.utils.tensorboard import SummaryWriter
+    def log_completions(self, step: int, rows: list[dict]) -> None:
+        """Sampled completions (``posttrain.loggers.sample_completions``): appended in full to
+        completions.jsonl and logged as a table "completions" to every logger."""
+        from posttrain.loggers import COMPLETION_COLUMNS
 
-            self._tb = SummaryWriter(str(self.path / "tb"))
-        return self._tb
+        with open(self.path / "completions.jsonl", "a") as f:
+            f.write("".join(json.dumps(row, default=float) + "\n" for row in rows))
+            f.flush()
+            os.fsync(f.fileno())
+        table = [[row.get(c) for c in COMPLETION_COLUMNS] for row in rows]
+        for logger in self.loggers():
+            logger.log_table(step, "completions", COMPLETION_COLUMNS, table)
 
     def read_jsonl(self, name: str) -> list[dict]:
         path = self.path / name
@@ -146,9 +174,15 @@ class RunDir:
         _write_atomic(self.path / name, json.dumps(data, indent=2, default=float) + "\n")
 
     def close(self) -> None:
-        if self._tb is not None:
-            self._tb.close()
-            self._tb = None
+        loggers, self._loggers = self._loggers or [], None
+        errors = []
+        for logger in loggers:  # each one, even after another failed
+            try:
+                logger.close()
+            except Exception as exc:  # noqa: BLE001 - re-raised below, after the others closed
+                errors.append(exc)
+        if errors:
+            raise errors[0]
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self, step: int, model, tokenizer, state: dict[str, Any], keep: int,

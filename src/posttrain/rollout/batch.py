@@ -45,6 +45,13 @@ class Rollouts:
     # [N, T] process rewards from a step-level reward (rewards/process.py): each step's score on the
     # token that ends it, NaN elsewhere; read by pure, gae and reinforce_plus_plus. None: outcome only
     token_rewards: Optional[torch.Tensor] = None
+    # Mixture-of-Experts (models/moe.py; hf engine): the experts the sampler sent each token to, as
+    # int16 ids [N, P | T, L, k] (-1 where it routed none: the last completion token, padding), and its
+    # router probabilities of those experts [N, T, L, k]; replayed by the learner under R3. None:
+    # a dense model, or an engine that does not report routing
+    prompt_routing: Optional[torch.Tensor] = None
+    completion_routing: Optional[torch.Tensor] = None
+    completion_router_probs: Optional[torch.Tensor] = None
 
     def __post_init__(self) -> None:
         if not self.metadata:
@@ -92,10 +99,10 @@ class Rollouts:
         P = max(p.prompt_ids.shape[1] for p in parts)
         T = max(p.completion_ids.shape[1] for p in parts)
 
-        def pad(t: Optional[torch.Tensor], width: int, left: bool) -> Optional[torch.Tensor]:
+        def pad(t: Optional[torch.Tensor], width: int, left: bool, value: float = 0) -> Optional[torch.Tensor]:
             if t is None or t.dim() < 2 or t.shape[1] == width:
                 return t
-            fill = torch.zeros((t.shape[0], width - t.shape[1]), dtype=t.dtype)
+            fill = torch.full((t.shape[0], width - t.shape[1], *t.shape[2:]), value, dtype=t.dtype)
             return torch.cat([fill, t] if left else [t, fill], dim=1)
 
         out: dict[str, Any] = {}
@@ -117,5 +124,6 @@ class Rollouts:
                 out[f.name] = None
             else:
                 width, left = (P, True) if f.name.startswith("prompt_") else (T, False)
-                out[f.name] = torch.cat([pad(v, width, left) for v in values])
+                value = -1 if "rout" in f.name else 0  # MoE routing: -1 = not routed
+                out[f.name] = torch.cat([pad(v, width, left, value) for v in values])
         return Rollouts(**out)

@@ -10,6 +10,11 @@ behaviour log-probs and entropies of the sampling distribution at every step. It
 
 The sampling distribution is softmax(logits / temperature); the learner uses the same
 temperature, so behaviour and learner log-probs describe the same policy.
+
+Mixture-of-Experts models (models/moe.py) run transformers' forward (the lean decoder has no
+MoE block: ``fast_decoder.unsupported_reason`` names their model_type), and the loop records
+every routed token's experts and their router probabilities for routing replay (R3): the
+Rollouts carry them as ``prompt_routing`` / ``completion_routing`` / ``completion_router_probs``.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import torch
 from posttrain.models.attention import attention_for, cache_kwargs
 from posttrain.models.fast_decoder import StaticKV, decoder_forward
 from posttrain.models.logprobs import uses_fast_decoder
+from posttrain.models.moe import UNROUTED, RoutingCapture, is_moe, moe_shape
 from posttrain.rollout.batch import Rollouts
 from posttrain.rollout.sampler import (  # noqa: F401  (SamplingParams, PromptTooLongError, render_prompt: re-exported)
     PromptTooLongError,
@@ -99,6 +105,7 @@ class HFRolloutEngine:
         self.eos_ids = eos_ids(tokenizer, self.model.generation_config)
         self.last_stats: dict[str, float] = {}
         self.policy_version = 0
+        self.moe = is_moe(self.model)  # record each token's experts (models/moe.py)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -140,9 +147,12 @@ class HFRolloutEngine:
         prompts = self.encode(problems, params.max_new_tokens)
         length = max(len(p) for p in prompts) + params.max_new_tokens
         with attention_for(self.model, self.attention, length, "sampler"):
-            return self._generate(problems, prompts, n, params, generator, share_prefill, t0)
+            if not self.moe:
+                return self._generate(problems, prompts, n, params, generator, share_prefill, t0)
+            with RoutingCapture(self.model, record_probs=True) as capture:
+                return self._generate(problems, prompts, n, params, generator, share_prefill, t0, capture)
 
-    def _generate(self, problems, prompts, n, params, generator, share_prefill, t0) -> Rollouts:
+    def _generate(self, problems, prompts, n, params, generator, share_prefill, t0, capture=None) -> Rollouts:
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         P = max(len(p) for p in prompts)
         B = len(prompts)
@@ -164,6 +174,7 @@ class HFRolloutEngine:
             logits = self._forward(prompt_ids.repeat_interleave(n, 0), attn, cache)
         N = B * n
         T = params.max_new_tokens
+        routing = self._routing_buffers(capture, N, P, T, n if share_prefill else 1)
         tokens = torch.full((N, T), pad_id, dtype=torch.long)
         logps = torch.zeros((N, T))
         ents = torch.zeros((N, T))
@@ -200,6 +211,10 @@ class HFRolloutEngine:
                 live = torch.ones(len(active), dtype=torch.bool)
             attn = torch.cat([attn, torch.ones((len(active), 1), dtype=attn.dtype, device=attn.device)], dim=1)
             logits = self._forward(nxt[:, None], attn, cache)
+            if capture is not None:  # token t went through the experts as an input: its routing
+                routed = capture.take()
+                routing["completion_routing"][active[live], t] = routed["used"].cpu()[live].to(torch.int16)
+                routing["completion_router_probs"][active[live], t] = routed["probs"].cpu()[live]
         wall = time.perf_counter() - t0
 
         completion_mask = (torch.arange(T)[None, :] < lengths[:, None]).float()
@@ -225,7 +240,20 @@ class HFRolloutEngine:
             texts=texts,
             problems=[p for p in problems for _ in range(n)],
             policy_version=torch.full((N,), self.policy_version, dtype=torch.long),
+            **{k: v[:, :Tmax] if k.startswith("completion") else v for k, v in routing.items()},
         )
+
+    def _routing_buffers(self, capture, N: int, P: int, T: int, repeats: int) -> dict[str, torch.Tensor]:
+        """MoE routing fields of the Rollouts (empty for a dense model): the prefill's routing,
+        just captured, per prompt token; completion tokens' filled step by step (UNROUTED until then)."""
+        if capture is None:
+            return {}
+        L, _, k = moe_shape(self.model)
+        prefill = capture.take()
+        prompt = prefill["used"].cpu().to(torch.int16).view(N // repeats, P, L, k).repeat_interleave(repeats, 0)
+        return {"prompt_routing": prompt,
+                "completion_routing": torch.full((N, T, L, k), UNROUTED, dtype=torch.int16),
+                "completion_router_probs": torch.full((N, T, L, k), float(UNROUTED))}
 
     def _new_cache(self, rows: int, capacity: int):
         from transformers import DynamicCache

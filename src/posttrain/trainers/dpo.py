@@ -339,7 +339,7 @@ def _train_online(cfg: DPOConfig, output_dir, resume, stop_after, quiet) -> dict
     resolve_device(cfg.trainer.device)
     task = build_task(cfg.task)
     build_reward(cfg.reward)
-    return launch(cfg, output_dir, resume, stop_after, quiet, "dpo", step_info=step_info,
+    return launch(cfg, output_dir, resume, stop_after, quiet, "dpo", step_info=step_info, samples=True,
                   build=lambda model, tokenizer, run: OnlineDPOTrainer(
                       cfg, model, tokenizer, task, build_reward(cfg.reward, tokenizer=tokenizer), run))
 

@@ -29,6 +29,11 @@ model with the adapter disabled (``ref`` is a ``lora.AdapterReference``); the sa
 model with merged weights (``sampler_model`` / ``export_weights``), merged again after each
 optimizer step when next asked for; a checkpoint holds the adapter alone (``checkpoint_model``).
 fsdp2 and activation checkpointing are refused with it.
+
+Mixture-of-Experts (models/moe.py). Every pass of an MoE policy or reference runs inside
+``LearnerRouting.in_pass`` (``self.moe``): under ``algorithm.moe.routing_replay`` (R3) each token
+goes through the experts the sampler chose for it; the policy's passes count the routing mismatch.
+Their rows run as whole sequences (no shared prompt pass), the layout the routing is recorded in.
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ import torch
 from posttrain.config import ModelConfig, TrainerConfig
 from posttrain.models import fast_decoder
 from posttrain.models.logprobs import SharedPromptPass, completion_logprobs, uses_fast_decoder
+from posttrain.models.moe import LearnerRouting, is_moe
 from posttrain.models.value import ValueModel
 from posttrain.rollout.batch import Rollouts
 from posttrain.rollout.engine import cpu_supports_bf16, low_precision_copy
@@ -130,6 +136,7 @@ class Learner:
             # loop on a CPU; the multi-tensor path would allocate temporaries the size of the model).
             self.optimizer = torch.optim.AdamW(policy.parameters(), fused=True, **adam)
         self.model.eval()
+        self.moe = LearnerRouting() if is_moe(self.model) else None  # R3 replay, mismatch, aux loss
         self.ref = None
         if reference and self.lora is not None:  # the base: the same model with its adapter disabled
             self.ref = self.lora.reference()
@@ -186,11 +193,12 @@ class Learner:
         sharded = self.fsdp is not None and model is self.model
         if sharded:  # through the root's FSDP forward; one decoder pass per call on every rank
             call = functools.partial(model.posttrain_call, completion_logprobs)
-        with self.autocast():
+        routing = self.moe.in_pass(model, batch, measure=model is self.model) if self.moe is not None else nullcontext()
+        with self.autocast(), routing:
             return call(
                 model, batch.prompt_ids, batch.prompt_mask, batch.completion_ids, batch.completion_mask,
                 temperature=self.temperature, chunk_tokens=cfg.logprob_chunk_tokens, with_entropy=with_entropy,
-                share_prompts=cfg.share_prompt_pass and not sharded, attention=mc.attention,
+                share_prompts=cfg.share_prompt_pass and not sharded and self.moe is None, attention=mc.attention,
                 prompt_states=prompt_states, decoder_mode=mc.decoder,
                 checkpoint_layers=cfg.activation_checkpointing,  # a no-op under no_grad
                 with_sum_pi2=with_sum_pi2,  # True: a third output, sum_v pi_v^2, from the same pass
@@ -237,6 +245,18 @@ class Learner:
             batch, lambda micro: torch.stack(self._logprobs(self.model, micro, with_sum_pi2=True)[::2], -1),
             lockstep=True)
 
+    def router_distances(self, batch: Rollouts) -> torch.Tensor:
+        """[N, T] the MoE router distance D_t of the current policy vs the sampler (models/moe.py,
+        router-aware IS factor), from a no-grad pass of its own."""
+        def distance(micro: Rollouts) -> torch.Tensor:
+            self.moe.want_distance = True
+            try:
+                self._logprobs(self.model, micro)
+            finally:
+                self.moe.want_distance = False
+            return self.moe.distance
+        return self._no_grad_pass(batch, distance, lockstep=True)
+
     def entropies(self, batch: Rollouts) -> torch.Tensor:
         """Per-token entropy of the current policy (for engines that do not record it)."""
         return self._no_grad_pass(batch, lambda micro: self._logprobs(self.model, micro, with_entropy=True)[1],
@@ -263,7 +283,7 @@ class Learner:
         cfg, mc = self.cfg, self.model_cfg
         self.model.train()
         shared = None
-        if (cfg.share_prompt_pass and self.fsdp is None
+        if (cfg.share_prompt_pass and self.fsdp is None and self.moe is None
                 and share_prompts_across_micro_batches(batch, cfg.micro_batch_size)):
             with self.autocast():
                 shared = SharedPromptPass(self.model, batch.prompt_ids, batch.prompt_mask, mc.attention,
@@ -477,9 +497,11 @@ def trim(batch: Rollouts, trim_prompt: bool = True) -> Rollouts:
     p0 = int(p_keep[0]) if p_keep.numel() and trim_prompt else 0
     out = copy.copy(batch)
     out.prompt_ids, out.prompt_mask = batch.prompt_ids[:, p0:], batch.prompt_mask[:, p0:]
+    if batch.prompt_routing is not None:  # MoE: the sampler's routing of the prompt tokens
+        out.prompt_routing = batch.prompt_routing[:, p0:]
     for name in ("completion_ids", "completion_mask", "loss_mask", "behaviour_logprobs", "entropies", "advantages",
                  "old_logprobs", "ref_logprobs", "values", "returns", "is_weights", "action_mask",
-                 "token_selection"):
+                 "token_selection", "completion_routing", "completion_router_probs"):
         value = getattr(batch, name)
         if value is not None:
             setattr(out, name, value[:, :c_len])

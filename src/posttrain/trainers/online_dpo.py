@@ -89,6 +89,7 @@ class OnlineDPOTrainer:
         problems = self.prompts.next(cfg.rollout.num_prompts)
         rollouts = self.engine.generate(problems, cfg.rollout.num_completions, self.sampling, self.generator)
         score_rollouts(rollouts, self.reward, tc.on_reward_error)
+        self.last_rollouts = rollouts  # trainer.log_completions_every shows some of them
         chosen, rejected = best_worst(rollouts.rewards, rollouts.group_ids)
         t_gen = time.perf_counter()
         metrics = {"online/pairs": float(len(chosen)), "reward/mean": float(rollouts.rewards.mean()),

@@ -203,7 +203,7 @@ class RLTrainer:
         metrics = self.learner_group.learn(rollouts, orders, self.step, baseline, local=learn) \
             if self.learner_group is not None else learn()
         metrics.update(hpt_metrics)
-        rollouts = sampled  # metrics describe everything sampled
+        rollouts = self.last_rollouts = sampled  # metrics (and trainer.log_completions_every) see everything sampled
         mask = rollouts.completion_mask
         t_learn = time.perf_counter()
         self.step += 1

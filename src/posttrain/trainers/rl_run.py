@@ -186,10 +186,14 @@ def train_rl(cfg: RLConfig, output_dir: Optional[str] = None, resume: bool = Fal
 
 
 def launch(cfg, output_dir: Optional[str], resume: bool, stop_after: Optional[int], quiet: bool, kind: str,
-           build: Callable, step_info: Callable[[dict], str]) -> dict:
+           build: Callable, step_info: Callable[[dict], str], samples: bool = False) -> dict:
     """What sft, dpo and ei share after their own cheap checks: the run directory (new, or a run
     to resume, checked by ``check_resume``), the model, ``build(model, tokenizer, run)`` -> the
-    trainer, then ``run_loop``. A failure before training removes a directory it created."""
+    trainer, then ``run_loop``. A failure before training removes a directory it created.
+    ``samples``: the trainer samples scored completions each step (``last_rollouts``)."""
+    if cfg.trainer.log_completions_every and not samples:
+        raise ConfigError(f"trainer.log_completions_every: posttrain {kind} samples no completions to show "
+                          "(rl and dpo with data.path=online do); set it to 0")
     path = run_path(output_dir or cfg.output_dir, resume, kind)
     if resume:
         check_resume(path, cfg)
@@ -234,11 +238,12 @@ def run_loop(trainer, cfg, run: RunDir, path: Path, resume: bool, stop_after: Op
     os.replace(tmp_config, path / "config.yaml")
     _install_kill_hooks(trainer)
     # Rows written after the checkpoint belong to steps that will be redone.
-    for name in ("metrics.jsonl", "eval.jsonl", "reward_errors.jsonl"):
-        if name != "reward_errors.jsonl" or (path / name).exists():
+    for name in ("metrics.jsonl", "eval.jsonl", "reward_errors.jsonl", "completions.jsonl"):
+        if name in ("metrics.jsonl", "eval.jsonl") or (path / name).exists():
             run.truncate_jsonl(name, trainer.step)
     say = (lambda *a: None) if quiet else print
     tc = cfg.trainer
+    run.use_loggers(tc.report_to, trainer.step, quiet)  # trainer.report_to (posttrain.loggers)
     # Results of evaluations logged before a restart (without their "step" key, as if fresh).
     evals = {r["step"]: {k: v for k, v in r.items() if k != "step"} for r in run.read_jsonl("eval.jsonl")}
     lora = getattr(getattr(trainer, "learner", None), "lora", None)
@@ -266,6 +271,8 @@ def run_loop(trainer, cfg, run: RunDir, path: Path, resume: bool, stop_after: Op
                 raise type(exc)(f"{exc} ({where})") from exc
             metrics["time/train_wall_s"] = prior_wall + time.perf_counter() - wall_start
             run.log_metrics(trainer.step, metrics)
+            if tc.log_completions_every and trainer.step % tc.log_completions_every == 0:
+                _log_completions(run, trainer, tc.log_completions, None if quiet else progress.console)
             progress.update(bar, completed=trainer.step, info=step_info(metrics))
             if not progress.live.is_started and not quiet:
                 print(f"step {trainer.step}/{tc.steps} {step_info(metrics)}", flush=True)
@@ -304,6 +311,16 @@ def run_loop(trainer, cfg, run: RunDir, path: Path, resume: bool, stop_after: Op
     if not quiet:
         _print_summary(summary, kind)
     return summary
+
+
+def _log_completions(run: RunDir, trainer, k: int, console) -> None:
+    """``k`` of this step's sampled completions to completions.jsonl, the loggers and ``console``."""
+    from posttrain.loggers import completions_table, sample_completions
+
+    rows = sample_completions(trainer.last_rollouts, k, trainer.step)
+    run.log_completions(trainer.step, rows)
+    if console is not None:
+        console.print(completions_table(rows))
 
 
 def _install_kill_hooks(trainer: RLTrainer) -> None:

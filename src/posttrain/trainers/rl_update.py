@@ -53,6 +53,7 @@ from posttrain.algorithms.regularizers import AdaptiveEntropyController, Adaptiv
 from posttrain.config import RLConfig
 from posttrain.distributed.data_parallel import DataParallel
 from posttrain.evaluation.runner import sample_answer
+from posttrain.models.moe import router_is_factor
 from posttrain.rollout.batch import Rollouts
 from posttrain.selection import build_selector
 from posttrain.trainers.learner import Learner
@@ -134,6 +135,19 @@ class RLUpdate:
         self.sft: Optional[Rollouts] = None  # this step's HPT demonstrations (learn's sft)
         selector = build_selector(cfg.selection, cfg.rollout.num_completions)
         self.token_selector = selector if selector.selects_tokens else None
+        self._configure_moe()
+
+    def _configure_moe(self) -> None:
+        """``algorithm.moe`` onto the learner's MoE routing (models/moe.py); an error on a dense model."""
+        moe = self.cfg.algorithm.moe
+        if self.learner.moe is None:
+            if moe.active:
+                raise ValueError(f"algorithm.moe (routing_replay, aux_loss_coef, router_is_beta) needs a "
+                                 f"Mixture-of-Experts model, and model.name={self.cfg.model.name} has no MoE layers; "
+                                 f"use an MoE model (e.g. model.name=tiny-random-moe) or turn them off")
+            return
+        self.learner.moe.replay = moe.routing_replay
+        self.learner.moe.keep_aux = moe.aux_loss_coef > 0
 
     def state(self) -> dict:
         return {"nonfinite_streak": self.nonfinite_streak, "kl_coef": self.kl_ctl.value,
@@ -153,9 +167,18 @@ class RLUpdate:
         self.sft = sft
         if rollouts is None:
             return self.update(None, orders, step)
+        moe = self.learner.moe
+        if moe is not None:  # routing mismatch: from the passes at the rollout weights (prepare's) when
+            moe.reset()      # there are any, else from the training passes
         self.prepare(rollouts, baseline, step)
+        routing = dict(moe.counts) if moe is not None and moe.counts.get("tokens") else None
         metrics = self.update(rollouts, orders, step)
         metrics.update(self.correction_metrics)
+        if moe is not None:
+            counts = routing or moe.counts
+            if counts.get("tokens"):  # token-weighted over ranks
+                metrics.update(self.dp.mean_metrics(*moe.pooled(counts)))
+            moe.aux = None
         if "kl/mean" in metrics:
             metrics["kl/coef"] = self.kl_ctl.update(metrics["kl/mean"], len(rollouts))
         # Adaptive: updated every step, also at 0 (a coefficient at its floor must rise again when
@@ -235,6 +258,11 @@ class RLUpdate:
             # and the weights: batch-normalised ones are normalised over this whole batch, not per micro-batch
             rollouts.is_weights = corr.weights
             self.correction_metrics = {k if "/" in k else f"correction/{k}": float(v) for k, v in corr.metrics.items()}
+        if alg.moe.router_is_beta > 0:  # 000-1's router-aware rescaling of the IS weights (models/moe.py)
+            factor, moe_metrics = router_is_factor(dp.gather_rows(rollouts, learner.router_distances),
+                                                   rollouts.policy_mask, alg.moe.router_is_beta)
+            rollouts.is_weights = factor if rollouts.is_weights is None else rollouts.is_weights * factor
+            self.correction_metrics.update(moe_metrics)
 
     # ------------------------------------------------------------------ updates
     def update(self, rollouts: Rollouts, orders: list[torch.Tensor], step: int) -> dict[str, float]:
@@ -358,6 +386,11 @@ class RLUpdate:
         )
         loss = aggregate(out.loss, mask, alg.aggregation, **counts_kw)
         record("loss/policy", float(loss.detach()))
+        moe = self.learner.moe
+        if moe is not None and moe.aux is not None:  # this micro-batch's pass's load-balancing loss, weighted
+            record("moe/aux_loss", float(moe.aux.detach()))  # by its share of the mini-batch's rows
+            loss = loss + alg.moe.aux_loss_coef * moe.aux.to(loss.device) * (len(micro) / counts_kw["num_seqs"])
+            moe.aux = None
         for k, v in out.metrics.items():
             if selection is None or k != f"{alg.policy_loss}_frac":  # else _cov_selection records the global one
                 record(f"loss/{k}", float(v))

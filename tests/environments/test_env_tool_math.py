@@ -152,3 +152,9 @@ def test_tool_math_trains_and_logs_tool_rate_and_otc_per_step(tmp_path):
         # r_tool is in (0, 1] wherever a tool call was made or not (no episode here has n > m)
         assert 0.0 < row["reward_component/otc/tool"] <= 1.0
         assert "reward_component/otc/task_reward" in row
+    # held-out evaluation reports the episodes' tool use too (before and after training)
+    evals = [json.loads(line) for line in (tmp_path / "run" / "eval.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in evals][0] == 0 and len(evals) >= 2
+    for e in evals:
+        assert 0.0 <= e["env/tool_use_frac"] <= 1.0 and 1.0 <= e["env/turns_mean"] <= 3.0
+        assert e["env/tool_calls_per_episode"] >= e["env/tool_use_frac"]

@@ -288,7 +288,11 @@ def _to_rollouts(episodes: list[_Episode], n: int, tok, version: int, entropies:
 def episode_metrics(rollouts: Rollouts) -> dict[str, float]:
     """Per-batch means of what ``run_episodes`` records: turns, tool calls (per episode, and the
     fraction of episodes with at least one) and error rate, token split."""
-    meta = rollouts.metadata
+    return metadata_metrics(rollouts.metadata)
+
+
+def metadata_metrics(meta: Sequence[dict]) -> dict[str, float]:
+    """``episode_metrics`` of episodes' metadata dicts (those of several batches together)."""
     n = max(len(meta), 1)
     calls = sum(m.get("tool_calls", 0) for m in meta)
     env_tokens = sum(m.get("env_tokens", 0) for m in meta)

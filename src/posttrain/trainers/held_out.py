@@ -34,14 +34,16 @@ def held_out_accuracy(engine, problems: Sequence[Problem], reward, params: Sampl
     """One sample per problem at ``params``; accuracy = the reward's ``correct`` component (else
     reward > 0). A generator of its own, seeded with ``seed``, so evaluating never shifts the
     training RNG and every evaluation of a run samples alike. With ``env`` (an Environment) each
-    problem is one episode, scored by the environment."""
+    problem is one episode, scored by the environment, and ``extra`` holds the episodes' means
+    (``env/tool_use_frac``, ``env/tool_calls_per_episode``, ``env/turns_mean``, ...)."""
     gen = torch.Generator(device=device).manual_seed(seed)
-    correct, rewards, lengths = [], [], []
+    correct, rewards, lengths, episodes = [], [], [], []
     for s in range(0, len(problems), chunk):
         if env is not None:
             from posttrain.environments.episodes import run_episodes
 
             r = run_episodes(engine, env, problems[s:s + chunk], 1, params, gen)
+            episodes += r.metadata
         else:
             r = engine.generate(problems[s:s + chunk], 1, params, gen)
             score_rollouts(r, reward, on_error)
@@ -52,5 +54,10 @@ def held_out_accuracy(engine, problems: Sequence[Problem], reward, params: Sampl
     sources = [p.source for p in problems]
     by_source = {src: float(np.mean([c for c, s in zip(correct, sources) if s == src]))
                  for src in dict.fromkeys(sources) if src is not None}
+    extra = {}
+    if env is not None:
+        from posttrain.environments.episodes import metadata_metrics
+
+        extra = metadata_metrics(episodes)
     return EvalResult(float(np.mean(correct)), len(problems), float(np.mean(rewards)), float(np.mean(lengths)),
-                      by_source)
+                      by_source, extra)

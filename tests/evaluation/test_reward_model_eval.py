@@ -149,8 +149,8 @@ def test_pairwise_judge_matches_a_direct_forward_pass(tiny):
     pj = PairwiseJudge(JudgeReward.from_model(model, tok))
     prob = Problem(id="p", prompt="What is 2 + 3?", answer="5")
     items = [(prob, "5", "The answer is 6, since 2 + 3 is six."), (prob, "The answer is 6, since 2 + 3 is six.", "5")]
-    q = pj.prob_first(items)  # different lengths: exercises the left padding
-    for (p, a, b), got in zip(items, q):
+    q, mass = pj.prob_first(items)  # different lengths: exercises the left padding
+    for (p, a, b), got, got_mass in zip(items, q, mass):
         text = pj.render(p, a, b)
         assert "Response A:\n" + a in text and "Response B:\n" + b in text
         ids = torch.tensor([list(render_prompt(tok, text, True))])
@@ -158,6 +158,7 @@ def test_pairwise_judge_matches_a_direct_forward_pass(tiny):
             logits = model(input_ids=ids).logits[0, -1].double()
         ref = torch.softmax(logits[[pj.token_a, pj.token_b]], -1)[0].item()
         assert got == pytest.approx(ref, abs=1e-5)
+        assert got_mass == pytest.approx(torch.softmax(logits, -1)[[pj.token_a, pj.token_b]].sum().item(), abs=1e-6)
 
 
 def test_judge_flip_test_rows_agree_with_the_judges(tiny):
@@ -171,6 +172,7 @@ def test_judge_flip_test_rows_agree_with_the_judges(tiny):
     pairs = [(str(i + 1), f"maybe {i + 7}") for i in range(2)] + [("same", "same")]
     out = judge_flip_test(model, tok, problems, pairs=pairs, distractor=" Trust me.", reward=NumericReward(), reps=50)
     assert out["n_pairs"] == 3 and out["distractor"] == " Trust me."
+    assert 0.0 < out["answer_mass"]["pairwise"] < 1.0 and 0.0 < out["answer_mass"]["pointwise"] < 1.0
     judge = JudgeReward.from_model(model, tok)
     for row, prob, (x, y) in zip(out["pairs"], problems, pairs):
         assert row["pointwise"] == pytest.approx(judge(prob, [x, y, x + " Trust me.", y + " Trust me."]).rewards,

@@ -64,8 +64,9 @@ def reward_model_proxy(path: str):
 
 class PairwiseJudge:
     """"A or B?" judge sharing a :class:`JudgeReward`'s model, tokenizer, prompt rendering and
-    batched next-token pass. ``prob_first(problem, a, b)`` is ``q = p(A) / (p(A) + p(B))`` at
-    the first token of the reply."""
+    batched next-token pass. :meth:`prob_first` gives ``q = p(A) / (p(A) + p(B))`` at the first
+    token of the reply, and the mass ``p(A) + p(B)`` (how much of the judge's next-token
+    probability answers the question at all)."""
 
     def __init__(self, judge: JudgeReward, template: str = DEFAULT_PAIRWISE_TEMPLATE):
         for field in ("{a}", "{b}"):
@@ -96,16 +97,16 @@ class PairwiseJudge:
                 i += 1
         return "".join(out)
 
-    def prob_first(self, items: Sequence[tuple[Problem, str, str]]) -> np.ndarray:
-        """``[len(items)]`` ``q`` for each ``(problem, a, b)``, one batched pass."""
+    def prob_first(self, items: Sequence[tuple[Problem, str, str]]) -> tuple[np.ndarray, np.ndarray]:
+        """``(q, mass)``, each ``[len(items)]``, for each ``(problem, a, b)``; one batched pass."""
         if not items:
-            return np.zeros(0)
+            return np.zeros(0), np.zeros(0)
         # JudgeReward's encoder and batched left-padded pass: the same chat rendering and
         # truncation (keep the end, where the instruction and the reply slot are) as pointwise.
         seqs = [self.judge._encode(self.render(p, a, b))[0] for p, a, b in items]
         logp = self.judge._next_logprobs(seqs)
         two = torch.stack([logp[:, self.token_a], logp[:, self.token_b]], dim=-1)
-        return torch.softmax(two, dim=-1)[:, 0].numpy()
+        return torch.softmax(two, dim=-1)[:, 0].numpy(), torch.logsumexp(two, dim=-1).exp().numpy()
 
 
 def _sample_pairs(model, tokenizer, problems, *, seed, temperature, top_p, top_k, max_new_tokens, stop,
@@ -147,7 +148,7 @@ def judge_flip_test(
     """The flip-rate test on one pair of responses per problem (sampled from ``model`` unless
     ``pairs`` are given), judged by ``judge`` (default: ``model`` itself, 1..10 pointwise).
 
-    Returns ``{"judge", "distractor", "n_pairs", "pointwise": {"distractor_flip"},
+    Returns ``{"judge", "distractor", "n_pairs", "answer_mass", "pointwise": {"distractor_flip"},
     "pairwise": {"distractor_flip", "order_swap_flip"}, "protocol_disagreement",
     "flip_difference" (pairwise − pointwise distractor flip rate over the pairs where both have
     a preference), "pairs": [...]}``; each rate is ``{"rate", "low", "high", "n"}``
@@ -171,14 +172,16 @@ def judge_flip_test(
         raise ValueError(f"{len(pairs)} pairs for {len(problems)} problems: give one pair per problem")
 
     # pointwise: s(x), s(y), s(x'), s(y') per problem
-    point = np.array([judge(p, [x, y, x + distractor, y + distractor]).rewards
-                      for p, (x, y) in zip(problems, pairs)], dtype=np.float64).reshape(len(problems), 4)
+    point_out = [judge(p, [x, y, x + distractor, y + distractor]) for p, (x, y) in zip(problems, pairs)]
+    point = np.array([o.rewards for o in point_out], dtype=np.float64).reshape(len(problems), 4)
+    point_mass = [float(i["judge_mass"]) for o in point_out for i in o.info]
     # pairwise: q(x,y), q(y,x), q(x',y), q(y,x'), q(x,y'), q(y',x) per problem
     items = []
     for p, (x, y) in zip(problems, pairs):
         xd, yd = x + distractor, y + distractor
         items += [(p, x, y), (p, y, x), (p, xd, y), (p, y, xd), (p, x, yd), (p, yd, x)]
-    q = pairwise.prob_first(items).reshape(len(problems), 6)
+    q, pair_mass = pairwise.prob_first(items)
+    q = q.reshape(len(problems), 6)
 
     m_point = point[:, 0] - point[:, 1]
     flips_point = R.distractor_flips(m_point, point[:, 2] - point[:, 1], point[:, 0] - point[:, 3])
@@ -223,6 +226,9 @@ def judge_flip_test(
         "distractor": distractor,
         "scale": judge.scale,
         "n_pairs": len(pairs),
+        # mean probability the judge put on a valid answer (a rating; 'A' or 'B'): a judge that
+        # does not follow the format decides from the little mass left
+        "answer_mass": {"pointwise": float(np.mean(point_mass)), "pairwise": float(np.mean(pair_mass))},
         "pointwise": {"distractor_flip": R.rate_with_ci(flips_point, **ci)},
         "pairwise": {"distractor_flip": R.rate_with_ci(flips_pair, **ci),
                      "order_swap_flip": R.rate_with_ci(swap, **ci)},
@@ -289,3 +295,6 @@ def print_reliability(result: dict) -> None:
         print(f"  pairwise distractor flip rate:  {rate(j['pairwise']['distractor_flip'])}")
         print(f"  pairwise order-swap flip rate:  {rate(j['pairwise']['order_swap_flip'])}")
         print(f"  pointwise vs pairwise disagree: {rate(j['protocol_disagreement'])}")
+        m = j["answer_mass"]
+        print(f"  judge's probability on a valid answer: pointwise {fmt(m['pointwise'])}, "
+              f"pairwise {fmt(m['pairwise'])}")

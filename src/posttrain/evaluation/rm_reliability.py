@@ -278,7 +278,7 @@ def print_reliability(result: dict) -> None:
 
     if "reta" in result:
         r = result["reta"]
-        print(f"RETA ({r['n_prompts']} prompts; oracle = the task's reward; random = {fmt(r['random'])}, "
+        print(f"RETA ({r['n_prompts']} prompts; oracle = the eval's reward; random = {fmt(r['random'])}, "
               f"best eta = {r['best_eta']:.3g}):")
         print("  eta      RETA  [95% CI]          oracle-ranked")
         for e, c, lo, hi, o in zip(r["etas"], r["curve"], r["low"], r["high"], r["oracle_curve"]):

@@ -231,6 +231,7 @@ def _stub_step(correction: str, mask: torch.Tensor, behaviour: torch.Tensor, old
         critic = None
         ref = None
         fsdp = None
+        moe = None  # a dense model (the Learner's MoE routing handle, models/moe.py)
         optimizer = SimpleNamespace(param_groups=[{"lr": 1.0}])
 
         def logprobs(self, batch, which="policy"):

@@ -87,10 +87,11 @@ def _completion_lengths(out, prompt_len: int, eos_ids: set[int]) -> list[int]:
     return lengths
 
 
-def worker_trl(args, tuned: bool = False, on_step=None, on_step_begin=None) -> dict:
+def worker_trl(args, tuned: bool = False, on_step=None, on_step_begin=None, config_overrides=None) -> dict:
     """TRL's GRPOTrainer on the shape in ``args``. ``on_step_begin()`` and ``on_step(row)``, when given,
     are called as each step begins and after it ends, with its timings (benchmarks/sweep.py uses them
-    to give up on a cell whose first step predicts more than its time budget)."""
+    to give up on a cell whose first step predicts more than its time budget). ``config_overrides``
+    replaces GRPOConfig arguments (benchmarks/time_to_accuracy.py saves checkpoints with it)."""
     import torch
     from datasets import Dataset
     from transformers import TrainerCallback
@@ -159,7 +160,7 @@ def worker_trl(args, tuned: bool = False, on_step=None, on_step_begin=None) -> d
                 on_step(steps[-1])
 
     with tempfile.TemporaryDirectory() as tmp:
-        config = GRPOConfig(
+        config = GRPOConfig(**dict(
             output_dir=tmp, per_device_train_batch_size=prompts_per_step * completions,
             gradient_accumulation_steps=1, num_generations=completions, max_completion_length=args.max_new_tokens, temperature=1.0, top_p=1.0,
             top_k=0, learning_rate=args.lr, lr_scheduler_type="constant", warmup_steps=0, beta=0.0,
@@ -167,7 +168,7 @@ def worker_trl(args, tuned: bool = False, on_step=None, on_step_begin=None) -> d
             max_steps=args.steps + args.warmup, logging_steps=1, report_to="none", save_strategy="no",
             seed=args.seed, bf16=True, use_cpu=True, shuffle_dataset=False, disable_tqdm=True,
             dataloader_num_workers=0, gradient_checkpointing=not tuned,
-        )
+        ) | (config_overrides or {}))
         trainer = GRPOTrainer(model=model, reward_funcs=reward_fn, args=config, train_dataset=data,
                               processing_class=tokenizer, callbacks=[Timer()])
         trainer.train()

@@ -271,6 +271,8 @@ def _rich_input(n_groups=3, g=4, t=5, seed=0) -> AdvantageInput:
         baseline_rewards=torch.rand(n, generator=gen),
         answers=[str(int(x)) for x in torch.randint(0, 3, (n,), generator=gen)],
         sum_pi2=torch.rand(n, t, generator=gen),  # optimal_token_baseline's sum_v pi_v^2
+        entropies=torch.rand(n, t, generator=gen) * 3,  # pear's, with its thinking (1) / answer (2) phases
+        phases=torch.randint(0, 3, (n, t), generator=gen) * mask.long(),
     )
 
 
@@ -280,7 +282,8 @@ def _permute(x: AdvantageInput, perm: torch.Tensor) -> AdvantageInput:
         reward_components={k: v[perm] for k, v in x.reward_components.items()},
         token_rewards=x.token_rewards[perm], values=x.values[perm], logprobs=x.logprobs[perm],
         ref_logprobs=x.ref_logprobs[perm], baseline_rewards=x.baseline_rewards[perm],
-        answers=[x.answers[i] for i in perm.tolist()], sum_pi2=x.sum_pi2[perm],
+        answers=[x.answers[i] for i in perm.tolist()], sum_pi2=x.sum_pi2[perm], entropies=x.entropies[perm],
+        phases=x.phases[perm],
     )
 
 

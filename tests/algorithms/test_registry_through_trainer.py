@@ -174,6 +174,11 @@ TABLE: dict[str, Row] = {
     # DRPO with its GPG pairing: the digit reward is the correctness, DRPO adds its own length weights
     "advantage:drpo": Row(("algorithm.advantage_estimator=drpo", "algorithm.policy_loss=gpg"),
                           "DRPO: length-weighted advantages among correct samples only, -1 on wrong ones"),
+    # PEAR on the digit reward: the random model writes no </think>, so every completion is all thinking
+    # (the paper's missing-tag rule) and each correct one loses its mean token entropy from its reward
+    "advantage:pear": Row(("algorithm.advantage_estimator=pear",),
+                          "PEAR: GRPO on correct rewards minus max(0, H_think - alpha H_answer)",
+                          logs=("pear/think_entropy", "pear/closed_frac"), acts="pear/penalty_correct"),
     "advantage:psr": Row(("algorithm.advantage_estimator=psr", "algorithm.policy_loss=gpg"),
                          "PSR: REINFORCE on correct samples only (+1), wrong ones 0, no baseline"),
     "advantage:remax": Row(("algorithm.advantage_estimator=remax", "algorithm.policy_loss=gpg"),
@@ -326,6 +331,11 @@ TABLE: dict[str, Row] = {
         ("algorithm.entropy.coef=0", "algorithm.entropy.adaptive=true", "algorithm.entropy.target=10"),
         "Skywork-OR1 from a coefficient of 0 (or clipped to coef_min = 0)", logs=("entropy/coef",),
         acts="entropy/coef"),
+    # 003-46's SIREN (its code's coef 0.005 and 0.8 peak quantile), without its top-p mask (see siren_loss)
+    "option:siren": Row(("algorithm.entropy.coef=0.005", "algorithm.entropy.siren=true", *OFF_POLICY),
+                        "SIREN: coef * (H_peak - H_anchor)^2 on each response's top-20% entropy tokens",
+                        logs=("entropy/siren_peak", "entropy/siren_anchor", "entropy/siren_penalty"),
+                        acts="entropy/siren_penalty"),
     # 003-22's reward-noise injection: the digit reward flipped with probability 0.4 per sample; the
     # clean reward and the flip flags are logged as components (their means: clean reward, fraction flipped).
     "option:noisy_reward": Row(("reward={type: noisy, flip_prob: 0.4, reward: {type: format, pattern: '[0-9]'}}",),

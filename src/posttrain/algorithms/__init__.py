@@ -8,6 +8,7 @@ from posttrain.algorithms import (  # noqa: F401  (fill the registries)
     advantages,
     advantages_copo,
     advantages_otb,
+    advantages_pear,
     advantages_shaped,
     advantages_token,
     corrections,

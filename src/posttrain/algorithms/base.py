@@ -79,6 +79,8 @@ class AdvantageInput:
     baseline_rewards: Optional[torch.Tensor] = None  # [N] e.g. ReMax greedy-rollout reward
     answers: Optional[Sequence[Optional[str]]] = None  # canonical answer per sample, None: no answer (seed_grpo)
     sum_pi2: Optional[torch.Tensor] = None  # [N, T] sum_v pi_v^2 per token, learner's pass (optimal_token_baseline)
+    entropies: Optional[torch.Tensor] = None  # [N, T] per-token entropy at the rollout weights (pear)
+    phases: Optional[torch.Tensor] = None  # [N, T] long: 1 thinking, 2 answer, 0 tag / padding (pear)
 
 
 def _check(cond: bool, key: str, what: str) -> None:
@@ -108,6 +110,8 @@ class AdvantageConfig:
     pure_rloo_baseline: bool = True  # PURE: subtract the leave-one-out mean trajectory value
     drpo_lambda: float = 0.2  # DRPO KL temperature of the length-tilted positive distribution (our choice)
     hapo_fallback_z: float = 5.0  # HAPO: a group with some |A| >= this falls back to GRPO (HAPO's code: 5)
+    pear_alpha: float = 1.0  # PEAR: weight of the answer-phase entropy in max(0, H_think - alpha H_answer) (paper: 1)
+    pear_close_tag: str = "</think>"  # PEAR: the text that ends the thinking phase
 
     def __post_init__(self) -> None:
         _check(self.eps >= 0, "algorithm.advantage.eps", "must be >= 0")
@@ -128,6 +132,10 @@ class AdvantageConfig:
                f"must be > 0 (|A| at which a hapo group falls back to GRPO; HAPO's code: 5), got {self.hapo_fallback_z}")
         _check(0 < self.drpo_lambda < float("inf"), "algorithm.advantage.drpo_lambda",
                f"must be a finite number > 0 (the KL temperature of DRPO's length weights), got {self.drpo_lambda}")
+        _check(abs(self.pear_alpha) < float("inf"), "algorithm.advantage.pear_alpha",
+               f"must be a finite number (PEAR's answer-entropy weight; paper: 1), got {self.pear_alpha}")
+        _check(bool(self.pear_close_tag), "algorithm.advantage.pear_close_tag",
+               "must be a non-empty string (the text that closes the thinking phase, e.g. '</think>')")
 
 
 AdvantageFn = Callable[[AdvantageInput, AdvantageConfig], torch.Tensor]

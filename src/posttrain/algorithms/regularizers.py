@@ -9,7 +9,9 @@ the adaptive controller of "Fine-Tuning Language Models from Human Preferences"
 Entropy (``algorithm.entropy.``): a bonus -coef * H in the loss; with ``adaptive`` the
 coefficient is steered toward a target entropy (Skywork-OR1, arXiv:2505.22312; TRL's
 ``use_adaptive_entropy``). ``top_entropy_mask`` keeps only the highest-entropy tokens
-("Beyond the 80/20 Rule", arXiv:2506.01939; TRL's ``top_entropy_quantile``).
+("Beyond the 80/20 Rule", arXiv:2506.01939; TRL's ``top_entropy_quantile``). With ``siren`` the
+bonus is replaced by SIREN's selective, self-anchored regulariser coef * (H_peak - H_anchor)^2
+("Rethinking Entropy Regularization in Large Reasoning Models", arXiv:2509.25133; see ``siren_loss``).
 """
 
 from __future__ import annotations
@@ -99,9 +101,12 @@ class EntropyConfig:
     coef_min: float = 0.0
     coef_max: float = 1.0
     top_quantile: float = 1.0  # train only on tokens above this entropy quantile; 1.0 = all, 0.2 = 80/20
+    siren: bool = False  # SIREN: coef * (H_peak - H_anchor)^2 instead of the bonus (official code: coef 0.005)
+    siren_quantile: float = 0.8  # SIREN's peak-entropy mask: tokens above this quantile of their response (0.8)
+    siren_anchor: Optional[float] = None  # SIREN's anchor H_anchor; None: the first step's H_peak (official code)
 
     def __post_init__(self) -> None:
-        for name in ("coef", "target", "delta", "coef_min", "coef_max", "top_quantile"):
+        for name in ("coef", "target", "delta", "coef_min", "coef_max", "top_quantile", "siren_quantile"):
             value = getattr(self, name)
             if not math.isfinite(value):
                 raise ValueError(f"algorithm.entropy.{name} must be a finite number, got {value!r}")
@@ -115,6 +120,18 @@ class EntropyConfig:
             raise ValueError("algorithm.entropy.coef_min must be in [0, coef_max]")
         if not 0.0 < self.top_quantile <= 1.0:
             raise ValueError("algorithm.entropy.top_quantile must be in (0, 1]")
+        if not 0.0 <= self.siren_quantile < 1.0:
+            raise ValueError("algorithm.entropy.siren_quantile must be in [0, 1) (SIREN keeps the tokens above this "
+                             f"entropy quantile of their response; paper's code: 0.8), got {self.siren_quantile}")
+        if self.siren_anchor is not None and not (math.isfinite(self.siren_anchor) and self.siren_anchor >= 0):
+            raise ValueError("algorithm.entropy.siren_anchor must be a finite entropy >= 0 (nats), or null for the "
+                             f"first step's, got {self.siren_anchor!r}")
+        if self.siren and self.adaptive:
+            raise ValueError("algorithm.entropy.siren and algorithm.entropy.adaptive both steer the entropy: SIREN "
+                             "pulls it toward its anchor itself; turn one off")
+        if self.siren and self.coef <= 0:
+            raise ValueError("algorithm.entropy.siren needs algorithm.entropy.coef > 0 (the weight of its squared "
+                             "deviation; the paper's code uses 0.005)")
 
 
 class AdaptiveEntropyController:
@@ -156,3 +173,63 @@ def top_entropy_mask(entropy: torch.Tensor, mask: torch.Tensor, quantile: float)
         return mask
     threshold = torch.quantile(values, 1.0 - quantile)
     return mask * (entropy.detach() >= threshold).to(mask.dtype)
+
+
+def peak_entropy_mask(entropy: torch.Tensor, mask: torch.Tensor, quantile: float) -> torch.Tensor:
+    """SIREN's peak-entropy mask, [N, T] bool: per response, its tokens whose entropy is strictly
+    above the ``quantile`` quantile (linear interpolation) of that response's entropies under
+    ``mask``. Per response, as the official code's ``mask_by_quantile`` (a quantile along each row),
+    so micro-batching cannot change it. A response whose tokens all tie keeps none."""
+    values = entropy.detach().to(torch.float64).masked_fill(mask <= 0, float("nan"))
+    valid = (mask > 0).any(-1, keepdim=True)
+    # nanquantile of an all-NaN row is NaN, and NaN compares False: padding-only rows keep nothing
+    threshold = torch.nanquantile(values.masked_fill(~valid, 0.0), quantile, dim=-1, keepdim=True)
+    return (values > threshold) & (mask > 0) & valid
+
+
+def siren_selected_entropy(entropy: torch.Tensor, mask: torch.Tensor, quantile: float) -> torch.Tensor:
+    """[N]: each response's mean entropy over its peak tokens (0 for a response with none). The mean
+    of these over a batch is SIREN's H_peak (the official code's "seq-mean-token-mean", where a
+    response without peak tokens counts as 0). Differentiable through ``entropy``, not the mask."""
+    keep = peak_entropy_mask(entropy, mask, quantile).to(entropy.dtype)
+    return (entropy * keep).sum(-1) / keep.sum(-1).clamp_min(1.0)
+
+
+def siren_loss(selected: torch.Tensor, deviation: float, coef: float, num_seqs: float) -> torch.Tensor:
+    """One micro-batch's share of SIREN's self-anchored regulariser coef * (H_peak - H_anchor)^2.
+
+    Paper: "Rethinking Entropy Regularization in Large Reasoning Models" (SIREN; arXiv:2509.25133),
+    catalog 003-46. A plain entropy bonus over the whole vocabulary and every token makes the
+    entropy explode in long reasoning traces; SIREN regularises only a subset and in a form that
+    cannot run away:
+      1. top-p mask: the entropy of each token's nucleus (top-p, renormalised; code: p = 0.8);
+      2. peak-entropy mask: per response, only its tokens above the 0.8 entropy quantile;
+      3. self-anchored: the loss is coef * (H_peak - H_anchor)^2, where H_peak is the mean over
+         responses of their peak tokens' mean entropy, and H_anchor is H_peak of the first
+         step's batch (the official code, github.com/Linn3a/siren: ``mask_by_quantile``, the
+         ``siren`` branch of its actor, the anchor set at global step 1; coef 0.005).
+    So the entropy of the selected tokens is pulled back toward where training started, from
+    above as from below, rather than pushed up without limit.
+
+    What differs, and why:
+    - No top-p mask (step 1): the entropy here is the learner's full-vocabulary entropy from its
+      fused log-prob pass, which never holds a token's logits outside its kernel; the nucleus
+      entropy needs that kernel to renormalise over the nucleus (its gradient on the nucleus
+      logits is -q_j (log q_j + H_nucleus), zero elsewhere). What remains is the paper's ablation
+      without the top-p mask (the official code's ``abla_wo_topp``).
+    - The official code squares each micro-batch's own H_peak, so its gradient depends on the
+      micro-batching. Here the deviation d = H_peak - H_anchor is taken once per mini-batch, on
+      the entropies at the rollout weights (``deviation``), and each micro-batch contributes
+      coef * (d^2 * n/N + 2 d * sum_i (s_i - stopgrad s_i) / N): summed over the micro-batches
+      (and ranks) the value is coef * d^2 and the gradient is exactly that of coef * (H_peak -
+      H_anchor)^2 at d, whatever the split. After the first mini-batch of a step d is the rollout
+      weights' value, not the current one (at most one step of updates old).
+    - The peak mask is taken over the tokens that get a loss (``loss_mask``), so it composes with
+      the 80/20 mask and the rejection of a mismatch correction.
+
+    ``selected``: [n] ``siren_selected_entropy`` of this micro-batch's rows at the current weights;
+    ``num_seqs``: N, the number of responses in the mini-batch.
+    """
+    share = selected.numel() / num_seqs
+    linear = (selected - selected.detach()).sum() / num_seqs
+    return coef * (deviation * deviation * share + 2.0 * deviation * linear)

@@ -75,7 +75,7 @@ class LearnerActor:
         torch.set_num_threads(self.cfg.distributed.cpus_per_learner)
         torch.manual_seed(tc.seed)
         self.device = resolve_device(tc.device)
-        model, _ = load_model_and_tokenizer(self.cfg.model.name)
+        model, self.tokenizer = load_model_and_tokenizer(self.cfg.model.name)  # PEAR encodes its closing tag
         self.learner = Learner(model, tc, self.cfg.model, temperature=self.cfg.rollout.temperature,
                                device=self.device, sampler_dtype=resolve_dtype(self.cfg.rollout.dtype, self.device),
                                reference=alg.uses_reference, critic_lr=alg.critic.lr if alg.uses_critic else None,
@@ -87,7 +87,8 @@ class LearnerActor:
 
         dist.init_process_group(_backend(self.device), init_method=f"tcp://{address}:{port}", rank=self.rank,
                                 world_size=self.world, timeout=COLLECTIVE_TIMEOUT)
-        self.rl_update = RLUpdate(self.cfg, self.learner, DataParallel.from_process_group())
+        self.rl_update = RLUpdate(self.cfg, self.learner, DataParallel.from_process_group(),
+                                  tokenizer=self.tokenizer)
 
     def where(self) -> tuple[int, str]:
         import ray

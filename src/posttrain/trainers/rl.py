@@ -111,7 +111,8 @@ class RLTrainer:
             from posttrain.trainers.learner_group import LearnerGroup
 
             self.learner_group = LearnerGroup(cfg, self.learner)
-        self.rl_update = RLUpdate(cfg, self.learner, self.learner_group.dp if self.learner_group else None)
+        self.rl_update = RLUpdate(cfg, self.learner, self.learner_group.dp if self.learner_group else None,
+                                  tokenizer=tokenizer)
         try:
             if cfg.distributed.rollout_workers:  # Ray actors, each with its own engine and reward
                 from posttrain.distributed.ray_pool import RayRolloutPool

@@ -43,13 +43,14 @@ from posttrain.algorithms import (
     kl_estimate,
 )
 from posttrain.algorithms.advantages_otb import NEEDS_SUM_PI2
+from posttrain.algorithms.advantages_pear import phase_entropies, pear_penalty, think_phases
 from posttrain.algorithms.advantages_token import gae_returns, value_loss
 from posttrain.algorithms.advantages_turn import turn_credit
 from posttrain.algorithms.corrections import mismatch_metrics
 from posttrain.algorithms.losses import COV_SELECTING, select_cov_tokens
 from posttrain.algorithms.overlong import dapo_overlong_penalty, mask_truncated
 from posttrain.algorithms.regularizers import AdaptiveEntropyController, AdaptiveKLController, kl_in_reward, \
-    top_entropy_mask
+    siren_loss, siren_selected_entropy, top_entropy_mask
 from posttrain.config import RLConfig
 from posttrain.distributed.data_parallel import DataParallel
 from posttrain.evaluation.runner import sample_answer
@@ -125,12 +126,19 @@ def mini_batch_orders(cfg: RLConfig, n: int, generator: torch.Generator) -> list
 class RLUpdate:
     """The learner side of one RL step; its state (controllers, non-finite streak) is checkpointed."""
 
-    def __init__(self, cfg: RLConfig, learner: Learner, dp: Optional[DataParallel] = None):
+    def __init__(self, cfg: RLConfig, learner: Learner, dp: Optional[DataParallel] = None, tokenizer=None):
         self.cfg, self.learner = cfg, learner
         self.dp = dp or DataParallel.single()
         self.kl_ctl = AdaptiveKLController(cfg.algorithm.kl)
         self.entropy_ctl = AdaptiveEntropyController(cfg.algorithm.entropy)
         self.nonfinite_streak = 0
+        self.siren_anchor: Optional[float] = cfg.algorithm.entropy.siren_anchor  # None: set at the first step
+        self._siren_deviation = 0.0  # this mini-batch's H_peak - H_anchor at the rollout weights
+        # PEAR splits each completion at the closing tag's tokens: the tokenizer's encoding of it
+        self.think_close_ids = None
+        if cfg.algorithm.advantage_estimator == "pear" and tokenizer is not None:
+            self.think_close_ids = list(tokenizer.encode(cfg.algorithm.advantage.pear_close_tag,
+                                                         add_special_tokens=False))
         self.correction_metrics: dict[str, float] = {}  # this step's, from prepare()
         self.sft: Optional[Rollouts] = None  # this step's HPT demonstrations (learn's sft)
         selector = build_selector(cfg.selection, cfg.rollout.num_completions)
@@ -151,12 +159,14 @@ class RLUpdate:
 
     def state(self) -> dict:
         return {"nonfinite_streak": self.nonfinite_streak, "kl_coef": self.kl_ctl.value,
-                "entropy_coef": self.entropy_ctl.value}
+                "entropy_coef": self.entropy_ctl.value, "siren_anchor": self.siren_anchor}
 
     def load_state(self, state: dict) -> None:
         self.nonfinite_streak = int(state["nonfinite_streak"])
         self.kl_ctl.value = float(state["kl_coef"])
         self.entropy_ctl.value = float(state["entropy_coef"])
+        if state.get("siren_anchor") is not None:  # absent from checkpoints written before SIREN
+            self.siren_anchor = float(state["siren_anchor"])
 
     def learn(self, rollouts: Optional[Rollouts], orders: list[torch.Tensor], step: int,
               baseline: Optional[torch.Tensor] = None, sft: Optional[Rollouts] = None) -> dict[str, float]:
@@ -222,12 +232,15 @@ class RLUpdate:
                                          alg.kl.estimator)
         if learner.critic is not None:
             rollouts.values = dp.gather_rows(rollouts, learner.values)
+        phases, pear_metrics = None, {}
+        if alg.advantage_estimator == "pear":  # entropies at the rollout weights, split at the closing tag
+            phases, pear_metrics = self._pear_phases(rollouts, mask)
         adv_input = AdvantageInput(
             rewards=rollouts.rewards, group_ids=rollouts.group_ids, mask=mask,
             reward_components=rollouts.reward_components, token_rewards=token_rewards, logprobs=logprobs,
             ref_logprobs=rollouts.ref_logprobs, baseline_rewards=baseline, values=rollouts.values,
             answers=[sample_answer(m) for m in rollouts.metadata],  # canonical key, None if no answer
-            sum_pi2=sum_pi2,
+            sum_pi2=sum_pi2, entropies=rollouts.entropies if phases is not None else None, phases=phases,
         )
         adv_fn = ADVANTAGES.get(alg.advantage_estimator)
         if alg.turn_credit:  # multi-turn episodes: each turn credited with its own step rewards on
@@ -248,7 +261,7 @@ class RLUpdate:
                 rollouts.entropies = dp.gather_rows(rollouts, learner.entropies)
             rollouts.loss_mask = self.token_selector.keep_tokens(rollouts.advantages, rollouts.entropies,
                                                                  rollouts.loss_mask, step)
-        self.correction_metrics = {}
+        self.correction_metrics = dict(pear_metrics)
         if alg.correction.name is not None:
             # Behaviour and old log-probs are fixed for the step, so the rejection mask is too: apply
             # it to the whole batch here, and every mini-batch's token count counts only kept tokens.
@@ -263,6 +276,12 @@ class RLUpdate:
                                                    rollouts.policy_mask, alg.moe.router_is_beta)
             rollouts.is_weights = factor if rollouts.is_weights is None else rollouts.is_weights * factor
             self.correction_metrics.update(moe_metrics)
+        if alg.entropy.siren:  # SIREN's anchor: the first step's H_peak, at the rollout weights
+            if rollouts.entropies is None:
+                rollouts.entropies = dp.gather_rows(rollouts, learner.entropies)
+            if self.siren_anchor is None:
+                self.siren_anchor = float(siren_selected_entropy(
+                    rollouts.entropies, rollouts.loss_mask, alg.entropy.siren_quantile).mean())
 
     # ------------------------------------------------------------------ updates
     def update(self, rollouts: Rollouts, orders: list[torch.Tensor], step: int) -> dict[str, float]:
@@ -280,7 +299,7 @@ class RLUpdate:
         # The engine's entropies are missing (vLLM): the learner's stand in, in the same pass.
         # sspo scales its clip by segment entropy: it gets the learner's entropies, not a surprisal stand-in
         want_entropy = n > 0 and (self.entropy_ctl.value > 0 or alg.entropy.adaptive or rollouts.entropies is None
-                                  or alg.policy_loss in ENTROPY_LOSSES)
+                                  or alg.policy_loss in ENTROPY_LOSSES or alg.entropy.siren)
         value_fn = None
         mini_size = n // tc.mini_batches
         for epoch in range(tc.ppo_epochs):
@@ -294,6 +313,8 @@ class RLUpdate:
                 if n and alg.policy_loss in COV_SELECTING:
                     # a Rollouts field, so each micro-batch gets its rows (select) at its width (trim)
                     mini = dataclasses.replace(mini, token_selection=self._cov_selection(mini, step, epoch, m, record))
+                if n and alg.entropy.siren:  # the deviation, once per mini-batch (see siren_loss)
+                    self._siren_deviation = self._siren_mini_batch(mini, record)
                 mine = mini.select(torch.tensor(dp.rows(len(mini)))) if n and dp.world > 1 else mini
                 if learner.critic is not None:
                     value_fn = lambda micro, values, kw=counts_kw: self._value_loss(micro, values, kw, record)  # noqa: E731
@@ -341,6 +362,35 @@ class RLUpdate:
         selection = select_cov_tokens(alg.policy_loss, logprobs, mini.advantages, mini.loss_mask, alg.loss, generator)
         record(f"loss/{alg.policy_loss}_frac", float(selection.sum()) / max(1.0, float((mini.loss_mask > 0).sum())))
         return selection
+
+    def _siren_mini_batch(self, mini: Rollouts, record: Callable) -> float:
+        """SIREN's H_peak - H_anchor on the mini-batch's entropies at the rollout weights (every rank
+        holds the whole mini-batch, so every rank gets the same value without a collective)."""
+        ent = self.cfg.algorithm.entropy
+        peak = float(siren_selected_entropy(mini.entropies, mini.loss_mask, ent.siren_quantile).mean())
+        deviation = peak - self.siren_anchor
+        record("entropy/siren_peak", peak)
+        record("entropy/siren_anchor", self.siren_anchor)
+        record("entropy/siren_penalty", self.entropy_ctl.value * deviation * deviation)
+        return deviation
+
+    def _pear_phases(self, rollouts: Rollouts, mask: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        """PEAR's thinking/answer phases ([N, T]) and their metrics; fills ``rollouts.entropies`` with
+        the learner's at the rollout weights when the engine recorded none (vLLM)."""
+        if self.think_close_ids is None:
+            raise ValueError("advantage estimator pear splits completions at algorithm.advantage.pear_close_tag and "
+                             "needs the tokenizer for it: build RLUpdate(cfg, learner, dp, tokenizer=tokenizer)")
+        if rollouts.entropies is None:
+            rollouts.entropies = self.dp.gather_rows(rollouts, self.learner.entropies)
+        phases = think_phases(rollouts.completion_ids, mask, self.think_close_ids)
+        think, answer = phase_entropies(rollouts.entropies, phases)
+        penalty = pear_penalty(rollouts.entropies, phases, self.cfg.algorithm.advantage.pear_alpha)
+        correct = rollouts.rewards > 0
+        closed = ((phases == 0) & (mask > 0)).any(-1)  # the tag's tokens are the generated ones in no phase
+        return phases, {"pear/think_entropy": float(think.mean()), "pear/answer_entropy": float(answer.mean()),
+                        "pear/closed_frac": float(closed.float().mean()),
+                        "pear/penalty_correct": float(penalty[correct].mean()) if correct.any() else 0.0,
+                        "pear/correct_frac": float(correct.float().mean())}
 
     def _sft_backward(self, record: Callable) -> float:
         """HPT's SFT part: - sum(m log p) / #tokens over the demonstrations (0.0 without any)."""
@@ -404,6 +454,9 @@ class RLUpdate:
                 loss = loss + self.kl_ctl.value * aggregate(kl, mask, alg.aggregation, **counts_kw)
         if entropy is not None:
             record("entropy/learner", float((entropy.detach() * mask).sum() / mask.sum().clamp_min(1)))
-            if entropy_coef > 0:
+            if alg.entropy.siren:  # coef * (H_peak - H_anchor)^2 in place of the bonus
+                selected = siren_selected_entropy(entropy, mask, alg.entropy.siren_quantile)
+                loss = loss + siren_loss(selected, self._siren_deviation, entropy_coef, counts_kw["num_seqs"])
+            elif entropy_coef > 0:
                 loss = loss - entropy_coef * aggregate(entropy, mask, alg.aggregation, **counts_kw)
         return loss

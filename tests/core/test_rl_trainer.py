@@ -37,6 +37,9 @@ def test_tiny_model_learns_a_trivial_task(tmp_path):
     first = sum(r["reward/mean"] for r in rows[:3]) / 3
     last = sum(r["reward/mean"] for r in rows[-3:]) / 3
     assert last > first + 0.4, (first, last)
+    # plain GRPO on the hf sampler: the sampler's entropies are logged, the learner measures none
+    # (it once logged entropy/learner = 0.0 from the zeros it passes when not asked for them)
+    assert all(r["entropy/mean"] > 0 and "entropy/learner" not in r for r in rows)
     assert summary["eval_after"]["accuracy"] > summary["eval_before"]["accuracy"] + 0.4
     saved = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert {"eval_before", "eval_after", "train_wall_s", "steps"} <= set(saved)

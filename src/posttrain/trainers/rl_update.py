@@ -320,7 +320,10 @@ class RLUpdate:
                     value_fn = lambda micro, values, kw=counts_kw: self._value_loss(micro, values, kw, record)  # noqa: E731
                 learner.zero_grad()
                 total_loss = learner.forward_backward(
-                    mine, lambda micro, logp, ent, kw=counts_kw: self._micro_loss(micro, logp, ent, loss_fn, kw, record),
+                    # without want_entropy the learner's entropies are zeros, not measured: pass None so
+                    # entropy/learner is not logged as 0
+                    mine, lambda micro, logp, ent, kw=counts_kw: self._micro_loss(
+                        micro, logp, ent if want_entropy else None, loss_fn, kw, record),
                     with_entropy=want_entropy, value_loss_fn=value_fn) if n else 0.0
                 total_loss += self._sft_backward(record)
                 if learner.fsdp is None:  # fsdp2 has reduce-scattered (SUM) them in the backward

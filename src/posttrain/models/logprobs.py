@@ -22,6 +22,9 @@ DECODER_CHOICES = ("auto", "hf")
 
 SAVED_LOGITS_MAX_BYTES = 256 * 2**20
 ELEMENTWISE_ROWS = 32  # rows per fp32 softmax block (see TokenLogProbs._fp32_blocks)
+# the nucleus is looked for among each row's this many most likely tokens first; a row whose
+# nucleus is wider (rare once trained, at p = 0.8) is sorted whole (see TokenLogProbs._nucleus_cut)
+NUCLEUS_CANDIDATES = 256
 
 
 class TokenLogProbs(torch.autograd.Function):
@@ -39,11 +42,28 @@ class TokenLogProbs(torch.autograd.Function):
     ``with_sum_pi2`` adds a third output, S_i = sum_j p_ij^2 (no gradient): the optimal token
     baseline's per-token term (``advantages_otb``), read off the softmax block already in cache,
     so it costs one more reduction over that block instead of a second pass over the head.
+
+    ``entropy_top_p`` = p replaces H_i by the entropy of the row's nucleus S_i (SIREN's top-p
+    mask; "Rethinking Entropy Regularization in Large Reasoning Models", arXiv:2509.25133):
+        q_j = p_j / sum_{k in S} p_k on S,   H^S = -sum_{j in S} q_j log q_j,
+        dH^S/dz_j = -q_j (log q_j + H^S) for j in S, 0 elsewhere (S held fixed, as a mask is).
+    S holds the most likely tokens whose cumulative probability, summed in decreasing order,
+    stays strictly below p: the token that crosses p is left out. That is the official code's
+    cut (github.com/Linn3a/siren, ``efficient_top_p_sampling``: ``searchsorted`` of p in the
+    cumulative probabilities, then ``index < cutoff``), kept so that H^S (and SIREN's anchor)
+    means what it meant in the paper's runs; the usual sampling nucleus keeps the crossing
+    token. So a row whose top token alone has probability >= p has an empty nucleus and H^S = 0
+    (no gradient), as there. S is a threshold on the logit, so tokens tied with the last kept one
+    are kept too (a tie has no order); the official code also caps the candidates at the top
+    10,000 tokens, which is not done here. Per row the forward saves its max logit, the cut-off
+    (shifted by that max) and log sum_{k in S} e^{z_k}: three floats, no [M, V] state.
     """
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, temperature: float, chunk: int, with_entropy: bool,
-                with_sum_pi2: bool = False):
+                with_sum_pi2: bool = False, entropy_top_p: Optional[float] = None):
+        check_entropy_top_p(entropy_top_p, with_entropy)
+        nucleus = entropy_top_p is not None
         dtype = fast_decoder.compute_dtype(hidden)
         w = weight.to(dtype)
         b = (bias / temperature).to(dtype) if bias is not None else None  # z = W (h / T) + b / T
@@ -53,6 +73,9 @@ class TokenLogProbs(torch.autograd.Function):
         logz = torch.empty(M, dtype=torch.float32, device=h.device)
         entropy = torch.zeros(M, dtype=torch.float32, device=h.device)
         sum_pi2 = torch.zeros(M, dtype=torch.float32, device=h.device) if with_sum_pi2 else None
+        # nucleus: per row its max logit, cut-off (logit - max) and log-normaliser (see the docstring)
+        nuc_top, nuc_cut, nuc_logz = (torch.zeros(M, dtype=torch.float32, device=h.device) for _ in range(3)) \
+            if nucleus else (None, None, None)
         rows = max(1, chunk)
         keep = any(ctx.needs_input_grad[:3]) and M * w.shape[0] * w.element_size() <= SAVED_LOGITS_MAX_BYTES
         saved = torch.empty((M, w.shape[0]), dtype=dtype, device=h.device) if keep else None
@@ -68,8 +91,13 @@ class TokenLogProbs(torch.autograd.Function):
                     if with_entropy:
                         p = z.exp()
                         norm = p.sum(-1)
-                        # H = log S - sum_j p_j z_j (z shifted by max; S = sum_j exp z_j)
-                        entropy[i:j] = norm.log() - (p * z).sum(-1) / norm
+                        if nucleus:
+                            nuc_top[i:j] = top.squeeze(-1)
+                            entropy[i:j], nuc_cut[i:j], nuc_logz[i:j] = TokenLogProbs._nucleus(
+                                z, p, norm, top.squeeze(-1), entropy_top_p)
+                        else:
+                            # H = log S - sum_j p_j z_j (z shifted by max; S = sum_j exp z_j)
+                            entropy[i:j] = norm.log() - (p * z).sum(-1) / norm
                     else:
                         p = z.exp_()
                         norm = p.sum(-1)
@@ -78,13 +106,46 @@ class TokenLogProbs(torch.autograd.Function):
                     lz = top.squeeze(-1) + norm.log()
                     logz[i:j] = lz
                     logp[i:j] = target_logit - lz
-        ctx.save_for_backward(h, w, b, targets, logz, entropy, saved)
+        ctx.save_for_backward(h, w, b, targets, logz, entropy, nuc_top, nuc_cut, nuc_logz, saved)
         ctx.temperature, ctx.rows, ctx.with_entropy = temperature, rows, with_entropy
         ctx.weight_dtype, ctx.hidden_dtype = weight.dtype, hidden.dtype
         if with_sum_pi2:
             ctx.mark_non_differentiable(sum_pi2)
             return logp, entropy, sum_pi2
         return logp, entropy
+
+    @staticmethod
+    def _nucleus(z, p, norm, top, top_p: float):
+        """(H^S, cut-off, log sum_{k in S} e^{z_k}) per row of a block: ``z`` its logits minus
+        their max ``top``, ``p`` = e^z and ``norm`` = sum p. S = {j : z_j >= cut-off}."""
+        cut = TokenLogProbs._nucleus_cut(z, norm, top_p)
+        kept = torch.where(z >= cut[:, None], p, 0.0)
+        mass = kept.sum(-1)
+        empty = mass == 0  # the top token alone reaches p
+        entropy = (mass.log() - (kept * z).sum(-1) / mass).masked_fill_(empty, 0.0)
+        # an empty row keeps the full log-normaliser: finite, and the backward masks it out anyway
+        logz = torch.where(empty, top + norm.log(), top + mass.log())
+        return entropy, cut, logz
+
+    @staticmethod
+    def _nucleus_cut(z, norm, top_p: float):
+        """Per row, the smallest (shifted) logit of its nucleus, +inf where the nucleus is empty:
+        the most likely tokens whose cumulative probability stays < ``top_p``. Read off the top
+        ``NUCLEUS_CANDIDATES`` logits; rows where all of those stay below p are sorted whole."""
+        V = z.shape[-1]
+
+        def cut_of(ordered, scale):  # ordered: [r, k] shifted logits, decreasing
+            kept = (ordered.exp().cumsum(-1).div_(scale[:, None]) < top_p).sum(-1)
+            cut = ordered.gather(-1, (kept - 1).clamp_min(0)[:, None]).squeeze(-1)
+            return cut.masked_fill_(kept == 0, float("inf")), kept
+
+        head = z.topk(min(NUCLEUS_CANDIDATES, V), -1).values
+        cut, kept = cut_of(head, norm)
+        wider = (kept == head.shape[-1]) & (head.shape[-1] < V)
+        if wider.any():
+            rows = wider.nonzero().squeeze(-1)
+            cut[rows] = cut_of(z[rows].sort(-1, descending=True).values, norm[rows])[0]
+        return cut
 
     @staticmethod
     def _logits(h, w, b, out):
@@ -110,7 +171,7 @@ class TokenLogProbs(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_logp, grad_entropy, *_grad_sum_pi2):
-        h, w, b, targets, logz, entropy, saved = ctx.saved_tensors
+        h, w, b, targets, logz, entropy, nuc_top, nuc_cut, nuc_logz, saved = ctx.saved_tensors
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         rows, temperature, M = ctx.rows, ctx.temperature, h.shape[0]
         use_entropy = ctx.with_entropy and grad_entropy is not None
@@ -127,14 +188,24 @@ class TokenLogProbs(torch.autograd.Function):
                 for e, z in TokenLogProbs._fp32_blocks(dz_low, z_buf):
                     i, j = s + e, s + e + z.shape[0]
                     g = grad_logp[i:j, None].float()
-                    z.sub_(logz[i:j, None])  # log p
-                    if use_entropy:
-                        p = z.exp()
-                        # -e p (log p + H) - g p
-                        dz = z.add_(entropy[i:j, None]).mul_(p).mul_(-grad_entropy[i:j, None].float())
-                        dz.addcmul_(p, g, value=-1.0)
+                    if use_entropy and nuc_top is not None:
+                        # the forward's nucleus: the same fp32 logits minus the same max, against its cut-off
+                        inside = torch.sub(z, nuc_top[i:j, None]) >= nuc_cut[i:j, None]
+                        log_q = z - nuc_logz[i:j, None]  # log q_j = z_j - log sum_{k in S} e^{z_k}
+                        q = log_q.exp()
+                        p = z.sub_(logz[i:j, None]).exp_()
+                        # -e q (log q + H^S) on the nucleus, 0 elsewhere; - g p
+                        dz = log_q.add_(entropy[i:j, None]).mul_(q).mul_(-grad_entropy[i:j, None].float())
+                        dz.masked_fill_(~inside, 0.0).addcmul_(p, g, value=-1.0)
                     else:
-                        dz = z.exp_().mul_(-g)
+                        z.sub_(logz[i:j, None])  # log p
+                        if use_entropy:
+                            p = z.exp()
+                            # -e p (log p + H) - g p
+                            dz = z.add_(entropy[i:j, None]).mul_(p).mul_(-grad_entropy[i:j, None].float())
+                            dz.addcmul_(p, g, value=-1.0)
+                        else:
+                            dz = z.exp_().mul_(-g)
                     dz.scatter_add_(1, targets[i:j, None], g)
                     dz_low[e : e + z.shape[0]].copy_(dz)
                     if need_b:
@@ -161,7 +232,13 @@ class TokenLogProbs(torch.autograd.Function):
         if need_w:
             grad_w = torch.zeros(w.shape, dtype=ctx.weight_dtype, device=h.device) if grad_w is None else grad_w
             grad_w = grad_w.to(ctx.weight_dtype)
-        return (grad_h, grad_w, grad_b) + (None,) * (len(ctx.needs_input_grad) - 3)  # 7 or 8 inputs
+        return (grad_h, grad_w, grad_b) + (None,) * (len(ctx.needs_input_grad) - 3)  # 7 to 9 inputs
+
+
+def check_entropy_top_p(entropy_top_p: Optional[float], with_entropy: bool) -> None:
+    if entropy_top_p is not None and not (with_entropy and 0.0 < entropy_top_p < 1.0):
+        raise ValueError(f"entropy_top_p must be in (0, 1) and needs with_entropy=True (None: the full-vocabulary "
+                         f"entropy), got {entropy_top_p!r} with with_entropy={with_entropy}")
 
 
 def uses_fast_decoder(decoder, mode: str) -> bool:
@@ -327,14 +404,17 @@ def completion_logprobs(
     decoder_mode: str = "auto",
     checkpoint_layers: bool = False,
     with_sum_pi2: bool = False,
+    entropy_top_p: Optional[float] = None,
 ) -> tuple[torch.Tensor, ...]:
     """log pi(o_t | q, o_<t) / temperature-scaled, for every completion token: two [n, T] tensors.
 
     ``prompt_ids`` are left-padded and ``completion_ids`` right-padded, as in ``Rollouts``.
     Entropies are zeros unless ``with_entropy``. ``with_sum_pi2`` returns a third [n, T] tensor,
     sum over the vocabulary of pi^2 at each completion token (0 on padding, no gradient), from
-    the same fused pass.
+    the same fused pass. ``entropy_top_p`` = p: the entropies are those of each token's nucleus
+    (top-p, renormalised; SIREN's top-p mask, see ``TokenLogProbs``), gradient included.
     """
+    check_entropy_top_p(entropy_top_p, with_entropy)
     device = next(model.parameters()).device
     n, T = completion_ids.shape
     hidden = _hidden_states(model, prompt_ids.to(device), prompt_mask.to(device), completion_ids.to(device),
@@ -345,5 +425,5 @@ def completion_logprobs(
     flat_targets = completion_ids.to(device)[mask]
     head = model.get_output_embeddings()
     flat = TokenLogProbs.apply(flat_hidden, head.weight, head.bias, flat_targets, temperature, chunk_tokens,
-                               with_entropy, *((True,) if with_sum_pi2 else ()))
+                               with_entropy, with_sum_pi2, entropy_top_p)
     return tuple(torch.zeros((n, T), device=device, dtype=torch.float32).masked_scatter(mask, x) for x in flat)

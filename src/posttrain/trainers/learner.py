@@ -187,7 +187,7 @@ class Learner:
 
     # ------------------------------------------------------------------ log-prob passes
     def _logprobs(self, model, batch: Rollouts, with_entropy: bool = False, prompt_states=None,
-                  with_sum_pi2: bool = False):
+                  with_sum_pi2: bool = False, entropy_top_p: Optional[float] = None):
         cfg, mc = self.cfg, self.model_cfg
         call = completion_logprobs
         sharded = self.fsdp is not None and model is self.model
@@ -202,6 +202,7 @@ class Learner:
                 prompt_states=prompt_states, decoder_mode=mc.decoder,
                 checkpoint_layers=cfg.activation_checkpointing,  # a no-op under no_grad
                 with_sum_pi2=with_sum_pi2,  # True: a third output, sum_v pi_v^2, from the same pass
+                entropy_top_p=entropy_top_p,  # p: each token's nucleus entropy (SIREN), not the full one
             )
 
     def _values(self, batch: Rollouts) -> torch.Tensor:
@@ -257,10 +258,12 @@ class Learner:
             return self.moe.distance
         return self._no_grad_pass(batch, distance, lockstep=True)
 
-    def entropies(self, batch: Rollouts) -> torch.Tensor:
-        """Per-token entropy of the current policy (for engines that do not record it)."""
-        return self._no_grad_pass(batch, lambda micro: self._logprobs(self.model, micro, with_entropy=True)[1],
-                                  lockstep=True)
+    def entropies(self, batch: Rollouts, top_p: Optional[float] = None) -> torch.Tensor:
+        """Per-token entropy of the current policy (for engines that do not record it); with
+        ``top_p``, of each token's nucleus (SIREN's top-p mask, ``TokenLogProbs``)."""
+        return self._no_grad_pass(
+            batch, lambda micro: self._logprobs(self.model, micro, with_entropy=True, entropy_top_p=top_p)[1],
+            lockstep=True)
 
     def values(self, batch: Rollouts) -> torch.Tensor:
         return self._no_grad_pass(batch, self._values)
@@ -272,13 +275,15 @@ class Learner:
             self.critic_optimizer.zero_grad(set_to_none=True)
 
     def forward_backward(self, batch: Rollouts, loss_fn: LossFn, with_entropy: bool = False,
-                         value_loss_fn: Optional[Callable[[Rollouts, torch.Tensor], torch.Tensor]] = None) -> float:
+                         value_loss_fn: Optional[Callable[[Rollouts, torch.Tensor], torch.Tensor]] = None,
+                         entropy_top_p: Optional[float] = None) -> float:
         """Accumulate the gradients of ``sum over micro-batches of loss_fn(micro, logp, entropy)``.
 
         ``loss_fn`` must normalise by counts of the whole ``batch`` (aggregation's num_tokens /
         num_seqs), so the split into micro-batches does not change the gradient. Micro-batches
         group rows of similar completion length (little padding); their prompts run through the
         decoder once per batch when that pays (SharedPromptPass). Returns the summed loss.
+        ``entropy_top_p``: the entropy handed to ``loss_fn`` is each token's nucleus entropy.
         """
         cfg, mc = self.cfg, self.model_cfg
         self.model.train()
@@ -296,7 +301,8 @@ class Learner:
         for rows in buckets:
             micro = trim(batch.select(rows), trim_prompt=shared is None)
             logp, entropy = self._logprobs(self.model, micro, with_entropy,
-                                           shared.rows(rows) if shared is not None else None)
+                                           shared.rows(rows) if shared is not None else None,
+                                           entropy_top_p=entropy_top_p)
             loss = loss_fn(micro, logp, entropy)
             loss.backward()
             total += float(loss.detach())

@@ -331,10 +331,11 @@ TABLE: dict[str, Row] = {
         ("algorithm.entropy.coef=0", "algorithm.entropy.adaptive=true", "algorithm.entropy.target=10"),
         "Skywork-OR1 from a coefficient of 0 (or clipped to coef_min = 0)", logs=("entropy/coef",),
         acts="entropy/coef"),
-    # 003-46's SIREN (its code's coef 0.005 and 0.8 peak quantile), without its top-p mask (see siren_loss)
+    # 003-46's SIREN (its code's coef 0.005, 0.8 peak quantile and top-p 0.8: nucleus entropies)
     "option:siren": Row(("algorithm.entropy.coef=0.005", "algorithm.entropy.siren=true", *OFF_POLICY),
-                        "SIREN: coef * (H_peak - H_anchor)^2 on each response's top-20% entropy tokens",
-                        logs=("entropy/siren_peak", "entropy/siren_anchor", "entropy/siren_penalty"),
+                        "SIREN: coef * (H_peak - H_anchor)^2 on each response's top-20% nucleus-entropy tokens",
+                        logs=("entropy/siren_peak", "entropy/siren_anchor", "entropy/siren_penalty",
+                              "entropy/learner_top_p"),
                         acts="entropy/siren_penalty"),
     # 003-22's reward-noise injection: the digit reward flipped with probability 0.4 per sample; the
     # clean reward and the flip flags are logged as components (their means: clean reward, fraction flipped).

@@ -1,5 +1,7 @@
 """SIREN (arXiv:2509.25133, catalog 003-46): peak-entropy mask, selected entropy and the
-self-anchored loss by hand; its gradient independent of the micro-batching; the anchor in the trainer."""
+self-anchored loss by hand; its gradient independent of the micro-batching; the anchor in the trainer,
+with its top-p mask (the default; the nucleus entropy itself is tested in tests/core/test_token_logprobs.py)
+and without."""
 
 from __future__ import annotations
 
@@ -87,6 +89,9 @@ def test_micro_batches_sum_to_the_mini_batch_square():
     (dict(siren_quantile=1.0), "siren_quantile"),
     (dict(siren_quantile=float("nan")), "siren_quantile"),
     (dict(siren_anchor=-1.0), "siren_anchor"),
+    (dict(siren_top_p=1.0), "siren_top_p"),
+    (dict(siren_top_p=0.0), "siren_top_p"),
+    (dict(siren_top_p=float("nan")), "siren_top_p"),
 ])
 def test_config_is_checked(kw, match):
     with pytest.raises(ValueError, match=match):
@@ -138,3 +143,24 @@ def test_anchor_survives_resume(tmp_path):
     assert [r["step"] for r in rows] == [1, 2]
     assert rows[1]["entropy/siren_anchor"] == rows[0]["entropy/siren_anchor"]
     assert rows[1]["entropy/siren_peak"] != rows[0]["entropy/siren_peak"]  # else the check above is empty
+
+
+def test_top_p_mask_in_the_trainer(tmp_path):
+    """The default run regularises nucleus entropies (p = 0.8), logged as entropy/learner_top_p; with
+    siren_top_p: null the full-vocabulary ones. On the near-uniform random model a token's 80%
+    nucleus has a lower entropy than its whole vocabulary, so the anchors differ in that direction."""
+    nucleus = _run(tmp_path / "top_p")
+    full = _run(tmp_path / "full", "algorithm.entropy.siren_top_p=null")
+    for r in nucleus:
+        assert "entropy/learner_top_p" in r and "entropy/learner" not in r
+    for r in full:
+        assert "entropy/learner" in r and "entropy/learner_top_p" not in r
+    assert 0 < nucleus[0]["entropy/siren_anchor"] < full[0]["entropy/siren_anchor"]
+    assert nucleus[0]["entropy/learner_top_p"] < full[0]["entropy/learner"]
+    # the anchor is step 1's H_peak of the nucleus entropies (one mini-batch), the penalty then 0
+    assert nucleus[0]["entropy/siren_peak"] == pytest.approx(nucleus[0]["entropy/siren_anchor"])
+
+
+def test_top_p_mask_refuses_a_loss_that_reads_the_full_entropy(tmp_path):
+    with pytest.raises(ValueError, match="siren_top_p: null"):
+        _run(tmp_path, "algorithm.policy_loss=sspo")

@@ -104,6 +104,7 @@ class EntropyConfig:
     siren: bool = False  # SIREN: coef * (H_peak - H_anchor)^2 instead of the bonus (official code: coef 0.005)
     siren_quantile: float = 0.8  # SIREN's peak-entropy mask: tokens above this quantile of their response (0.8)
     siren_anchor: Optional[float] = None  # SIREN's anchor H_anchor; None: the first step's H_peak (official code)
+    siren_top_p: Optional[float] = 0.8  # SIREN's top-p mask: each token's nucleus entropy (paper: 0.8); None: full
 
     def __post_init__(self) -> None:
         for name in ("coef", "target", "delta", "coef_min", "coef_max", "top_quantile", "siren_quantile"):
@@ -126,6 +127,9 @@ class EntropyConfig:
         if self.siren_anchor is not None and not (math.isfinite(self.siren_anchor) and self.siren_anchor >= 0):
             raise ValueError("algorithm.entropy.siren_anchor must be a finite entropy >= 0 (nats), or null for the "
                              f"first step's, got {self.siren_anchor!r}")
+        if self.siren_top_p is not None and not 0.0 < self.siren_top_p < 1.0:  # also refuses NaN
+            raise ValueError("algorithm.entropy.siren_top_p must be in (0, 1) (the nucleus whose entropy SIREN "
+                             f"regularises; paper: 0.8), or null for the full vocabulary, got {self.siren_top_p!r}")
         if self.siren and self.adaptive:
             raise ValueError("algorithm.entropy.siren and algorithm.entropy.adaptive both steer the entropy: SIREN "
                              "pulls it toward its anchor itself; turn one off")
@@ -202,7 +206,10 @@ def siren_loss(selected: torch.Tensor, deviation: float, coef: float, num_seqs: 
     catalog 003-46. A plain entropy bonus over the whole vocabulary and every token makes the
     entropy explode in long reasoning traces; SIREN regularises only a subset and in a form that
     cannot run away:
-      1. top-p mask: the entropy of each token's nucleus (top-p, renormalised; code: p = 0.8);
+      1. top-p mask: the entropy of each token's nucleus (top-p, renormalised; code: p = 0.8),
+         ``siren_top_p``: the learner's fused log-prob pass computes it and its exact gradient
+         (``models/logprobs.TokenLogProbs``, whose docstring gives the nucleus: the crossing
+         token left out, as in the official code);
       2. peak-entropy mask: per response, only its tokens above the 0.8 entropy quantile;
       3. self-anchored: the loss is coef * (H_peak - H_anchor)^2, where H_peak is the mean over
          responses of their peak tokens' mean entropy, and H_anchor is H_peak of the first
@@ -212,11 +219,10 @@ def siren_loss(selected: torch.Tensor, deviation: float, coef: float, num_seqs: 
     above as from below, rather than pushed up without limit.
 
     What differs, and why:
-    - No top-p mask (step 1): the entropy here is the learner's full-vocabulary entropy from its
-      fused log-prob pass, which never holds a token's logits outside its kernel; the nucleus
-      entropy needs that kernel to renormalise over the nucleus (its gradient on the nucleus
-      logits is -q_j (log q_j + H_nucleus), zero elsewhere). What remains is the paper's ablation
+    - ``siren_top_p: null`` drops step 1: the full-vocabulary entropy, the paper's ablation
       without the top-p mask (the official code's ``abla_wo_topp``).
+    - With the top-p mask the nucleus entropies at the rollout weights (anchor, deviation) come
+      from a no-grad learner pass of their own: engines record the full-vocabulary entropy.
     - The official code squares each micro-batch's own H_peak, so its gradient depends on the
       micro-batching. Here the deviation d = H_peak - H_anchor is taken once per mini-batch, on
       the entropies at the rollout weights (``deviation``), and each micro-batch contributes

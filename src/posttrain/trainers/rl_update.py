@@ -134,6 +134,13 @@ class RLUpdate:
         self.nonfinite_streak = 0
         self.siren_anchor: Optional[float] = cfg.algorithm.entropy.siren_anchor  # None: set at the first step
         self._siren_deviation = 0.0  # this mini-batch's H_peak - H_anchor at the rollout weights
+        ent = cfg.algorithm.entropy
+        self._siren_top_p = ent.siren_top_p if ent.siren else None  # the learner's entropies become nucleus ones
+        self._siren_entropies: Optional[torch.Tensor] = None  # [N, T] SIREN's, at the rollout weights (prepare)
+        if self._siren_top_p is not None and cfg.algorithm.policy_loss in ENTROPY_LOSSES:
+            raise ValueError(f"algorithm.policy_loss {cfg.algorithm.policy_loss} reads the learner's full-vocabulary "
+                             "entropy, but with algorithm.entropy.siren_top_p the learner measures each token's "
+                             "nucleus entropy: set algorithm.entropy.siren_top_p: null or choose another policy loss")
         # PEAR splits each completion at the closing tag's tokens: the tokenizer's encoding of it
         self.think_close_ids = None
         if cfg.algorithm.advantage_estimator == "pear" and tokenizer is not None:
@@ -277,11 +284,15 @@ class RLUpdate:
             rollouts.is_weights = factor if rollouts.is_weights is None else rollouts.is_weights * factor
             self.correction_metrics.update(moe_metrics)
         if alg.entropy.siren:  # SIREN's anchor: the first step's H_peak, at the rollout weights
-            if rollouts.entropies is None:
-                rollouts.entropies = dp.gather_rows(rollouts, learner.entropies)
+            if self._siren_top_p is not None:  # nucleus entropies: engines record full-vocabulary ones
+                self._siren_entropies = dp.gather_rows(rollouts, lambda b: learner.entropies(b, self._siren_top_p))
+            else:
+                if rollouts.entropies is None:
+                    rollouts.entropies = dp.gather_rows(rollouts, learner.entropies)
+                self._siren_entropies = rollouts.entropies
             if self.siren_anchor is None:
                 self.siren_anchor = float(siren_selected_entropy(
-                    rollouts.entropies, rollouts.loss_mask, alg.entropy.siren_quantile).mean())
+                    self._siren_entropies, rollouts.loss_mask, alg.entropy.siren_quantile).mean())
 
     # ------------------------------------------------------------------ updates
     def update(self, rollouts: Rollouts, orders: list[torch.Tensor], step: int) -> dict[str, float]:
@@ -305,7 +316,8 @@ class RLUpdate:
         for epoch in range(tc.ppo_epochs):
             order = orders[epoch]
             for m in range(tc.mini_batches):
-                mini = rollouts.select(order[m * mini_size:(m + 1) * mini_size]) if n else None
+                mini_rows = order[m * mini_size:(m + 1) * mini_size] if n else None
+                mini = rollouts.select(mini_rows) if n else None
                 # The loss is a sum over micro-batches (and ranks) normalised by the whole
                 # mini-batch's counts, so neither split changes the gradient.
                 counts_kw = dict(num_tokens=float(mini.loss_mask.sum()), num_seqs=float(len(mini)),
@@ -314,7 +326,7 @@ class RLUpdate:
                     # a Rollouts field, so each micro-batch gets its rows (select) at its width (trim)
                     mini = dataclasses.replace(mini, token_selection=self._cov_selection(mini, step, epoch, m, record))
                 if n and alg.entropy.siren:  # the deviation, once per mini-batch (see siren_loss)
-                    self._siren_deviation = self._siren_mini_batch(mini, record)
+                    self._siren_deviation = self._siren_mini_batch(mini_rows, mini, record)
                 mine = mini.select(torch.tensor(dp.rows(len(mini)))) if n and dp.world > 1 else mini
                 if learner.critic is not None:
                     value_fn = lambda micro, values, kw=counts_kw: self._value_loss(micro, values, kw, record)  # noqa: E731
@@ -324,7 +336,8 @@ class RLUpdate:
                     # entropy/learner is not logged as 0
                     mine, lambda micro, logp, ent, kw=counts_kw: self._micro_loss(
                         micro, logp, ent if want_entropy else None, loss_fn, kw, record),
-                    with_entropy=want_entropy, value_loss_fn=value_fn) if n else 0.0
+                    with_entropy=want_entropy, value_loss_fn=value_fn,
+                    **({"entropy_top_p": self._siren_top_p} if self._siren_top_p is not None else {})) if n else 0.0
                 total_loss += self._sft_backward(record)
                 if learner.fsdp is None:  # fsdp2 has reduce-scattered (SUM) them in the backward
                     dp.all_reduce_gradients(learner)
@@ -366,11 +379,11 @@ class RLUpdate:
         record(f"loss/{alg.policy_loss}_frac", float(selection.sum()) / max(1.0, float((mini.loss_mask > 0).sum())))
         return selection
 
-    def _siren_mini_batch(self, mini: Rollouts, record: Callable) -> float:
-        """SIREN's H_peak - H_anchor on the mini-batch's entropies at the rollout weights (every rank
-        holds the whole mini-batch, so every rank gets the same value without a collective)."""
+    def _siren_mini_batch(self, rows: torch.Tensor, mini: Rollouts, record: Callable) -> float:
+        """SIREN's H_peak - H_anchor on the mini-batch's (``rows``) entropies at the rollout weights
+        (every rank holds the whole mini-batch, so every rank gets the same value without a collective)."""
         ent = self.cfg.algorithm.entropy
-        peak = float(siren_selected_entropy(mini.entropies, mini.loss_mask, ent.siren_quantile).mean())
+        peak = float(siren_selected_entropy(self._siren_entropies[rows], mini.loss_mask, ent.siren_quantile).mean())
         deviation = peak - self.siren_anchor
         record("entropy/siren_peak", peak)
         record("entropy/siren_anchor", self.siren_anchor)
@@ -455,8 +468,9 @@ class RLUpdate:
             record("kl/mean", float((kl.detach() * mask).sum() / mask.sum().clamp_min(1)))
             if not alg.kl.in_reward:
                 loss = loss + self.kl_ctl.value * aggregate(kl, mask, alg.aggregation, **counts_kw)
-        if entropy is not None:
-            record("entropy/learner", float((entropy.detach() * mask).sum() / mask.sum().clamp_min(1)))
+        if entropy is not None:  # with SIREN's top-p mask it is the nucleus entropy, logged under its own name
+            record("entropy/learner_top_p" if self._siren_top_p is not None else "entropy/learner",
+                   float((entropy.detach() * mask).sum() / mask.sum().clamp_min(1)))
             if alg.entropy.siren:  # coef * (H_peak - H_anchor)^2 in place of the bonus
                 selected = siren_selected_entropy(entropy, mask, alg.entropy.siren_quantile)
                 loss = loss + siren_loss(selected, self._siren_deviation, entropy_coef, counts_kw["num_seqs"])

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from posttrain.evaluation import reward_model_eval as R
-from posttrain.rewards.learned import JudgeReward, RewardModelReward, _prompt_text
+from posttrain.rewards.learned import JudgeReward, RewardModelReward, _prompt_text, fill_template
 from posttrain.tasks.base import Problem
 
 __all__ = ["DEFAULT_DISTRACTOR", "DEFAULT_PAIRWISE_TEMPLATE", "PairwiseJudge", "reward_model_proxy",
@@ -84,18 +84,7 @@ class PairwiseJudge:
 
     def render(self, problem: Problem, a: str, b: str) -> str:
         # one pass, so a response that contains "{b}" is not expanded again
-        values = {"{prompt}": _prompt_text(problem.prompt), "{a}": a, "{b}": b}
-        out, i, text = [], 0, self.template
-        while i < len(text):
-            for field, value in values.items():
-                if text.startswith(field, i):
-                    out.append(value)
-                    i += len(field)
-                    break
-            else:
-                out.append(text[i])
-                i += 1
-        return "".join(out)
+        return fill_template(self.template, {"{prompt}": _prompt_text(problem.prompt), "{a}": a, "{b}": b})
 
     def prob_first(self, items: Sequence[tuple[Problem, str, str]]) -> tuple[np.ndarray, np.ndarray]:
         """``(q, mass)``, each ``[len(items)]``, for each ``(problem, a, b)``; one batched pass."""

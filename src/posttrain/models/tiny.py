@@ -59,14 +59,19 @@ def tiny_model_and_tokenizer(
         bos_token_id=tokenizer.bos_token_id,
         tie_word_embeddings=True,
     )
+    model = _built_with_seed(LlamaForCausalLM, config, seed)
+    model.config.name_or_path = "tiny-random"
+    return model.eval(), tokenizer
+
+
+def _built_with_seed(model_class, config, seed: int):
+    """``model_class(config)`` with weights drawn from ``seed``, leaving the caller's RNG state as it was."""
     state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     try:
-        model = LlamaForCausalLM(config)
+        return model_class(config)
     finally:
         torch.random.set_rng_state(state)
-    model.config.name_or_path = "tiny-random"
-    return model.eval(), tokenizer
 
 
 def tiny_moe_model_and_tokenizer(
@@ -100,11 +105,6 @@ def tiny_moe_model_and_tokenizer(
         bos_token_id=tokenizer.bos_token_id,
         tie_word_embeddings=True,
     )
-    state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
-    try:
-        model = MixtralForCausalLM(config)
-    finally:
-        torch.random.set_rng_state(state)
+    model = _built_with_seed(MixtralForCausalLM, config, seed)
     model.config.name_or_path = "tiny-random-moe"
     return model.eval(), tokenizer

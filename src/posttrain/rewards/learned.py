@@ -139,7 +139,22 @@ DEFAULT_JUDGE_TEMPLATE = (
     "Question:\n{prompt}\n\nResponse:\n{completion}\n\n"
     "Reply with a single number from 1 to {scale} and nothing else."
 )
-_FIELDS = ("{prompt}", "{completion}", "{scale}", "{reference}")
+
+
+def fill_template(text: str, values: dict[str, str]) -> str:
+    """``text`` with each ``{field}`` key of ``values`` replaced, in one left-to-right pass, so a
+    value that itself contains "{prompt}" (a completion quoting it) is not expanded again."""
+    out, i = [], 0
+    while i < len(text):
+        for field, value in values.items():
+            if text.startswith(field, i):
+                out.append(value)
+                i += len(field)
+                break
+        else:
+            out.append(text[i])
+            i += 1
+    return "".join(out)
 
 
 class JudgeReward:
@@ -196,21 +211,9 @@ class JudgeReward:
 
     # ------------------------------------------------------------------ scoring
     def render(self, problem: Problem, completion: str) -> str:
-        text = self.template
-        values = {"{prompt}": _prompt_text(problem.prompt), "{completion}": completion,
-                  "{scale}": str(self.scale), "{reference}": "" if problem.answer is None else str(problem.answer)}
-        # One pass so that a completion containing "{prompt}" is not expanded again.
-        out, i = [], 0
-        while i < len(text):
-            for field in _FIELDS:
-                if text.startswith(field, i):
-                    out.append(values[field])
-                    i += len(field)
-                    break
-            else:
-                out.append(text[i])
-                i += 1
-        return "".join(out)
+        return fill_template(self.template, {
+            "{prompt}": _prompt_text(problem.prompt), "{completion}": completion, "{scale}": str(self.scale),
+            "{reference}": "" if problem.answer is None else str(problem.answer)})
 
     def _encode(self, text: str) -> tuple[list[int], bool]:
         from posttrain.rollout.engine import render_prompt

@@ -55,20 +55,20 @@ class LoggingConfig:
     log_completions: int = 3  # how many completions each time
 
     def __post_init__(self) -> None:
-        from posttrain.config import ConfigError  # here: posttrain.config imports this module
-
+        # ValueError: the config loader reports it as a ConfigError (posttrain.config imports this
+        # module, so importing ConfigError here would make a cycle)
         for name in self.report_to:
             if name not in LOGGERS:
-                raise ConfigError(f"trainer.report_to: unknown logger {name!r}; choose from "
+                raise ValueError(f"trainer.report_to: unknown logger {name!r}; choose from "
                                   f"{', '.join(LOGGERS)} (an empty list logs to metrics.jsonl only)")
             module, package = LOGGERS[name]
             if importlib.util.find_spec(module) is None:
-                raise ConfigError(f"trainer.report_to names {name}, which is not installed: pip install {package} "
+                raise ValueError(f"trainer.report_to names {name}, which is not installed: pip install {package} "
                                   f"(or pip install 'posttrain[loggers]'), or drop it from trainer.report_to")
         if self.log_completions_every < 0:
-            raise ConfigError("trainer.log_completions_every must be >= 0 (0: no completions table)")
+            raise ValueError("trainer.log_completions_every must be >= 0 (0: no completions table)")
         if self.log_completions < 1:
-            raise ConfigError("trainer.log_completions must be >= 1 (completions per table)")
+            raise ValueError("trainer.log_completions must be >= 1 (completions per table)")
 
 
 class Logger(Protocol):

@@ -26,6 +26,24 @@ def inputs(seed, M=37, H=12, V=50, bias=False):
     return hidden, weight, b, targets
 
 
+def _gradient_probe(hidden, weight, b, with_entropy):
+    """run(fn) -> (log-probs, entropies, grads wrt hidden, weight[, bias]) of the loss
+    sum(lp * g_logp) + sum(ent * g_ent) (the entropy term only ``with_entropy``), fixed random
+    cotangents, so two implementations are compared on the same loss."""
+    g = torch.Generator().manual_seed(1)
+    g_logp = torch.randn(hidden.shape[0], generator=g, dtype=torch.float64)
+    g_ent = torch.randn(hidden.shape[0], generator=g, dtype=torch.float64)
+    leaves = [hidden, weight] + ([b] if b is not None else [])
+
+    def run(fn):
+        xs = [x.clone().requires_grad_() for x in leaves]
+        lp, ent = fn(xs[0], xs[1], xs[2] if b is not None else None)
+        loss = (lp * g_logp).sum() + ((ent * g_ent).sum() if with_entropy else 0.0)
+        return lp.detach(), ent.detach(), torch.autograd.grad(loss, xs)
+
+    return run
+
+
 @pytest.mark.parametrize("temperature", [1.0, 0.6])
 @pytest.mark.parametrize("with_entropy", [False, True])
 @pytest.mark.parametrize("chunk", [1, 8, 1000])
@@ -36,17 +54,7 @@ def test_values_and_gradients_match_full_logits(temperature, with_entropy, chunk
         monkeypatch.setattr("posttrain.models.logprobs.SAVED_LOGITS_MAX_BYTES", 0)
     monkeypatch.setattr("posttrain.models.logprobs.ELEMENTWISE_ROWS", 5)  # softmax blocks inside each chunk
     hidden, weight, b, targets = inputs(0, bias=bias)
-    g = torch.Generator().manual_seed(1)
-    g_logp = torch.randn(hidden.shape[0], generator=g, dtype=torch.float64)
-    g_ent = torch.randn(hidden.shape[0], generator=g, dtype=torch.float64)
-    leaves = [hidden, weight] + ([b] if bias else [])
-
-    def run(fn):
-        xs = [x.clone().requires_grad_() for x in leaves]
-        lp, ent = fn(xs[0], xs[1], xs[2] if bias else None)
-        loss = (lp * g_logp).sum() + ((ent * g_ent).sum() if with_entropy else 0.0)
-        grads = torch.autograd.grad(loss, xs)
-        return lp.detach(), ent.detach(), grads
+    run = _gradient_probe(hidden, weight, b, with_entropy)
 
     lp, ent, grads = run(lambda h, w, bb: TokenLogProbs.apply(h, w, bb, targets, temperature, chunk, with_entropy))
     ref_lp, ref_ent, ref_grads = run(lambda h, w, bb: reference(h, w, bb, targets, temperature))
@@ -149,16 +157,7 @@ def test_nucleus_entropy_values_and_gradients_match_autograd(top_p, candidates, 
     monkeypatch.setattr("posttrain.models.logprobs.NUCLEUS_CANDIDATES", candidates)
     hidden, weight, b, targets = inputs(0, M=60, bias=bias)
     weight = weight * 1.5  # peaked enough that some rows' top token alone reaches p
-    g = torch.Generator().manual_seed(1)
-    g_logp = torch.randn(hidden.shape[0], generator=g, dtype=torch.float64)
-    g_ent = torch.randn(hidden.shape[0], generator=g, dtype=torch.float64)
-    leaves = [hidden, weight] + ([b] if bias else [])
-
-    def run(fn):
-        xs = [x.clone().requires_grad_() for x in leaves]
-        lp, ent = fn(xs[0], xs[1], xs[2] if bias else None)
-        grads = torch.autograd.grad((lp * g_logp).sum() + (ent * g_ent).sum(), xs)
-        return lp.detach(), ent.detach(), grads
+    run = _gradient_probe(hidden, weight, b, with_entropy=True)
 
     lp, ent, grads = run(lambda h, w, bb: TokenLogProbs.apply(h, w, bb, targets, temperature, chunk, True, False,
                                                               top_p))

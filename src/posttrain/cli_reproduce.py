@@ -8,7 +8,8 @@ write its Markdown table, JSON and one HTML report over every run.
     posttrain reproduce grpo_pass1 --summarise-only          # table, JSON and report from finished runs
 
 Runs go one after another in seed-major order (seed 0 of every arm, then seed 1, ...), each into
-``RUNS/ARM_seedS``, in this process (``posttrain.trainers.rl_run.train_rl``). Rerunning the same
+``RUNS/ARM_seedS``, in this process (``posttrain.trainers.rl_run.train_rl``, or
+``posttrain.trainers.dpo.train_dpo`` for a declaration with ``command: dpo``). Rerunning the same
 command resumes: a run with ``summary.json`` is skipped, an interrupted one resumes from its
 latest complete checkpoint, or starts again when it has none; each is printed. A run directory
 made with a different config (the declaration or the overrides changed) is an error, not a
@@ -41,7 +42,7 @@ class PlannedRun:
     arm: str
     seed: int
     path: Path
-    cfg: object  # RLConfig
+    cfg: object  # RLConfig, or DPOConfig for command: dpo
     action: str  # skip | resume | restart | new
     checkpoint: Optional[Path] = None
     evals: list = field(default_factory=list)  # EvalSpec still to run
@@ -51,14 +52,27 @@ class PlannedRun:
         return f"{self.arm} seed {self.seed}"
 
 
+def trainer_for(command: str):
+    """(config class, train function) of a declaration's ``command``."""
+    from posttrain.config import DPOConfig, RLConfig
+
+    if command == "dpo":
+        from posttrain.trainers.dpo import train_dpo
+
+        return DPOConfig, train_dpo
+    from posttrain.trainers.rl_run import train_rl
+
+    return RLConfig, train_rl
+
+
 def resolve_config(exp, arm: str, seed: int, extra: list[str]):
     """The arm's config for one seed: base config, the experiment's and arm's overrides, the
     command line's, then ``trainer.seed``."""
-    from posttrain.config import RLConfig, load_config
+    from posttrain.config import load_config
 
     a = exp.arms[arm]
     try:
-        return load_config(a.config, [*a.overrides, *extra, f"trainer.seed={seed}"], cls=RLConfig)
+        return load_config(a.config, [*a.overrides, *extra, f"trainer.seed={seed}"], cls=trainer_for(exp.command)[0])
     except ValueError as exc:
         raise ValueError(f"experiment {exp.name}, arm {arm}: {exc}") from exc
 
@@ -81,7 +95,7 @@ def validate(exp, seeds: list[int], extra: list[str]) -> dict:
             if not task.problems("train") or not test:
                 raise ValueError(f"task {cfg.task.get('name')!r} has an empty split; check the task options")
             build_reward(cfg.reward)
-            if cfg.eval_reward is not None:
+            if getattr(cfg, "eval_reward", None) is not None:  # DPOConfig has none
                 build_reward(cfg.eval_reward)
         except (ValueError, TypeError, FileNotFoundError) as exc:
             raise ValueError(f"{where}: {exc}") from exc
@@ -197,7 +211,8 @@ def _run_eval(r: PlannedRun, ev, quiet: bool) -> None:
     from posttrain.cli_eval import run_eval
 
     cfg = r.cfg
-    reward = json.dumps(cfg.eval_reward) if cfg.eval_reward is not None else None
+    eval_reward = getattr(cfg, "eval_reward", None)  # DPOConfig has none: the run's reward
+    reward = json.dumps(eval_reward) if eval_reward is not None else None
     args = argparse.Namespace(
         model=str(r.path) if ev.model == "run" else cfg.model.name,
         task=None if ev.model == "run" else str(r.path / "config.yaml"),
@@ -213,7 +228,7 @@ def execute(exp, planned: list[PlannedRun], quiet: bool = False, train=None,
     deletes a finished run's checkpoints once its evaluations are written (a SmolLM2-135M
     checkpoint with its optimizer state is about 1.6 GB; the figures need only the JSON files)."""
     if train is None:
-        from posttrain.trainers.rl_run import train_rl as train
+        train = trainer_for(exp.command)[1]
     done: dict[str, list[str]] = {"skipped": [], "resumed": [], "restarted": [], "ran": [], "evaluated": [],
                                   "pruned": []}
     for r in planned:

@@ -75,6 +75,9 @@ class DPODataConfig:
     synthetic_size: int = 512  # synthetic:arithmetic: at most this many pairs (from the task's train split)
     batch_size: int = 16  # pairs per optimizer step
     max_length: int = 1024  # prompt + completion tokens; a longer chosen or rejected side is an error
+    # data.path: online only: held-out pairs are the initial policy's own samples on the first N test
+    # problems (rollout.num_completions each, best vs worst by the reward), drawn once; 0: none
+    held_out_prompts: int = 64
 
     def __post_init__(self) -> None:
         from posttrain.trainers.preference_data import SYNTHETIC
@@ -86,6 +89,7 @@ class DPODataConfig:
         _check(self.synthetic_size >= 2, "data.synthetic_size", "must be >= 2")
         _check(self.batch_size >= 1, "data.batch_size", "must be >= 1")
         _check(self.max_length >= 2, "data.max_length", "must be >= 2")
+        _check(self.held_out_prompts >= 0, "data.held_out_prompts", "must be >= 0")
 
 
 @dataclass

@@ -131,6 +131,7 @@ def test_every_declared_experiment_validates(tmp_path, capsys):
     (("key: pass_at_k.2}", "key: pass_at_k.2}\n  bad: {file: eval_other.json, key: x}"), "eval_other.json"),
     (("setting:", "colour: red\nsetting:"), "unknown key"),
     (("arms: [b]", "arms: [a]"), "covers only a"),
+    (("setting:", "command: ppo\nsetting:"), "command must be one of rl, dpo"),
 ])
 def test_bad_declarations_are_named(tmp_path, edit, message):
     path = _declare(tmp_path, TINY.replace(*edit))
@@ -200,3 +201,48 @@ def test_two_by_two_runs_resumes_and_summarises(tmp_path):
     # a changed declaration is refused before any work instead of mixing two settings
     with pytest.raises(ValueError, match="was run with another config.*trainer.lr"):
         reproduce(str(path), str(runs), seeds=[0, 1], extra=["trainer.lr=0.5"], quiet=True)
+
+
+def test_dpo_command_runs_online_dpo_arms(tmp_path):
+    """command: dpo runs every arm through posttrain dpo (DPOConfig, train_dpo): online DPO on the
+    tiny model, its held-out pair accuracy read from eval.jsonl."""
+    text = """\
+name: tiny_dpo
+claim: online DPO raises held-out accuracy
+paper: {arxiv: "2402.04792"}
+setting: tiny random model, online DPO, 2 steps
+command: dpo
+overrides:
+  - model.name=tiny-random
+  - data.path=online
+  - data.held_out_prompts=4
+  - trainer.steps=2
+  - trainer.lr=1.0e-2
+  - rollout.num_prompts=2
+  - rollout.num_completions=4
+  - rollout.max_new_tokens=4
+  - "reward={type: format, pattern: '^[0-9]', match: search}"
+  - trainer.eval_problems=4
+  - trainer.threads=1
+arms:
+  online: {}
+seeds: [0, 1, 2]
+metrics:
+  pref_accuracy: {file: eval.jsonl, key: held_out_pref_accuracy, last: 1}
+tests:
+  - {name: "accuracy rises", higher: online.accuracy_after, than: online.accuracy_before}
+"""
+    path, runs = _declare(tmp_path, text, "tiny_dpo"), tmp_path / "runs"
+    exp = load_experiment(path)
+    assert exp.command == "dpo"
+    assert type(resolve_config(exp, "online", 0, [])).__name__ == "DPOConfig"
+    out = reproduce(str(path), str(runs), seeds=[0, 1, 2], quiet=True)
+    assert out["done"]["ran"] == ["online seed 0", "online seed 1", "online seed 2"]
+    config = (runs / "online_seed1" / "config.yaml").read_text()
+    assert "path: online" in config and "held_out_prompts: 4" in config
+    s = json.loads((runs / "tiny_dpo.json").read_text())
+    evals = [json.loads(line) for line in (runs / "online_seed2" / "eval.jsonl").read_text().splitlines()]
+    pref = next(a for a in s["arms"] if a["metric"] == "pref_accuracy")
+    assert pref["seeds"]["2"] == evals[-1]["held_out_pref_accuracy"]
+    assert s["resolved_setting"].startswith("posttrain dpo, model tiny-random")
+    assert s["tests"][0]["verdict"] in ("reproduced", "not reproduced", "inconclusive")

@@ -29,6 +29,28 @@ def _rows(run):
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
+def _evals(run):
+    return [json.loads(line) for line in (run / "eval.jsonl").read_text().splitlines()]
+
+
+def test_held_out_pairs_are_the_initial_policys_ranked_samples_and_start_as_ties(tmp_path):
+    cfg = load_config(None, ONLINE + ["trainer.steps=3", "data.held_out_prompts=12", "trainer.lr=1e-2"], cls=DPOConfig)
+    train_dpo(cfg, output_dir=str(tmp_path / "run"), quiet=True)
+    state = torch.load(tmp_path / "run" / "checkpoints" / "step_3" / "trainer_state.pt", weights_only=True)
+    pairs = state["held_out_pairs"]
+    assert 0 < len(pairs) <= 12
+    for p in pairs:  # the format reward: 1 when the completion starts with a digit, else 0
+        assert p["chosen"][:1].isdigit() and not p["rejected"][:1].isdigit()
+        assert len(p["chosen_rows"][1]) >= 1 and len(p["rejected_rows"][1]) >= 1
+    before, after = _evals(tmp_path / "run")[0], _evals(tmp_path / "run")[-1]
+    assert before["held_out_pairs"] == len(pairs) == after["held_out_pairs"]
+    # before training the policy is the reference: every pair is a tie, loss log 2, margin 0, accuracy 0
+    assert before["held_out_pref_loss"] == pytest.approx(math.log(2), abs=1e-9)
+    assert before["held_out_reward_margin"] == pytest.approx(0.0, abs=1e-12)
+    assert before["held_out_pref_accuracy"] == 0.0
+    assert after["held_out_reward_margin"] != pytest.approx(0.0, abs=1e-9)  # the policy moved off the reference
+
+
 def test_online_dpo_starts_at_log2_and_dno_iterations_restart_there(tmp_path):
     cfg = load_config(None, ONLINE + ["trainer.steps=4", "preference.reference_update_every=2"], cls=DPOConfig)
     train_dpo(cfg, output_dir=str(tmp_path / "run"), quiet=True)
@@ -50,6 +72,9 @@ def test_online_dpo_resumes_exactly_across_a_reference_update(tmp_path):
     train_dpo(load_config(split / "config.yaml", cls=DPOConfig), output_dir=str(split), resume=True, quiet=True)
     a, b = _rows(straight), _rows(split)
     assert [r.get("loss/preference") for r in a] == [r.get("loss/preference") for r in b]
+    # the resumed run scores the held-out pairs it drew before training (kept in its checkpoints)
+    held = [[e.get("held_out_pref_loss") for e in _evals(run)][-1] for run in (straight, split)]
+    assert held[0] is not None and held[0] == held[1]
     wa = load_file(straight / "checkpoints" / "step_4" / "model.safetensors")
     wb = load_file(split / "checkpoints" / "step_4" / "model.safetensors")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)

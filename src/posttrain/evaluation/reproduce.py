@@ -7,6 +7,7 @@ An experiment is declared as data, one YAML file per experiment (``reproductions
     claim: GRPO raises pass@1 on held-out problems
     paper: {title: "DeepSeekMath ...", arxiv: "2402.03300", catalog: null}
     setting: SmolLM2-135M-Instruct, 20 steps of 8 prompts x 8 completions, 32 new tokens
+    command: rl                               # the trainer of every arm: rl (default) or dpo
     config: ../examples/arithmetic.yaml       # base config of every arm (relative to this file)
     overrides: [trainer.steps=20]             # applied to every arm, before the arm's own
     arms:
@@ -78,7 +79,8 @@ METHOD = (f"Per arm: mean over seeds with a {CONF:.0%} percentile bootstrap inte
           "bootstrap cannot reach beyond the seeds' own range and under-covers: read a narrow interval as "
           "'3 seeds agree', not as a precise effect size.")
 
-_TOP_KEYS = {"name", "claim", "paper", "setting", "config", "overrides", "arms", "seeds", "evaluate", "metrics",
+COMMANDS = ("rl", "dpo")  # `posttrain rl` / `posttrain dpo`: the CLI maps each to its config and trainer
+_TOP_KEYS = {"name", "claim", "paper", "setting", "command", "config", "overrides", "arms", "seeds", "evaluate", "metrics",
              "tests", "missing", "notes", "minutes_per_run"}
 
 
@@ -161,6 +163,7 @@ class Experiment:
     missing: list[str] = field(default_factory=list)
     notes: str = ""
     minutes_per_run: Optional[float] = None
+    command: str = "rl"
     path: Optional[Path] = None
 
     def order(self, seeds: Sequence[int]) -> list[tuple[str, int]]:
@@ -175,6 +178,18 @@ class Experiment:
             for ref in (t.than, t.higher):
                 if ref not in out:
                     out.append(ref)
+        return out
+
+    def reported_metrics(self) -> list[tuple[str, str]]:
+        """The tests' (arm, metric) pairs, then every other declared metric of every arm whose
+        runs hold its file (an eval_NAME.json only where that evaluation applies)."""
+        out = self.used_metrics()
+        evals = {e.file: e for e in self.evaluate.values()}
+        for arm in self.arms:
+            for name, spec in self.metrics.items():
+                applies = spec.file not in evals or evals[spec.file].applies(arm)
+                if name not in BUILTIN_METRICS and applies and (arm, name) not in out:
+                    out.append((arm, name))
         return out
 
 
@@ -237,6 +252,9 @@ def load_experiment(path: Path | str) -> Experiment:
     if not isinstance(paper, dict) or not (paper.get("arxiv") or paper.get("catalog")):
         raise _fail(path, "paper must be a mapping with at least an arxiv id or a catalog id "
                           "(from ../shared/papers/catalog/)")
+    command = data.get("command", "rl")
+    if command not in COMMANDS:
+        raise _fail(path, f"command must be one of {', '.join(COMMANDS)} (the trainer of every arm), got {command!r}")
     base_dir = path.parent
     default_config = _resolve_config(data.get("config"), base_dir, path, "config")
     common = _str_list(data.get("overrides"), path, "overrides")
@@ -315,7 +333,7 @@ def load_experiment(path: Path | str) -> Experiment:
                       arms=arms, seeds=tuple(seeds), metrics=metrics, tests=tests, evaluate=evaluate,
                       missing=_str_list(data.get("missing"), path, "missing"),
                       notes=str(data.get("notes") or "").strip(),
-                      minutes_per_run=minutes, path=path)
+                      minutes_per_run=minutes, command=command, path=path)
 
 
 def list_experiments(dirs: Sequence[Path]) -> list[Path]:
@@ -437,7 +455,7 @@ def summarise(exp: Experiment, runs: Path, seeds: Sequence[int]) -> dict[str, An
     runs = Path(runs)
     values: dict[tuple[str, str], dict[int, float]] = {}
     missing: list[str] = []
-    for arm, metric in exp.used_metrics():
+    for arm, metric in exp.reported_metrics():
         got: dict[int, float] = {}
         for seed in seeds:
             run = run_dir_for(runs, arm, seed)
@@ -482,7 +500,7 @@ def _resolved_setting(runs: Path, exp: Experiment, seeds: Sequence[int]) -> Opti
 
             def g(*keys: str) -> Any:
                 return _dotted(c, ".".join(keys))
-            return (f"model {g('model', 'name')}, task {g('task', 'name')}, {g('trainer', 'steps')} steps of "
+            return (f"posttrain {exp.command}, model {g('model', 'name')}, task {g('task', 'name')}, {g('trainer', 'steps')} steps of "
                     f"{g('rollout', 'num_prompts')} prompts x {g('rollout', 'num_completions')} completions, "
                     f"{g('rollout', 'max_new_tokens')} new tokens, {g('trainer', 'eval_problems')} held-out problems "
                     f"at temperature {g('trainer', 'eval_temperature')} (from {cfg_path.parent.name}/config.yaml)")

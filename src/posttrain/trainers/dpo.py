@@ -150,6 +150,24 @@ def preference_backward(learner: Learner, batch: Rollouts, loss_name: str, pcfg,
     return float(loss.detach()), out, logps
 
 
+def score_pairs(learner: Learner, pcfg, chunks) -> dict[str, float]:
+    """Mean preference loss, reward accuracy and reward margin over held-out pairs, given as
+    (``collate_pairs`` batch, reference log-probs [B, 2] or None, margins or None) per chunk; a
+    lazy iterable, so each chunk's reference pass runs just before it is needed. Empty: {}."""
+    sums = {"held_out_pref_loss": 0.0, "held_out_pref_accuracy": 0.0, "held_out_reward_margin": 0.0}
+    count = 0
+    for batch, ref, margins in chunks:
+        logps, lengths = pair_logps(learner.logprobs(batch), batch)
+        out = PREFERENCE_LOSSES.get(pcfg.loss)(PreferenceInput(logps.double(), lengths.double(), ref,
+                                                               margins=margins), pcfg)
+        n = logps.shape[0]
+        for key, value in zip(sums, (out.loss.sum(), out.metrics["reward_accuracy"] * n,
+                                     out.metrics["reward_margin"] * n)):
+            sums[key] += float(value)
+        count += n
+    return {k: v / count for k, v in sums.items()} if count else {}
+
+
 # ------------------------------------------------------------------ trainer
 class DPOTrainer:
     def __init__(self, cfg: DPOConfig, policy, tokenizer, task, reward, run: RunDir, pairs: tuple[list, list],
@@ -225,19 +243,10 @@ class DPOTrainer:
 
     def held_out_preference(self) -> dict[str, float]:
         """Loss, accuracy and reward margin over the held-out pairs (empty without any)."""
-        items, pc = self.splits["held_out"], self.cfg.preference
-        sums = {"held_out_pref_loss": 0.0, "held_out_pref_accuracy": 0.0, "held_out_reward_margin": 0.0}
-        for s in range(0, len(items), self.cfg.data.batch_size):
-            chunk = items[s:s + self.cfg.data.batch_size]
-            ref = self.reference("held_out", chunk)
-            batch = self._batch(chunk)
-            logps, lengths = pair_logps(self.learner.logprobs(batch), batch)
-            out = PREFERENCE_LOSSES.get(pc.loss)(PreferenceInput(
-                logps.double(), lengths.double(), ref, margins=self._margins(chunk)), pc)
-            for key, value in zip(sums, (out.loss.sum(), out.metrics["reward_accuracy"] * len(chunk),
-                                         out.metrics["reward_margin"] * len(chunk))):
-                sums[key] += float(value)
-        return {k: v / len(items) for k, v in sums.items()} if items else {}
+        items, size = self.splits["held_out"], self.cfg.data.batch_size
+        chunks = (items[s:s + size] for s in range(0, len(items), size))
+        return score_pairs(self.learner, self.cfg.preference, ((self._batch(c), self.reference("held_out", c),
+                                                                self._margins(c)) for c in chunks))
 
     def evaluate(self):
         cfg = self.cfg
@@ -345,4 +354,4 @@ def _train_online(cfg: DPOConfig, output_dir, resume, stop_after, quiet) -> dict
 
 
 __all__ = ["DPOTrainer", "PreferenceDataError", "collate_pairs", "encode_pairs", "load_pairs", "pair_logps",
-           "preference_backward", "train_dpo"]
+           "preference_backward", "score_pairs", "train_dpo"]

@@ -9,6 +9,14 @@
                   (two-pass gradient, trainers/dpo.py), reference log-probs computed fresh
         every preference.reference_update_every steps (k > 0): reference <- current policy
 
+Held-out preference accuracy: before training, the initial policy samples the first
+data.held_out_prompts test problems (rollout.num_completions each, a generator of their own) and
+the same best-vs-worst rule makes held-out pairs, kept as token rows for the whole run (and in its
+checkpoints, so a resumed run scores the same pairs). Every evaluation reports the preference
+loss, the share of those pairs whose implicit reward beta * (log pi/pi_ref) ranks the chosen side
+higher, and the mean margin, against the current reference (trainers/dpo.py score_pairs). At
+step 0 the policy is the reference: every pair is a tie.
+
 With k = 0 the reference is the initial policy throughout: online DPO with a verifier as the
 judge (Guo et al., "Direct Language Model Alignment from Online AI Feedback",
 arXiv:2402.04792). With k > 0 each k-step block is one iteration of the batched on-policy loop of
@@ -26,6 +34,8 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Optional
+
 import torch
 
 from posttrain.config import DPOConfig, to_dict
@@ -34,9 +44,10 @@ from posttrain.rollout.batch import Rollouts
 from posttrain.rollout.engine import SamplingParams, resolve_dtype
 from posttrain.rollout.sampler import build_engine
 from posttrain.runs import RunDir, load_trainer_state
-from posttrain.trainers.dpo import pair_logps, preference_backward
+from posttrain.trainers.dpo import collate_pairs, pair_logps, preference_backward, score_pairs
 from posttrain.trainers.held_out import held_out_accuracy
 from posttrain.trainers.learner import Learner, resolve_device
+from posttrain.trainers.preference_data import PreferencePair
 from posttrain.trainers.rl import EpochSampler
 from posttrain.trainers.rl_update import step_or_skip
 
@@ -54,11 +65,20 @@ def best_worst(rewards: torch.Tensor, group_ids: torch.Tensor) -> tuple[list[int
     return chosen, rejected
 
 
+def token_rows(rollouts: Rollouts, row: int) -> tuple[list[int], list[int]]:
+    """(prompt ids, completion ids) of one sampled row, padding removed."""
+    prompt = rollouts.prompt_ids[row][rollouts.prompt_mask[row].bool()]
+    completion = rollouts.completion_ids[row][rollouts.completion_mask[row].bool()]
+    return prompt.tolist(), completion.tolist()
+
+
 def pair_batch(rollouts: Rollouts, chosen: list[int], rejected: list[int]) -> Rollouts:
     """The layout of trainers.dpo.collate_pairs (all chosen rows, then all rejected) from sampled rows."""
     batch = Rollouts.concat([rollouts.select(chosen), rollouts.select(rejected)])
     batch.group_ids = torch.arange(len(chosen)).repeat(2)
     return batch
+
+HELD_OUT_SEED_OFFSET = 104_729  # the held-out pairs' generator: apart from training's and evaluation's seeds
 
 
 class OnlineDPOTrainer:
@@ -70,7 +90,8 @@ class OnlineDPOTrainer:
             torch.set_num_threads(tc.threads)
         torch.manual_seed(tc.seed)
         self.prompts = EpochSampler(list(task.problems("train")), tc.seed)
-        self.eval_problems = list(task.problems("test"))[: tc.eval_problems]
+        self.test_problems = list(task.problems("test"))
+        self.eval_problems = self.test_problems[: tc.eval_problems]
         sampler_dtype = resolve_dtype(cfg.rollout.dtype, self.device)
         self.learner = Learner(policy, tc, cfg.model, temperature=1.0, device=self.device, sampler_dtype=sampler_dtype,
                                reference=pc.uses_reference)
@@ -82,6 +103,7 @@ class OnlineDPOTrainer:
         self.step = 0
         self.nonfinite_streak = 0
         self.reference_updated = False  # the reference is no longer the initial policy: checkpoint it
+        self.held_out: Optional[list[dict]] = None  # drawn at the first evaluation of a fresh run
 
     def train_step(self) -> dict[str, float]:
         cfg, tc, pc, learner = self.cfg, self.cfg.trainer, self.cfg.preference, self.learner
@@ -117,19 +139,52 @@ class OnlineDPOTrainer:
         metrics["time/step_s"] = time.perf_counter() - t0
         return metrics
 
+    def draw_held_out_pairs(self) -> list[dict]:
+        """The initial policy's best-vs-worst pairs on the first data.held_out_prompts test problems."""
+        cfg = self.cfg
+        problems = self.test_problems[: cfg.data.held_out_prompts]
+        gen = torch.Generator(device=self.device).manual_seed(cfg.trainer.seed + HELD_OUT_SEED_OFFSET)
+        pairs = []
+        for s in range(0, len(problems), cfg.rollout.num_prompts):
+            r = self.engine.generate(problems[s:s + cfg.rollout.num_prompts], cfg.rollout.num_completions,
+                                     self.sampling, gen)
+            score_rollouts(r, self.reward, cfg.trainer.on_reward_error)
+            for c, j in zip(*best_worst(r.rewards, r.group_ids)):
+                pairs.append({"prompt": r.problems[c].prompt, "chosen": r.texts[c], "rejected": r.texts[j],
+                              "chosen_rows": token_rows(r, c), "rejected_rows": token_rows(r, j)})
+        return pairs
+
+    def held_out_preference(self) -> dict[str, float]:
+        pad, size, learner = self.tokenizer.pad_token_id or 0, self.cfg.data.batch_size, self.learner
+
+        def chunk(items):
+            batch = collate_pairs([(p["chosen_rows"], p["rejected_rows"]) for p in items],
+                                  [PreferencePair(p["prompt"], p["chosen"], p["rejected"]) for p in items], pad)
+            ref = pair_logps(learner.logprobs(batch, "ref"), batch)[0].double() if learner.ref is not None else None
+            return batch, ref, None
+
+        items = self.held_out or []
+        return score_pairs(learner, self.cfg.preference, (chunk(items[s:s + size]) for s in range(0, len(items), size)))
+
     def evaluate(self):
         cfg = self.cfg
+        if self.held_out is None and self.step == 0 and cfg.data.held_out_prompts:
+            self.held_out = self.draw_held_out_pairs()
         params = SamplingParams(max_new_tokens=cfg.rollout.max_new_tokens, temperature=cfg.trainer.eval_temperature,
                                 top_p=cfg.rollout.top_p, top_k=cfg.rollout.top_k, stop=tuple(cfg.rollout.stop))
-        return held_out_accuracy(self.engine, self.eval_problems, self.reward, params, cfg.trainer.seed + 7919,
-                                 self.device, cfg.trainer.on_reward_error)
+        result = held_out_accuracy(self.engine, self.eval_problems, self.reward, params, cfg.trainer.seed + 7919,
+                                   self.device, cfg.trainer.on_reward_error)
+        result.extra.update(self.held_out_preference())
+        if self.held_out is not None:
+            result.extra["held_out_pairs"] = float(len(self.held_out))
+        return result
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:
         return {"step": self.step, **self.learner.state_dict(), "sampler_position": self.prompts.position,
                 "generator": self.generator.get_state(), "torch_rng": torch.random.get_rng_state(),
                 "nonfinite_streak": self.nonfinite_streak, "reference_updated": self.reference_updated,
-                "config": to_dict(self.cfg)}
+                "held_out_pairs": self.held_out, "config": to_dict(self.cfg)}
 
     def load_state(self, checkpoint: Path) -> None:
         from safetensors.torch import load_file
@@ -142,6 +197,7 @@ class OnlineDPOTrainer:
         torch.random.set_rng_state(state["torch_rng"])
         self.nonfinite_streak = int(state["nonfinite_streak"])
         self.reference_updated = bool(state["reference_updated"])
+        self.held_out = state.get("held_out_pairs")  # absent from checkpoints that predate held-out pairs
         if self.reference_updated:
             self.learner.ref.load_state_dict(load_file(str(checkpoint / "reference.safetensors")))
         self.engine.load_weights(self.learner.export_weights(), self.step)
@@ -164,4 +220,4 @@ def step_info(m: dict) -> str:
     return f"{loss}pairs {m['online/pairs']:.0f} reward {m['reward/mean']:.3f} {m['time/step_s']:.1f}s/step"
 
 
-__all__ = ["OnlineDPOTrainer", "best_worst", "pair_batch", "step_info"]
+__all__ = ["OnlineDPOTrainer", "best_worst", "pair_batch", "step_info", "token_rows"]

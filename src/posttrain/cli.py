@@ -152,7 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
     # Each command module adds its own sub-commands: add_commands(subparsers).
     import importlib
 
-    for module in ("posttrain.cli_eval", "posttrain.cli_rm", "posttrain.cli_bench", "posttrain.cli_reproduce"):
+    for module in ("posttrain.cli_eval", "posttrain.cli_rm", "posttrain.cli_bench", "posttrain.cli_reproduce",
+                   "posttrain.cli_demos"):
         try:
             importlib.import_module(module).add_commands(sub)
         except ModuleNotFoundError as exc:

@@ -4,7 +4,8 @@ tool-call demonstrations for an SFT warm start (environments/demonstrations.py).
 CONFIG is an RL config with an ``environment:`` section (e.g. examples/tool_math.yaml); its
 ``task``, ``reward`` and ``environment`` are built exactly as ``posttrain rl`` builds them
 (``registry.build_environment(cfg.environment, build_reward(cfg.reward))``), and each problem of
-the split becomes one ``{"messages": [...]}`` line that ``posttrain sft`` reads (data.path).
+the split becomes two ``{"messages": [...]}`` lines that ``posttrain sft`` reads (data.path): the
+call's turn and the answer's turn after the tool's real result (``--first-turn-only``: the first).
 Everything that can be refused is refused before a problem is generated or a file written: an
 existing FILE (unless --force), a config without ``environment:``, a task or tool the call
 builder does not know. The file is written whole or not at all (a temporary file, renamed).
@@ -45,7 +46,12 @@ def _demos(args) -> int:
         problems = problems[:args.limit]
     if not problems:
         raise ValueError(f"task {task_name!r} has no {args.split} problems; check the task options")
-    demos = tool_call_demonstrations(env, problems, task_name, tool)
+    if not args.first_turn_only:
+        from posttrain.models.loading import load_model_and_tokenizer
+
+        # The result's role (tool, or user with <tool_response> tags) follows the chat template, as in RL.
+        env.bind_tokenizer(load_model_and_tokenizer(cfg.model.name)[1])
+    demos = tool_call_demonstrations(env, problems, task_name, tool, answers=not args.first_turn_only)
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     try:
         with tmp.open("w", encoding="utf-8") as f:
@@ -73,4 +79,7 @@ def add_commands(sub) -> None:
     cmd.add_argument("--limit", type=int, help="at most this many problems (the split's first N)")
     cmd.add_argument("--tool", help="the tool to call (default: the environment's first tool)")
     cmd.add_argument("--force", action="store_true", help="overwrite --out if it exists")
+    cmd.add_argument("--first-turn-only", action="store_true",
+                     help="only the call's turn per problem (default: also the answer after the tool's real result, "
+                          "which needs model.name's tokenizer for the result's role)")
     cmd.set_defaults(func=_demos)

@@ -4,6 +4,8 @@ python tool, prints the problem's answer; the CLI's refusals; ``posttrain sft`` 
 file with a loss on the call's tokens only."""
 
 import json
+import re
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -83,6 +85,28 @@ def test_the_call_run_by_the_real_python_tool_prints_the_answer():
     assert _run_call(calc, p, demo["messages"][-1]["content"]).observation == p.answer
 
 
+def test_answer_turn_follows_the_tools_real_result():
+    env, task = _example()
+    problems = _mixed_problems(task, n_each=1)
+    demos = tool_call_demonstrations(env, problems, "multi_digit_arithmetic", answers=True)
+    assert len(demos) == 2 * len(problems)
+    for p, first, second in zip(problems, demos[::2], demos[1::2]):
+        *head, call, result, answer = second["messages"]
+        assert head + [call] == first["messages"]  # the same first turn and call
+        assert result == {"role": env.observation_role, "content": p.answer}  # what the sandbox printed
+        assert answer == {"role": "assistant", "content": p.answer}
+        # the answer, sent as the next message, ends the episode with the full reward
+        state = env.reset(p)
+        state.messages += [call, result]
+        state.turn, state.max_turns = 1, env.max_turns
+        step = env.step(state, answer["content"])
+        assert step.done and step.reward == 1.0
+    wrong = replace(problems[0], answer="-1")  # a call that cannot print this answer is refused, named
+    with pytest.raises(ValueError, match=re.escape(f"problem {wrong.id!r}: the demonstrated call did not return its "
+                                                   "answer '-1'")):
+        tool_call_demonstrations(env, [wrong], "multi_digit_arithmetic", answers=True)
+
+
 def test_unsupported_task_tool_or_environment_is_a_clear_error():
     env, task = _example()
     p = task.problems("train")[0]
@@ -108,16 +132,20 @@ def _lines(path):
 
 
 def test_cli_writes_n_lines_refuses_to_overwrite_and_names_what_is_missing(tmp_path, capsys):
+    from posttrain.models.tiny import tiny_tokenizer
+
     out = tmp_path / "demos.jsonl"
-    assert main(["demos", TOOL_MATH, "--out", str(out), "--limit", "5"]) == 0
+    assert main(["demos", TOOL_MATH, "model.name=tiny-random", "--out", str(out), "--limit", "5"]) == 0
     rows = _lines(out)
     env, task = _example()
-    assert len(rows) == 5
-    assert rows == tool_call_demonstrations(env, task.problems("train")[:5], "multi_digit_arithmetic")
+    env.bind_tokenizer(tiny_tokenizer())  # the CLI binds model.name's tokenizer: the result's role
+    assert len(rows) == 10  # the call's turn and the answer's turn per problem
+    assert rows == tool_call_demonstrations(env, task.problems("train")[:5], "multi_digit_arithmetic", answers=True)
     before = out.read_text()
     assert main(["demos", TOOL_MATH, "--out", str(out), "--limit", "3"]) == 2
     assert "already exists: pass --force" in capsys.readouterr().err and out.read_text() == before
-    assert main(["demos", TOOL_MATH, "--out", str(out), "--limit", "3", "--split", "test", "--force"]) == 0
+    assert main(["demos", TOOL_MATH, "--out", str(out), "--limit", "3", "--split", "test", "--force",
+                 "--first-turn-only"]) == 0
     rows = _lines(out)
     assert len(rows) == 3 and rows[0]["messages"][-2]["content"] == task.problems("test")[0].prompt
     assert [p.name for p in tmp_path.iterdir()] == ["demos.jsonl"]  # no temporary file left
@@ -146,8 +174,8 @@ def test_sft_on_the_demonstrations_learns_only_the_call(tmp_path):
     model.save_pretrained(tmp_path / "tiny")
     tok.save_pretrained(tmp_path / "tiny")
     demos, val = tmp_path / "demos.jsonl", tmp_path / "val.jsonl"
-    assert main(["demos", TOOL_MATH, "--out", str(demos), "--limit", "4"]) == 0
-    assert main(["demos", TOOL_MATH, "--out", str(val), "--split", "test", "--limit", "2"]) == 0
+    assert main(["demos", TOOL_MATH, "--out", str(demos), "--limit", "4", "--first-turn-only"]) == 0
+    assert main(["demos", TOOL_MATH, "--out", str(val), "--split", "test", "--limit", "2", "--first-turn-only"]) == 0
     run = tmp_path / "sft"
     code = main(["sft", str(ROOT / "examples" / "tool_math_sft.yaml"), f"model.name={tmp_path / 'tiny'}",
                  f"data.path={demos}", f"data.validation_path={val}", "data.batch_size=4", "trainer.steps=2",

@@ -9,9 +9,10 @@ cd "$(git rev-parse --show-toplevel)"
 out=runs/env
 py=${PYTHON:-.venv/bin/python}  # the project venv (run_tool_math.sh ran an activated one as python)
 mkdir -p "$out"
-# 1024 train problems (SFT's 40 steps x 16 use 640); 64 test problems for the held-out NLL only
+# 320 train problems, two records each (the call's turn, the answer's turn after the tool's real
+# result; each runs the sandbox once): SFT's 40 steps x 16 use all 640; 64 test problems for the held-out NLL only
 "$py" -m posttrain.cli demos examples/tool_math.yaml --out "$out/tool_math_demos.jsonl" --split train \
-  --limit 1024 --force
+  --limit 320 --force
 "$py" -m posttrain.cli demos examples/tool_math.yaml --out "$out/tool_math_demos_val.jsonl" --split test \
   --limit 64 --force
 "$py" -m posttrain.cli sft examples/tool_math_sft.yaml \

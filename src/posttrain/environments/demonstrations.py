@@ -22,8 +22,18 @@ by a correct tool call:
 which ``posttrain sft`` reads (trainers/sft_data.py: the last message is the completion, the
 earlier ones the prompt, rendered as the sampler renders them, so the loss is on CALL only).
 The prompt messages come from ``env.reset`` itself, system tool prompt included, so the
-demonstration's prompt is token for token the one RL samples from. Only the first turn is
-demonstrated: what the model writes after the tool's result (the answer) is left to RL.
+demonstration's prompt is token for token the one RL samples from.
+
+With ``answers=True`` each problem also gets its second turn: the first turn and the call, the
+tool's result exactly as the environment returns it (the tool really runs, through ``env.step``,
+with the observation role the tokenizer's template supports), then the answer alone as the
+assistant's reply:
+
+    {"messages": first turn + [call, {"role": env.observation_role, "content": RESULT},
+                               {"role": "assistant", "content": ANSWER}]}
+
+Without it a warm-started model learns to call but not to stop calling: every turn would be
+another call until ``max_turns`` ends the episode unanswered (reward 0).
 
 The call is built from the problem's own expression by a small function per task
 (``EXPRESSIONS``: task name -> the Python expression of a problem) and one per tool
@@ -34,12 +44,13 @@ tool without one is a ``ValueError`` naming it and the supported ones.
 from __future__ import annotations
 
 import json
+import re
 from typing import Any, Callable, Optional, Sequence
 
 from posttrain.environments.base import Environment
 from posttrain.tasks.base import Problem
 
-__all__ = ["CALL_ARGUMENTS", "EXPRESSIONS", "check_supported", "demonstration", "resolve_tool",
+__all__ = ["CALL_ARGUMENTS", "EXPRESSIONS", "answer_demonstration", "check_supported", "demonstration", "resolve_tool",
            "tool_call_demonstrations", "tool_call_text"]
 
 
@@ -107,11 +118,34 @@ def demonstration(env: Environment, problem: Problem, task: str, tool: str) -> d
     return {"messages": messages + [{"role": "assistant", "content": call}]}
 
 
+def answer_demonstration(env: Environment, problem: Problem, task: str, tool: str) -> dict[str, list[dict[str, str]]]:
+    """The second turn's record: the call's turn, the tool's real result, then the answer alone."""
+    first = demonstration(env, problem, task, tool)["messages"]
+    state = env.reset(problem)
+    state.messages.append(first[-1])
+    state.turn, state.max_turns = 1, env.max_turns  # after the call's turn, as the episode runner counts
+    result = env.step(state, first[-1]["content"])
+    answer = str(problem.answer).strip()
+    printed = re.findall(r"-?\d+(?:\.\d+)?", str(result.observation or ""))  # inside <tool_response> tags or not
+    if result.done or result.info.get("tool_error") or printed != [answer]:
+        raise ValueError(f"problem {problem.id!r}: the demonstrated call did not return its answer {answer!r} "
+                         f"(observation {result.observation!r}, info {result.info})")
+    return {"messages": first + [{"role": env.observation_role, "content": str(result.observation)},
+                                 {"role": "assistant", "content": answer}]}
+
+
 def tool_call_demonstrations(env: Environment, problems: Sequence[Problem], task: str,
-                             tool: Optional[str] = None) -> list[dict[str, list[dict[str, str]]]]:
+                             tool: Optional[str] = None,
+                             answers: bool = False) -> list[dict[str, list[dict[str, str]]]]:
     """One demonstration per problem (module docstring), calling ``tool`` (default: the
-    environment's first tool). ``env``: built as ``posttrain rl`` builds it
-    (``registry.build_environment(cfg.environment, reward)``); ``task``: the task's name, which
-    picks the expression builder. Unsupported task or tool: ``ValueError`` before any problem."""
+    environment's first tool), and with ``answers`` its second-turn record after it. ``env``:
+    built as ``posttrain rl`` builds it (``registry.build_environment(cfg.environment, reward)``,
+    then ``bind_tokenizer``); ``task``: the task's name, which picks the expression builder.
+    Unsupported task or tool: ``ValueError`` before any problem."""
     tool = resolve_tool(env, task, tool)
-    return [demonstration(env, p, task, tool) for p in problems]
+    out = []
+    for p in problems:
+        out.append(demonstration(env, p, task, tool))
+        if answers:
+            out.append(answer_demonstration(env, p, task, tool))
+    return out

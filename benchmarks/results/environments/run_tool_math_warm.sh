@@ -6,7 +6,7 @@
 # accuracy); its last one is "after RL". About an hour on the 2-core CPU machine.
 set -euo pipefail
 cd "$(git rev-parse --show-toplevel)"
-out=runs/env
+out=${OUT:-runs/env}  # OUT=DIR puts the runs elsewhere
 py=${PYTHON:-.venv/bin/python}  # the project venv (run_tool_math.sh ran an activated one as python)
 mkdir -p "$out"
 # 320 train problems, two records each (the call's turn, the answer's turn after the tool's real

@@ -78,6 +78,7 @@ def pair_batch(rollouts: Rollouts, chosen: list[int], rejected: list[int]) -> Ro
     batch.group_ids = torch.arange(len(chosen)).repeat(2)
     return batch
 
+
 HELD_OUT_SEED_OFFSET = 104_729  # the held-out pairs' generator: apart from training's and evaluation's seeds
 
 

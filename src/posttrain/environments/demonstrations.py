@@ -50,7 +50,8 @@ from typing import Any, Callable, Optional, Sequence
 from posttrain.environments.base import Environment
 from posttrain.tasks.base import Problem
 
-__all__ = ["CALL_ARGUMENTS", "EXPRESSIONS", "answer_demonstration", "check_supported", "demonstration", "resolve_tool",
+__all__ = ["CALL_ARGUMENTS", "EXPRESSIONS", "answer_demonstration", "check_supported", "demonstration",
+           "resolve_tool",
            "tool_call_demonstrations", "tool_call_text"]
 
 
@@ -118,9 +119,10 @@ def demonstration(env: Environment, problem: Problem, task: str, tool: str) -> d
     return {"messages": messages + [{"role": "assistant", "content": call}]}
 
 
-def answer_demonstration(env: Environment, problem: Problem, task: str, tool: str) -> dict[str, list[dict[str, str]]]:
-    """The second turn's record: the call's turn, the tool's real result, then the answer alone."""
-    first = demonstration(env, problem, task, tool)["messages"]
+def answer_demonstration(env: Environment, problem: Problem, call_record: dict) -> dict[str, list[dict[str, str]]]:
+    """The second turn's record after ``call_record`` (``demonstration``'s): the call's turn, the
+    tool's real result, then the answer alone."""
+    first = call_record["messages"]
     state = env.reset(problem)
     state.messages.append(first[-1])
     state.turn, state.max_turns = 1, env.max_turns  # after the call's turn, as the episode runner counts
@@ -147,5 +149,5 @@ def tool_call_demonstrations(env: Environment, problems: Sequence[Problem], task
     for p in problems:
         out.append(demonstration(env, p, task, tool))
         if answers:
-            out.append(answer_demonstration(env, p, task, tool))
+            out.append(answer_demonstration(env, p, out[-1]))
     return out

@@ -80,8 +80,8 @@ METHOD = (f"Per arm: mean over seeds with a {CONF:.0%} percentile bootstrap inte
           "'3 seeds agree', not as a precise effect size.")
 
 COMMANDS = ("rl", "dpo")  # `posttrain rl` / `posttrain dpo`: the CLI maps each to its config and trainer
-_TOP_KEYS = {"name", "claim", "paper", "setting", "command", "config", "overrides", "arms", "seeds", "evaluate", "metrics",
-             "tests", "missing", "notes", "minutes_per_run"}
+_TOP_KEYS = {"name", "claim", "paper", "setting", "command", "config", "overrides", "arms", "seeds", "evaluate",
+             "metrics", "tests", "missing", "notes", "minutes_per_run"}
 
 
 def _fail(source: Path | str, what: str) -> ValueError:
@@ -500,8 +500,9 @@ def _resolved_setting(runs: Path, exp: Experiment, seeds: Sequence[int]) -> Opti
 
             def g(*keys: str) -> Any:
                 return _dotted(c, ".".join(keys))
-            return (f"posttrain {exp.command}, model {g('model', 'name')}, task {g('task', 'name')}, {g('trainer', 'steps')} steps of "
-                    f"{g('rollout', 'num_prompts')} prompts x {g('rollout', 'num_completions')} completions, "
+            return (f"posttrain {exp.command}, model {g('model', 'name')}, task {g('task', 'name')}, "
+                    f"{g('trainer', 'steps')} steps of {g('rollout', 'num_prompts')} prompts x "
+                    f"{g('rollout', 'num_completions')} completions, "
                     f"{g('rollout', 'max_new_tokens')} new tokens, {g('trainer', 'eval_problems')} held-out problems "
                     f"at temperature {g('trainer', 'eval_temperature')} (from {cfg_path.parent.name}/config.yaml)")
     return None

@@ -150,6 +150,13 @@ def preference_backward(learner: Learner, batch: Rollouts, loss_name: str, pcfg,
     return float(loss.detach()), out, logps
 
 
+def reference_pair_logps(learner: Learner, batch: Rollouts) -> Optional[torch.Tensor]:
+    """[B, 2] float64 reference sequence log-probs of a ``collate_pairs`` batch; None without a reference."""
+    if learner.ref is None:
+        return None
+    return pair_logps(learner.logprobs(batch, "ref"), batch)[0].double()
+
+
 def score_pairs(learner: Learner, pcfg, chunks) -> dict[str, float]:
     """Mean preference loss, reward accuracy and reward margin over held-out pairs, given as
     (``collate_pairs`` batch, reference log-probs [B, 2] or None, margins or None) per chunk; a
@@ -215,7 +222,7 @@ class DPOTrainer:
         missing = list({item[0]: item for item in items if math.isnan(table[item[0], 0])}.values())  # once each
         if missing:
             batch = self._batch(missing)
-            table[[i for i, _, _ in missing]] = pair_logps(self.learner.logprobs(batch, "ref"), batch)[0].double()
+            table[[i for i, _, _ in missing]] = reference_pair_logps(self.learner, batch)
         return table[[i for i, _, _ in items]]
 
     def train_step(self) -> dict[str, float]:
@@ -354,4 +361,4 @@ def _train_online(cfg: DPOConfig, output_dir, resume, stop_after, quiet) -> dict
 
 
 __all__ = ["DPOTrainer", "PreferenceDataError", "collate_pairs", "encode_pairs", "load_pairs", "pair_logps",
-           "preference_backward", "score_pairs", "train_dpo"]
+           "preference_backward", "reference_pair_logps", "score_pairs", "train_dpo"]

@@ -44,7 +44,7 @@ from posttrain.rollout.batch import Rollouts
 from posttrain.rollout.engine import SamplingParams, resolve_dtype
 from posttrain.rollout.sampler import build_engine
 from posttrain.runs import RunDir, load_trainer_state
-from posttrain.trainers.dpo import collate_pairs, pair_logps, preference_backward, score_pairs
+from posttrain.trainers.dpo import collate_pairs, preference_backward, reference_pair_logps, score_pairs
 from posttrain.trainers.held_out import held_out_accuracy
 from posttrain.trainers.learner import Learner, resolve_device
 from posttrain.trainers.preference_data import PreferencePair
@@ -105,6 +105,7 @@ class OnlineDPOTrainer:
         self.nonfinite_streak = 0
         self.reference_updated = False  # the reference is no longer the initial policy: checkpoint it
         self.held_out: Optional[list[dict]] = None  # drawn at the first evaluation of a fresh run
+        self.held_out_ref: list = []  # the held-out chunks' reference log-probs, until the reference moves
 
     def train_step(self) -> dict[str, float]:
         cfg, tc, pc, learner = self.cfg, self.cfg.trainer, self.cfg.preference, self.learner
@@ -119,7 +120,7 @@ class OnlineDPOTrainer:
                    "time/gen_s": t_gen - t0}
         if chosen:
             batch = pair_batch(rollouts, chosen, rejected)
-            ref = pair_logps(learner.logprobs(batch, "ref"), batch)[0].double() if learner.ref is not None else None
+            ref = reference_pair_logps(learner, batch)
             learner.zero_grad()
             loss, out, logps = preference_backward(learner, batch, pc.loss, pc, ref)
             grad_norm = learner.clip_grad_norm()
@@ -135,6 +136,7 @@ class OnlineDPOTrainer:
         if k and learner.ref is not None and self.step % k == 0:  # DNO: the next iteration's reference
             learner.ref.load_state_dict(learner.model.state_dict())
             self.reference_updated = True
+            self.held_out_ref = []
             metrics["online/reference_updated"] = 1.0
         self.engine.load_weights(learner.export_weights(), self.step)
         metrics["time/step_s"] = time.perf_counter() - t0
@@ -158,14 +160,16 @@ class OnlineDPOTrainer:
     def held_out_preference(self) -> dict[str, float]:
         pad, size, learner = self.tokenizer.pad_token_id or 0, self.cfg.data.batch_size, self.learner
 
-        def chunk(items):
+        def chunk(index, items):
             batch = collate_pairs([(p["chosen_rows"], p["rejected_rows"]) for p in items],
                                   [PreferencePair(p["prompt"], p["chosen"], p["rejected"]) for p in items], pad)
-            ref = pair_logps(learner.logprobs(batch, "ref"), batch)[0].double() if learner.ref is not None else None
-            return batch, ref, None
+            if index == len(self.held_out_ref):  # one reference pass per chunk while the reference stays
+                self.held_out_ref.append(reference_pair_logps(learner, batch))
+            return batch, self.held_out_ref[index], None
 
         items = self.held_out or []
-        return score_pairs(learner, self.cfg.preference, (chunk(items[s:s + size]) for s in range(0, len(items), size)))
+        chunks = (chunk(i, items[s:s + size]) for i, s in enumerate(range(0, len(items), size)))
+        return score_pairs(learner, self.cfg.preference, chunks)
 
     def evaluate(self):
         cfg = self.cfg

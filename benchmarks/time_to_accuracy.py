@@ -30,8 +30,10 @@ Differs, on purpose:
 * TRL runs as vs_trl.py's "TRL tuned" (its worker is reused): gradient checkpointing off, weights in
   bf16, eager attention. Its update is therefore pure bf16 AdamW, where posttrain keeps fp32 master
   weights: cheaper per step and less precise, a choice that favours TRL's speed and may cost it
-  accuracy per step, which is exactly what time-to-accuracy weighs. ``--trl shipped`` runs TRL with
-  its defaults instead (fp32 weights, bf16 autocast, gradient checkpointing), ``--trl both`` both.
+  accuracy per step, which is exactly what time-to-accuracy weighs. ``--trl tuned_fp32`` keeps the
+  tuning but leaves the weights in fp32 under TRL's bf16 autocast (an fp32 AdamW update, like
+  posttrain's); ``--trl shipped`` runs TRL with its defaults (fp32 weights, bf16 autocast, gradient
+  checkpointing, sdpa); ``--trl both`` runs tuned and shipped, ``--trl all`` the three.
 * No learning-rate warm-up, where the quickstart has 2 steps: HF's warm-up gives the first step a
   learning rate of 0 and posttrain's gives it half, so the only schedule both run alike is none.
 * Training time is the sum of each system's own step times (sampling, scoring, update and weight
@@ -72,8 +74,11 @@ sys.path.insert(0, str(BENCH))  # vs_trl.py is a script next to this one, not a 
 import vs_trl  # noqa: E402
 
 STEM = "time_to_accuracy"
-LABELS = {"posttrain": "posttrain", "trl_tuned": "TRL tuned", "trl": "TRL as shipped"}
-COLORS = {"posttrain": "tab:blue", "trl_tuned": "tab:red", "trl": "tab:orange"}
+LABELS = {"posttrain": "posttrain", "trl_tuned": "TRL tuned", "trl_tuned_fp32": "TRL tuned, fp32 weights",
+          "trl": "TRL as shipped"}
+COLORS = {"posttrain": "tab:blue", "trl_tuned": "tab:red", "trl_tuned_fp32": "tab:purple", "trl": "tab:orange"}
+TRL_ROWS = {"tuned": ["trl_tuned"], "tuned_fp32": ["trl_tuned_fp32"], "shipped": ["trl"],
+            "both": ["trl_tuned", "trl"], "all": ["trl_tuned", "trl_tuned_fp32", "trl"]}
 # What each result depends on: a --resume with other values would mix incomparable runs.
 SETTING_KEYS = ("model", "steps", "eval_every", "eval_problems", "prompts", "completions", "max_new_tokens", "lr")
 SMOKE = dict(model="tiny-random", steps=2, eval_every=1, eval_problems=8, prompts=2, completions=2,
@@ -120,13 +125,14 @@ def worker_posttrain(s: dict, seed: int, work: Path) -> dict:
             "reward_mean": sum(r["reward/mean"] for r in rows) / len(rows)}
 
 
-def worker_trl(s: dict, seed: int, work: Path, tuned: bool) -> dict:
-    """vs_trl.py's TRL worker, saving the weights every eval_every steps."""
+def worker_trl(s: dict, seed: int, work: Path, system: str) -> dict:
+    """vs_trl.py's TRL worker for ``system`` (a TRL key of LABELS), saving the weights every eval_every steps."""
     args = Namespace(model=s["model"], prompts=s["prompts"], completions=s["completions"],
                      max_new_tokens=s["max_new_tokens"], lr=s["lr"], seed=seed, set=[], steps=s["steps"], warmup=0)
     rows: list[dict] = []
     out = work / "trl"
-    figures = vs_trl.worker_trl(args, tuned=tuned, on_step=rows.append, config_overrides={
+    figures = vs_trl.worker_trl(args, tuned=system != "trl", bf16_weights=system == "trl_tuned",
+                                on_step=rows.append, config_overrides={
         "output_dir": str(out), "save_strategy": "steps", "save_steps": s["eval_every"], "save_only_model": True,
         "adam_beta2": 0.99})  # posttrain's AdamW betas are (0.9, 0.99): the same optimizer for both
     steps = [{"step": i + 1, "step_s": r["step_s"], "gen_s": r["gen_s"], "learn_s": r["learn_s"],
@@ -364,7 +370,7 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, default=2e-5)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--targets", type=float, nargs="+", default=[0.5, 0.7], help="accuracies to time")
-    p.add_argument("--trl", choices=["tuned", "shipped", "both"], default="tuned", help="which TRL rows to run")
+    p.add_argument("--trl", choices=sorted(TRL_ROWS), default="tuned", help="which TRL rows to run")
     p.add_argument("--allocator", choices=["tcmalloc", "system"], default="tcmalloc")
     p.add_argument("--out-dir", default=str(BENCH / "results"))
     p.add_argument("--work-dir", default=str(ROOT / "bench_out" / STEM), help="checkpoints (deleted once evaluated)")
@@ -398,14 +404,14 @@ def main(argv=None) -> int:
         spec = json.loads(Path(opts.worker_spec).read_text())
         s, seed, work = spec["settings"], spec["seed"], Path(spec["work"])
         result = worker_posttrain(s, seed, work) if spec["system"] == "posttrain" else \
-            worker_trl(s, seed, work, tuned=spec["system"] == "trl_tuned")
+            worker_trl(s, seed, work, spec["system"])
         Path(opts.worker_out).write_text(json.dumps(result))
         return 0
 
     from posttrain.allocator import find_tcmalloc
 
     out_dir, s = Path(opts.out_dir), settings(opts)
-    systems = ["posttrain"] + {"tuned": ["trl_tuned"], "shipped": ["trl"], "both": ["trl_tuned", "trl"]}[opts.trl]
+    systems = ["posttrain"] + TRL_ROWS[opts.trl]
     previous = out_dir / f"{STEM}.json"
     results = {"settings": s, "runs": {}, "base": {}, "invocations": []}
     if opts.resume and previous.exists():

@@ -87,8 +87,13 @@ def _completion_lengths(out, prompt_len: int, eos_ids: set[int]) -> list[int]:
     return lengths
 
 
-def worker_trl(args, tuned: bool = False, on_step=None, on_step_begin=None, config_overrides=None) -> dict:
-    """TRL's GRPOTrainer on the shape in ``args``. ``on_step_begin()`` and ``on_step(row)``, when given,
+def worker_trl(args, tuned: bool = False, on_step=None, on_step_begin=None, config_overrides=None,
+               bf16_weights: bool = True) -> dict:
+    """TRL's GRPOTrainer on the shape in ``args``. ``tuned`` turns gradient checkpointing off and picks
+    eager attention; with ``bf16_weights`` (the speed row's choice) it also casts the weights to bf16,
+    without it they stay fp32 under TRL's bf16 autocast, as shipped (an fp32 AdamW update: what
+    benchmarks/time_to_accuracy.py's "TRL tuned, fp32 weights" row runs, because at lr 2e-5 a pure
+    bf16 update rounds most steps away). ``on_step_begin()`` and ``on_step(row)``, when given,
     are called as each step begins and after it ends, with its timings (benchmarks/sweep.py uses them
     to give up on a cell whose first step predicts more than its time budget). ``config_overrides``
     replaces GRPOConfig arguments (benchmarks/time_to_accuracy.py saves checkpoints with it)."""
@@ -106,7 +111,8 @@ def worker_trl(args, tuned: bool = False, on_step=None, on_step_begin=None, conf
     cfg = load_config(ROOT / "examples" / "arithmetic.yaml", base_overrides(args) + args.set)
     model, tokenizer = load_model_and_tokenizer(cfg.model.name)  # fp32 weights, as posttrain's learner
     if tuned:
-        model = model.to(torch.bfloat16)
+        if bf16_weights:
+            model = model.to(torch.bfloat16)
         model.config._attn_implementation = "eager"
     reward = build_reward(cfg.reward, tokenizer=tokenizer)
     # posttrain's sampler order for the same seed, so both see the same prompts per step
@@ -187,7 +193,7 @@ def worker_trl(args, tuned: bool = False, on_step=None, on_step_begin=None, conf
         "completion_tokens_per_step": med(r["completion_tokens"] for r in rows),
         "gen_tok_per_s": med(r["completion_tokens"] / r["gen_s"] for r in rows),
         "learner_tok_per_s": med((r["prompt_tokens"] + r["completion_tokens"]) / r["learn_s"] for r in rows),
-        "learner_dtype": "bf16 weights" if tuned else "fp32 weights, bf16 autocast",
+        "learner_dtype": "bf16 weights" if model.dtype == torch.bfloat16 else "fp32 weights, bf16 autocast",
         "attention": model.config._attn_implementation,
         "peak_rss_mb": peak_rss_mb(),
         "reward_mean": med(rewards) if rewards else float("nan"),

@@ -122,3 +122,21 @@ def test_time_to_target_and_ratio_by_hand():
     acc10 = ours["points"][1]["accuracy"]
     assert acc10["mean"] == pytest.approx(0.53333, rel=1e-4) and 0.45 <= acc10["low"] <= acc10["high"] <= 0.60
     assert ours["points"][1]["time_s"]["mean"] == pytest.approx(30.0)
+
+
+def test_tuned_fp32_row_keeps_fp32_weights_with_the_tuning(tmp_path):
+    """--trl tuned_fp32: TRL tuned (no gradient checkpointing, eager attention) but with fp32 weights
+    under bf16 autocast, so its AdamW update is fp32 like posttrain's. Run in a subprocess: the worker
+    patches the model class's ``generate`` to time it."""
+    pytest.importorskip("trl", reason="TRL is the benchmark's peer: pip install -e '.[bench]'")
+    assert tta.parse_args(["--trl", "tuned_fp32"]).trl == "tuned_fp32"
+    code = ("import json, sys; from pathlib import Path; sys.path.insert(0, 'benchmarks'); "
+            "import time_to_accuracy as t; s = t.settings(t.parse_args(['--smoke'])); "
+            f"r = t.worker_trl(s, 0, Path({str(tmp_path)!r}), 'trl_tuned_fp32'); "
+            "print(json.dumps({k: r[k] for k in ('learner_dtype', 'gradient_checkpointing', 'attention')} | "
+            "{'steps': sorted(r['checkpoints'])}))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert got == {"learner_dtype": "fp32 weights, bf16 autocast", "gradient_checkpointing": False,
+                   "attention": "eager", "steps": [1, 2]}

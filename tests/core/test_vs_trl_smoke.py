@@ -1,4 +1,4 @@
-"""benchmarks/vs_trl.py runs end to end on the tiny model: posttrain, TRL tuned, TRL as shipped.
+"""benchmarks/vs_trl.py runs end to end on the tiny model: posttrain, TRL tuned (bf16 and fp32 weights), TRL as shipped.
 
 One step each, so the figures mean nothing; the test checks that every worker runs, that the two
 TRL rows differ in exactly the settings the benchmark says they do, and that every invocation
@@ -32,8 +32,11 @@ def test_vs_trl_runs_one_step_on_the_tiny_model(tmp_path):
     shipped, tuned = result["trl"], result["trl_tuned"]
     assert shipped["gradient_checkpointing"] is True and tuned["gradient_checkpointing"] is False
     assert tuned["attention"] == "eager" and tuned["learner_dtype"] == "bf16 weights"
-    for worker in ("posttrain", "trl", "trl_tuned"):
+    fp32 = result["trl_tuned_fp32"]
+    assert fp32["gradient_checkpointing"] is False and fp32["attention"] == "eager"
+    assert fp32["learner_dtype"] == "fp32 weights, bf16 autocast"
+    for worker in ("posttrain", "trl", "trl_tuned", "trl_tuned_fp32"):
         assert math.isfinite(result[worker]["step_s"]) and result[worker]["step_s"] > 0, worker
         assert result[worker]["peak_rss_mb"] > 0, worker
-    assert "| median step time (s) |" in result["table"] and "vs TRL tuned" in result["table"]
+    assert "| median step time (s) |" in result["table"] and "vs TRL tuned, fp32 weights" in result["table"]
     assert "Environment: posttrain_commit" in proc.stdout

@@ -91,6 +91,27 @@ def test_resume_gives_identical_weights(tmp_path):
         assert ra["reward/mean"] == rb["reward/mean"] and ra["loss/total"] == rb["loss/total"]
 
 
+def test_held_out_evaluation_does_not_change_training(tmp_path):
+    """Evaluating every step (its own generator, no_grad) must leave the training samples, losses
+    and final weights exactly as a run that evaluates only before and after."""
+    runs = {}
+    for every in (0, 1):
+        out = tmp_path / f"eval_every_{every}"
+        train_rl(load_config(None, RESUMABLE + [f"trainer.eval_every={every}", "trainer.checkpoint_every=0"]),
+                 output_dir=str(out), quiet=True)
+        runs[every] = out
+    evaluated = [json.loads(l) for l in (runs[1] / "eval.jsonl").read_text().splitlines()]
+    plain = [json.loads(l) for l in (runs[0] / "eval.jsonl").read_text().splitlines()]
+    assert len(evaluated) > len(plain)  # the evaluations did happen
+    a = load_file(runs[0] / "checkpoints" / "step_4" / "model.safetensors")
+    b = load_file(runs[1] / "checkpoints" / "step_4" / "model.safetensors")
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    rows = {k: [json.loads(l) for l in (d / "metrics.jsonl").read_text().splitlines()] for k, d in runs.items()}
+    for ra, rb in zip(rows[0], rows[1], strict=True):
+        assert ra["reward/mean"] == rb["reward/mean"] and ra["loss/total"] == rb["loss/total"]
+
+
 @pytest.mark.parametrize(
     "overrides, error, pattern",
     [

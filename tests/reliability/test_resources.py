@@ -19,12 +19,20 @@ def test_the_estimate_by_hand():
     assert est.kv_cache == 8 * 16 * 2 * 2 * 2 * 16 * 2  # rows x length x layers x (K, V) x kv heads x head dim x 2 B
     assert est.logits == 8 * 100 * 4 + min(4 * 16, 256) * 100 * 4
     assert est.learner == 4 * 16 * 64 * 2 * 34
+    # a token cap bounds the micro-batch: 4 rows x 16 tokens = 64 > 40, so 40 tokens count
+    capped = estimate(config, params=1000, trainable=500, rows=8, prompt_tokens=10, max_new_tokens=6,
+                      micro_batch_size=4, logprob_chunk_tokens=256, micro_batch_tokens=40)
+    assert capped.learner == 40 * 64 * 2 * 34 and capped.logits == 8 * 100 * 4 + 40 * 100 * 4
+    # ... but never below one row, which forms a micro-batch of its own
+    assert estimate(config, params=1000, trainable=500, rows=8, prompt_tokens=10, max_new_tokens=6,
+                    micro_batch_size=4, logprob_chunk_tokens=256, micro_batch_tokens=5).learner == 16 * 64 * 2 * 34
 
 
 def test_a_run_that_cannot_fit_is_refused_naming_the_knob():
     model, _ = load_model_and_tokenizer("tiny-random")
     cfg = SimpleNamespace(rollout=SimpleNamespace(num_prompts=8, num_completions=1000, max_new_tokens=32),
-                          trainer=SimpleNamespace(micro_batch_size=16, logprob_chunk_tokens=256))
+                          trainer=SimpleNamespace(micro_batch_size=16, logprob_chunk_tokens=256,
+                                                           micro_batch_tokens=0))
     assert check_memory(cfg, model, 20, available=1e10).total < 1e10
     with pytest.raises(ResourceError, match="largest part is kv_cache: lower rollout.num_prompts x "
                                             "rollout.num_completions \\(now 8 x 1000\\)"):

@@ -6,9 +6,10 @@ with an allocator traceback.
     optimizer = trainable params x (8 B AdamW moments + 4 B fp32 gradient)
     kv_cache  = rows x (prompt + max_new_tokens) x layers x 2 (K, V) x kv_heads x head_dim x 2 B
                 rows = rollout.num_prompts x rollout.num_completions (the engine's static cache)
-    logits    = rows x vocab x 4 B per decoding step, and micro_batch_size x logprob_chunk_tokens
+    logits    = rows x vocab x 4 B per decoding step, and min(micro-batch tokens, logprob_chunk_tokens)
                 x vocab x 4 B in the learner's fused log-prob pass (its chunk bound)
-    learner   = micro_batch_size x (prompt + max_new_tokens) x hidden x layers x 34 B
+    learner   = micro-batch tokens x hidden x layers x 34 B, where micro-batch tokens =
+                micro_batch_size x (prompt + max_new_tokens), at most micro_batch_tokens when set
                 (saved activations of one micro-batch, bf16, the lean decoder's ~17 tensors per layer)
 
 It is an estimate meant to catch order-of-magnitude mistakes (a typo'd num_completions), not to
@@ -38,17 +39,20 @@ class MemoryEstimate:
 
 
 def estimate(model_config, params: int, trainable: int, rows: int, prompt_tokens: int, max_new_tokens: int,
-             micro_batch_size: int, logprob_chunk_tokens: int) -> MemoryEstimate:
+             micro_batch_size: int, logprob_chunk_tokens: int, micro_batch_tokens: int = 0) -> MemoryEstimate:
     c = model_config
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
     kv_heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
     length = prompt_tokens + max_new_tokens
+    # a row longer than the token cap still forms a micro-batch of its own
+    tokens = max(min(micro_batch_size * length, micro_batch_tokens), length) if micro_batch_tokens \
+        else micro_batch_size * length
     return MemoryEstimate(
         weights=params * 6.0,
         optimizer=trainable * 12.0,
         kv_cache=rows * length * c.num_hidden_layers * 2 * kv_heads * head_dim * 2.0,
-        logits=rows * c.vocab_size * 4.0 + min(micro_batch_size * length, logprob_chunk_tokens) * c.vocab_size * 4.0,
-        learner=micro_batch_size * length * c.hidden_size * c.num_hidden_layers * 34.0,
+        logits=rows * c.vocab_size * 4.0 + min(tokens, logprob_chunk_tokens) * c.vocab_size * 4.0,
+        learner=tokens * c.hidden_size * c.num_hidden_layers * 34.0,
     )
 
 
@@ -66,7 +70,7 @@ def check_memory(cfg, model, prompt_tokens: int, available: float | None = None)
     ro, tc = cfg.rollout, cfg.trainer
     rows = ro.num_prompts * ro.num_completions
     est = estimate(model.config, params, trainable, rows, prompt_tokens, ro.max_new_tokens, tc.micro_batch_size,
-                   tc.logprob_chunk_tokens)
+                   tc.logprob_chunk_tokens, tc.micro_batch_tokens)
     available = psutil.virtual_memory().available if available is None else available
     if est.total > available:
         biggest = max(("weights", est.weights), ("optimizer", est.optimizer), ("kv_cache", est.kv_cache),

@@ -165,3 +165,43 @@ def test_low_precision_copy_casts_every_weight_and_keeps_tied_ones_tied():
         assert torch.equal(b, a.detach().to(torch.bfloat16)), name
     assert all(p.dtype == torch.float32 for p in model.parameters())  # the original is untouched
     assert copy.model.embed_tokens.weight.data_ptr() != model.model.embed_tokens.weight.data_ptr()
+
+
+def test_two_level_sampler_picks_the_flat_inverse_cdf_token_for_the_same_uniform():
+    """Block cumsum then in-block cumsum finds the token a flat cumsum over the vocabulary finds."""
+    from posttrain.rollout import engine
+
+    V = 3 * engine.SAMPLE_BLOCK + 17  # not a multiple of the block: the padded tail must never win
+    probs = torch.rand(64, V, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    probs[:, engine.SAMPLE_BLOCK:2 * engine.SAMPLE_BLOCK] = 0  # a whole empty block
+    probs[:, -5:] = 0  # the last real tokens empty too
+    probs /= probs.sum(-1, keepdim=True)
+    u = torch.rand(64, 1, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    cdf = probs.cumsum(-1)
+    flat = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).squeeze(-1)
+    got = engine.sample_from_probs(probs, torch.Generator().manual_seed(7))
+    assert torch.equal(got, flat)
+    assert not ((got >= engine.SAMPLE_BLOCK) & (got < 2 * engine.SAMPLE_BLOCK)).any()
+    assert (got < V - 5).all()
+
+
+def test_two_level_sampler_never_draws_a_zero_probability_token_at_the_top_edge():
+    from posttrain.rollout import engine
+
+    probs = torch.zeros(4, 2 * engine.SAMPLE_BLOCK)
+    probs[:, 3] = 1.0  # all mass on one token in the first block; u near the total lands past it
+    draws = torch.cat([engine.sample_from_probs(probs, torch.Generator().manual_seed(s)) for s in range(50)])
+    assert (draws == 3).all()
+
+
+def test_next_token_stats_returns_the_chosen_log_prob_and_the_entropy():
+    from posttrain.rollout.engine import SamplingParams, next_token_stats
+
+    p = torch.tensor([0.5, 0.25, 0.25])
+    logits = torch.log(p).expand(3, 3).to(torch.bfloat16)
+    for temperature in (1.0, 0.5):
+        tok, logp, ent = next_token_stats(logits, SamplingParams(temperature=temperature), torch.Generator().manual_seed(0))
+        q = p.pow(1 / temperature) / p.pow(1 / temperature).sum()  # softmax(log p / T), by hand
+        assert logp.dtype == torch.float32
+        assert torch.allclose(logp, q.log()[tok], atol=1e-2)
+        assert torch.allclose(ent, -(q * q.log()).sum().expand(3), atol=1e-2)

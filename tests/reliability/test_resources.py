@@ -47,3 +47,17 @@ def test_an_absurd_num_completions_fails_fast_and_leaves_no_run_directory(tmp_pa
     err = capsys.readouterr().err
     assert "largest part is kv_cache" in err and "Traceback" not in err
     assert not (tmp_path / "run").exists()
+
+
+def test_an_optimizer_bound_run_is_told_to_train_a_lora_adapter():
+    import torch
+
+    from posttrain.config import load_config
+
+    cfg = load_config(None, ["model.name=tiny-random"])
+    config = SimpleNamespace(hidden_size=8, num_attention_heads=2, num_key_value_heads=1, num_hidden_layers=1,
+                             vocab_size=10)
+    weight = torch.nn.Parameter(torch.zeros(10**6))  # many weights, tiny activations: the optimizer dominates
+    model = SimpleNamespace(config=config, parameters=lambda: iter([weight]))
+    with pytest.raises(ResourceError, match=r"largest part is optimizer: train a LoRA adapter \(model.lora=\{\}\)"):
+        check_memory(cfg, model, 8, available=10**6)

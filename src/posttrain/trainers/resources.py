@@ -75,14 +75,15 @@ def check_memory(cfg, model, prompt_tokens: int, available: float | None = None)
     if est.total > available:
         biggest = max(("weights", est.weights), ("optimizer", est.optimizer), ("kv_cache", est.kv_cache),
                       ("logits", est.logits), ("learner", est.learner), key=lambda kv: kv[1])[0]
-        knob = {"kv_cache": "rollout.num_prompts x rollout.num_completions (now "
-                            f"{ro.num_prompts} x {ro.num_completions}) or rollout.max_new_tokens",
-                "logits": "rollout.num_prompts x rollout.num_completions or trainer.logprob_chunk_tokens",
-                "learner": "trainer.micro_batch_size (or trainer.micro_batch_tokens)",
-                "weights": "the model (a smaller one) or model.lora", "optimizer": "model.lora"}[biggest]
+        fix = {"kv_cache": "lower rollout.num_prompts x rollout.num_completions (now "
+                           f"{ro.num_prompts} x {ro.num_completions}) or rollout.max_new_tokens",
+               "logits": "lower rollout.num_prompts x rollout.num_completions or trainer.logprob_chunk_tokens",
+               "learner": "lower trainer.micro_batch_size (or trainer.micro_batch_tokens)",
+               "weights": "pick a smaller model, or train a LoRA adapter (model.lora={})",
+               "optimizer": "train a LoRA adapter (model.lora={}): the frozen base then has no optimizer state"}[biggest]
         raise ResourceError(
             f"this run needs an estimated {_size(est.total)} of memory (weights {_size(est.weights)}, optimizer "
             f"{_size(est.optimizer)}, KV cache {_size(est.kv_cache)} for {rows} sequences of "
             f"{prompt_tokens + ro.max_new_tokens} tokens, logits {_size(est.logits)}, learner activations "
-            f"{_size(est.learner)}) and {_size(available)} is available; the largest part is {biggest}: lower {knob}")
+            f"{_size(est.learner)}) and {_size(available)} is available; the largest part is {biggest}: {fix}")
     return est

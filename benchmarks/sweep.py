@@ -199,6 +199,8 @@ def run_cell(cell: dict, opts) -> dict:
     as soon as the first step predicts more than the budget (during it: ``watchdog``; after it: here)."""
     import torch
 
+    from posttrain.trainers.resources import ResourceError
+
     torch.set_num_threads(cell["threads"])
     total = opts.steps + opts.warmup
     out_path = Path(opts.worker_out)
@@ -243,6 +245,8 @@ def run_cell(cell: dict, opts) -> dict:
                                         on_step_begin=before_step)
     except CellOverBudget as exc:
         return {"status": "skipped", "reason": str(exc)}
+    except ResourceError as exc:  # posttrain's own memory check, before any work: a skip, not a failure
+        return {"status": "skipped", "reason": f"skipped: posttrain refused to start: {exc}"}
     rows = opts.prompts * cell["group"]
     return {"status": "ok", "mean_completion_len": figures["completion_tokens_per_step"] / rows,
             "torch_threads": torch.get_num_threads(), **figures}
@@ -377,13 +381,19 @@ def plot(results: dict, path: Path) -> None:
     plt.close(fig)
 
 
+HAND_WRITTEN = "## What it says (written by hand"
+
+
 def write_results(results: dict, stem: Path) -> None:
     """sweep.json (atomically: a kill mid-write leaves the previous file), sweep.md, sweep.png."""
     stem.parent.mkdir(parents=True, exist_ok=True)
     tmp = stem.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(results, indent=2) + "\n")
     tmp.replace(stem.with_suffix(".json"))
-    stem.with_suffix(".md").write_text(markdown(results))
+    md = stem.with_suffix(".md")
+    # a hand-written reading of the figures, if there is one, survives the rewrite (to be re-read)
+    kept = md.read_text().partition(HAND_WRITTEN)[2] if md.exists() else ""
+    md.write_text(markdown(results) + (f"\n{HAND_WRITTEN}{kept}" if kept else ""))
     if results["cells"]:
         plot(results, stem.with_suffix(".png"))
 

@@ -43,8 +43,11 @@ def test_smoke_cell_runs_both_systems_and_resume_skips_it(tmp_path):
     assert "| 8 | 2 | 1 |" in md and "RANDOM weights" in md
     assert stem.with_suffix(".png").stat().st_size > 10_000
 
+    reading = "\n## What it says (written by hand)\n\n- a reading of the figures\n"
+    stem.with_suffix(".md").write_text(md + reading)
     again = sweep("--smoke", "--out", str(stem), "--resume")
     assert "0 cells to run, 2 already finished" in again.stdout
+    assert stem.with_suffix(".md").read_text().endswith("- a reading of the figures\n")  # survives the rewrite
     res2 = json.loads(stem.with_suffix(".json").read_text())
     assert [c["step_s"] for c in res2["cells"]] == [c["step_s"] for c in res["cells"]]
     assert len(res2["invocations"]) == 2

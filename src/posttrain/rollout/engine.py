@@ -109,10 +109,10 @@ def sample_from_probs(probs: torch.Tensor, generator: Optional[torch.Generator])
     block_cdf = block_mass.cumsum(-1)
     u = torch.rand((n, 1), generator=generator, device=probs.device, dtype=probs.dtype) * block_cdf[:, -1:]
     block = torch.searchsorted(block_cdf, u, right=True).clamp_max(blocks - 1)
-    # A rounding-empty block can be picked only at the top edge; step back to the last with mass.
-    block = torch.where(block_mass.gather(1, block) > 0, block,
-                        (block_mass > 0).cumsum(-1).argmax(-1, keepdim=True))
-    offset = u - (block_cdf.gather(1, block) - block_mass.gather(1, block))
+    # u rounded up to the total can pick an empty (padded) last block; step back to the last with mass.
+    last_with_mass = (block_mass > 0).cumsum(-1).argmax(-1, keepdim=True)
+    block = torch.where(block_mass.gather(1, block) > 0, block, last_with_mass)
+    offset = u - (block_cdf.gather(1, block) - block_mass.gather(1, block))  # u's position inside its block
     inside = grid[torch.arange(n, device=probs.device), block[:, 0]]
     inside_cdf = inside.cumsum(-1)
     j = torch.searchsorted(inside_cdf, offset.clamp_min(0), right=True).clamp_max(SAMPLE_BLOCK - 1)
@@ -121,7 +121,8 @@ def sample_from_probs(probs: torch.Tensor, generator: Optional[torch.Generator])
     return (block * SAMPLE_BLOCK + torch.minimum(j, last_real)).squeeze(-1)
 
 
-def next_token_stats(logits: torch.Tensor, params, generator: Optional[torch.Generator]):
+def next_token_stats(logits: torch.Tensor, params: SamplingParams, generator: Optional[torch.Generator]
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(token, log-prob of it, entropy) per row under softmax(logits / temperature), fp32.
 
     Unfiltered sampling (top_k 0, top_p 1, the RL default) draws from exp(log-probs), which the

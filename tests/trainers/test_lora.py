@@ -16,6 +16,7 @@ from posttrain.config import ConfigError, DPOConfig, LoRAConfig, ModelConfig, SF
 from posttrain.models.logprobs import completion_logprobs, uses_fast_decoder
 from posttrain.models.lora import merge_run
 from posttrain.models.loading import ModelLoadError, load_model_and_tokenizer
+from posttrain.rollout.engine import cpu_computes_bf16
 from posttrain.tasks.base import Problem
 from posttrain.trainers.learner import Learner
 from posttrain.trainers.rl_run import ResumeError
@@ -121,7 +122,14 @@ def test_base_frozen_reference_is_the_base_and_logprobs_include_the_adapter(auto
         learner.policy.get_input_embeddings().weight.data_ptr()
 
 
-def test_lora_rl_steps_leave_the_base_alone_and_the_critic_is_lora_too(tmp_path):
+PRECISIONS = {"fp32": ["trainer.autocast=none", "rollout.dtype=float32"],
+              "bf16": ["trainer.autocast=bfloat16", "rollout.dtype=bfloat16"]}
+
+
+@pytest.mark.parametrize("precision", [
+    "fp32",  # the merge once wrote into an fp32 base in place (.float() returns the tensor itself)
+    pytest.param("bf16", marks=pytest.mark.skipif(not cpu_computes_bf16(), reason="no bf16 matmul on this CPU"))])
+def test_lora_rl_steps_leave_the_base_alone_and_the_critic_is_lora_too(tmp_path, precision):
     from posttrain.models.loading import load_model_and_tokenizer as load
     from posttrain.rewards.registry import build_reward
     from posttrain.runs import RunDir
@@ -131,7 +139,8 @@ def test_lora_rl_steps_leave_the_base_alone_and_the_critic_is_lora_too(tmp_path)
     cfg = load_config(None, ["model.name=tiny-random", "model.lora={}", "trainer.lr=1e-2", "rollout.num_prompts=4",
                              "reward={type: format, pattern: '^[0-9]', match: search}",  # a dense signal
                              "rollout.num_completions=4", "rollout.max_new_tokens=4", "trainer.eval_problems=4",
-                             "algorithm.kl.coef=0.1", "algorithm.advantage_estimator=gae", "algorithm.critic.lr=1e-3"])
+                             "algorithm.kl.coef=0.1", "algorithm.advantage_estimator=gae", "algorithm.critic.lr=1e-3"]
+                      + PRECISIONS[precision])
     model, tok = load(cfg.model.name)
     trainer = RLTrainer(cfg, model, tok, build_task(cfg.task), build_reward(cfg.reward, tokenizer=tok),
                         RunDir(Path(tempfile.mkdtemp(dir=tmp_path))))

@@ -181,7 +181,8 @@ class LoRAPolicy:
         if self.stale:  # about 2 ms per million merged weights on one core
             for _, layer, target in self.layers:
                 delta = layer.get_delta_weight(ADAPTER).float()
-                target.weight.copy_(layer.get_base_layer().weight.float().add_(delta))
+                # out of place: on an fp32 base, .float() is the base tensor itself and add_ would move it
+                target.weight.copy_(layer.get_base_layer().weight.float() + delta)
             self.stale = False
         return self.merged
 

@@ -100,6 +100,7 @@ def bench_config(cfg, steps: int = 5, warmup: int = 1) -> dict:
     from posttrain.allocator import active_allocator
     from posttrain.models.loading import load_model_and_tokenizer
     from posttrain.rewards.registry import build_reward
+    from posttrain.rollout.engine import resolve_dtype
     from posttrain.runs import RunDir
     from posttrain.tasks.registry import build_task
     from posttrain.trainers.rl import RLTrainer
@@ -112,11 +113,14 @@ def bench_config(cfg, steps: int = 5, warmup: int = 1) -> dict:
     rows, peaks = [], []
     with tempfile.TemporaryDirectory() as tmp:
         trainer = RLTrainer(cfg, model, tokenizer, task, reward, RunDir(Path(tmp)))
+        # MFU is against the machine's faster precision, whatever the learner runs in: a CPU that
+        # emulates bf16 would otherwise report a high MFU of a slow, emulated peak.
+        peak_dtype = resolve_dtype("auto", trainer.device)
         for _ in range(warmup + steps):
             rows.append(trainer.train_step())
             # a GPU needs large matrices to reach its peak; 2048 is this library's CPU figure
             n = 8192 if trainer.device.type == "cuda" else 2048
-            peaks.append(matmul_peak_gflops(trainer.learner.dtype, n=n, device=trainer.device))
+            peaks.append(matmul_peak_gflops(peak_dtype, n=n, device=trainer.device))
         trainer.close()
     rows, peaks = rows[warmup:], peaks[warmup:]
     learner_dtype = trainer.learner.dtype

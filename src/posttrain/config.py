@@ -83,7 +83,7 @@ class RolloutConfig:
     top_k: int = 0  # 0 disables
     stop: list[str] = field(default_factory=list)  # stop strings (kept out of the text)
     chat_template: bool = True  # wrap prompts with the tokenizer's chat template
-    dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bf16 where the CPU has it
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bf16 on CPUs with AVX512_BF16/AMX, else fp32
     share_prompt_prefill: bool = True  # prefill each prompt once for its n completions (hf engine)
     # hf: posttrain's in-process engine (shares the learner's weights); vllm: vLLM's LLM, weights
     # pushed after every optimizer step (pip install -e '.[vllm]', see the README)

@@ -205,3 +205,45 @@ def test_next_token_stats_returns_the_chosen_log_prob_and_the_entropy():
         assert logp.dtype == torch.float32
         assert torch.allclose(logp, q.log()[tok], atol=1e-2)
         assert torch.allclose(ent, -(q * q.log()).sum().expand(3), atol=1e-2)
+
+
+def test_auto_dtype_takes_bf16_only_on_cpus_with_bf16_instructions(monkeypatch):
+    """AVX-512 without AVX512_BF16 or AMX emulates bf16 (2-5x slower than fp32): auto must pick fp32 there."""
+    from posttrain.rollout import engine
+
+    def cpu(*, computes: bool, avx512_bf16: bool, amx: bool):
+        monkeypatch.setattr(engine, "cpu_computes_bf16", lambda: computes)
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16, raising=False)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+        return engine.resolve_dtype("auto", torch.device("cpu"))
+
+    assert cpu(computes=True, avx512_bf16=False, amx=False) == torch.float32  # Ice Lake, Cascade Lake
+    assert cpu(computes=True, avx512_bf16=True, amx=False) == torch.bfloat16  # Zen 4, Cooper Lake
+    assert cpu(computes=True, avx512_bf16=False, amx=True) == torch.bfloat16  # Sapphire Rapids
+    assert cpu(computes=False, avx512_bf16=True, amx=True) == torch.float32  # no oneDNN bf16 at all
+    assert engine.resolve_dtype("bfloat16", torch.device("cpu")) == torch.bfloat16  # by name: always honoured
+
+
+def test_native_bf16_falls_back_to_the_cpu_flags_without_torch_probes(monkeypatch):
+    from posttrain.rollout import engine
+
+    monkeypatch.setattr(engine, "cpu_computes_bf16", lambda: True)
+    monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported", raising=False)
+    monkeypatch.setattr(engine, "_cpu_flags", lambda: {"avx512f", "avx512bw"})
+    assert not engine.cpu_has_native_bf16()
+    monkeypatch.setattr(engine, "_cpu_flags", lambda: {"avx512f", "avx512_bf16"})
+    assert engine.cpu_has_native_bf16()
+
+
+def test_run_start_says_why_auto_chose_fp32(monkeypatch):
+    from posttrain.trainers import rl_run
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(rl_run, "cpu_computes_bf16", lambda: True)
+    line = rl_run.precision_line(torch.float32, cpu, "auto")
+    assert line.startswith("learner computes in float32 (auto: this CPU has no bf16 instructions")
+    assert "trainer.autocast=bfloat16 rollout.dtype=bfloat16" in line
+    assert rl_run.precision_line(torch.float32, cpu, "none") == "learner computes in float32"  # asked for
+    assert rl_run.precision_line(torch.bfloat16, cpu, "auto") == "learner computes in bfloat16"
+    monkeypatch.setattr(rl_run, "cpu_computes_bf16", lambda: False)  # no bf16 at all: nothing was passed over
+    assert rl_run.precision_line(torch.float32, cpu, "auto") == "learner computes in float32"

@@ -28,7 +28,7 @@ from posttrain.distributed.data_parallel import (
     shard_rows,
 )
 from posttrain.models.tiny import tiny_model_and_tokenizer
-from posttrain.rollout.engine import HFRolloutEngine, SamplingParams, cpu_supports_bf16
+from posttrain.rollout.engine import HFRolloutEngine, SamplingParams, cpu_computes_bf16
 from posttrain.tasks.base import Problem
 from posttrain.trainers.learner import Learner
 
@@ -36,7 +36,7 @@ WORLD = 2
 MAX_NEW_TOKENS = 16
 LR = 1e-3
 MODES = ("token-mean", "seq-mean-token-mean")
-PRECISIONS = ("fp32", "bf16") if cpu_supports_bf16() else ("fp32",)
+PRECISIONS = ("fp32", "bf16") if cpu_computes_bf16() else ("fp32",)
 CASES = [(p, m) for p in PRECISIONS for m in MODES]
 
 
@@ -44,8 +44,8 @@ CASES = [(p, m) for p in PRECISIONS for m in MODES]
 def _learner(precision: str) -> tuple[Learner, object]:
     """A fresh tiny learner: fp32 throughout, or the default bf16 compute + split fp32 masters."""
     over = ["trainer.micro_batch_size=3", f"trainer.lr={LR}", f"rollout.max_new_tokens={MAX_NEW_TOKENS}"]
-    if precision == "fp32":
-        over += ["trainer.autocast=none", "rollout.dtype=float32"]
+    over += (["trainer.autocast=none", "rollout.dtype=float32"] if precision == "fp32"
+             else ["trainer.autocast=bfloat16", "rollout.dtype=bfloat16"])
     cfg = load_config(None, over)
     model, _ = tiny_model_and_tokenizer(seed=1)
     sampler = torch.float32 if precision == "fp32" else torch.bfloat16

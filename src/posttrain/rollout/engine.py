@@ -41,9 +41,34 @@ from posttrain.rollout.sampler import (  # noqa: F401  (SamplingParams, PromptTo
 from posttrain.tasks.base import Problem
 
 
-def cpu_supports_bf16() -> bool:
+def cpu_computes_bf16() -> bool:
+    """oneDNN can run bf16 matmuls here, in hardware or emulated with plain AVX-512 (correct, maybe slow)."""
     cap = torch.backends.cpu.get_cpu_capability()
     return cap in ("AVX512", "AMX") and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), set())
+    except OSError:
+        return set()
+
+
+def cpu_has_native_bf16() -> bool:
+    """bf16 dot products in hardware: AVX512_BF16 (AMD Zen 4, Intel Cooper Lake) or AMX (Sapphire Rapids on).
+
+    Only then is bf16 the faster choice. A CPU with AVX-512 but neither (Ice Lake, Cascade
+    Lake) still computes bf16, by conversion to fp32 inside oneDNN; there bf16 matmuls ran at
+    0.18-0.25 of fp32's speed and a SmolLM2 quickstart step took 3.0x as long
+    (benchmarks/results/precision.md).
+    """
+    if not cpu_computes_bf16():
+        return False
+    native = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    if all(callable(f) for f in native):
+        return any(f() for f in native)
+    return bool(_cpu_flags() & {"avx512_bf16", "amx_bf16"})  # an older torch without the probes
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -53,7 +78,7 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
         return torch.bfloat16
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
-    return torch.bfloat16 if cpu_supports_bf16() else torch.float32
+    return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
 
 
 def low_precision_copy(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:

@@ -51,7 +51,7 @@ from posttrain.models.logprobs import SharedPromptPass, completion_logprobs, use
 from posttrain.models.moe import LearnerRouting, is_moe
 from posttrain.models.value import ValueModel
 from posttrain.rollout.batch import Rollouts
-from posttrain.rollout.engine import cpu_supports_bf16, low_precision_copy
+from posttrain.rollout.engine import cpu_has_native_bf16, low_precision_copy
 from posttrain.trainers.master_weights import SplitMasterAdamW, accumulate_grad
 
 LossFn = Callable[[Rollouts, torch.Tensor, Optional[torch.Tensor]], torch.Tensor]
@@ -68,7 +68,7 @@ def resolve_device(name: str) -> torch.device:
 
 
 def bf16_supported(device: torch.device) -> bool:
-    return torch.cuda.is_bf16_supported() if device.type == "cuda" else cpu_supports_bf16()
+    return torch.cuda.is_bf16_supported() if device.type == "cuda" else cpu_has_native_bf16()
 
 
 class Learner:

@@ -17,6 +17,7 @@ from posttrain.config import ConfigError, RLConfig, dump_config, load_config
 from posttrain.models.loading import describe_source, latest_checkpoint, load_model_and_tokenizer
 from posttrain.rewards.base import Reward, problem_issue
 from posttrain.rewards.registry import build_reward
+from posttrain.rollout.engine import cpu_computes_bf16
 from posttrain.runs import KILL_ENV, RunDir, RunDirError, check_writable, maybe_kill, new_run_dir
 from posttrain.tasks.registry import build_task
 from posttrain.trainers.learner import resolve_device
@@ -246,7 +247,10 @@ def run_loop(trainer, cfg, run: RunDir, path: Path, resume: bool, stop_after: Op
     run.use_loggers(tc.report_to, trainer.step, quiet)  # trainer.report_to (posttrain.loggers)
     # Results of evaluations logged before a restart (without their "step" key, as if fresh).
     evals = {r["step"]: {k: v for k, v in r.items() if k != "step"} for r in run.read_jsonl("eval.jsonl")}
-    lora = getattr(getattr(trainer, "learner", None), "lora", None)
+    learner = getattr(trainer, "learner", None)
+    if learner is not None:
+        say(precision_line(learner.dtype, learner.device, tc.autocast))
+    lora = getattr(learner, "lora", None)
     if lora is not None:
         say(lora.describe())
     if 0 not in evals:
@@ -311,6 +315,15 @@ def run_loop(trainer, cfg, run: RunDir, path: Path, resume: bool, stop_after: Op
     if not quiet:
         _print_summary(summary, kind)
     return summary
+
+
+def precision_line(dtype, device, autocast: str) -> str:
+    """What the learner computes in, and why when ``auto`` passed over an emulated bf16."""
+    line = f"learner computes in {str(dtype).removeprefix('torch.')}"
+    if autocast == "auto" and device.type == "cpu" and str(dtype) == "torch.float32" and cpu_computes_bf16():
+        line += (" (auto: this CPU has no bf16 instructions, AVX512_BF16 or AMX, so bf16 would be emulated and "
+                 "slower; trainer.autocast=bfloat16 rollout.dtype=bfloat16 forces it)")
+    return line
 
 
 def _log_completions(run: RunDir, trainer, k: int, console) -> None:

@@ -20,15 +20,21 @@ its own. TRL runs twice:
   setting that learns at this learning rate (benchmarks/time_to_accuracy.py measured bf16-weight TRL
   stalling), so it is the peer a user who wants the model to improve would run.
 
+All of that holds on a CPU with bf16 instructions (AVX512_BF16 or AMX). On one without them
+(Ice Lake-class AVX-512) bf16 is emulated and slower than fp32, posttrain's ``auto`` precision
+computes in fp32, and so does tuned TRL: fp32 weights, no autocast (``bf16=False``). The
+"fp32 weights" row is then the tuned row itself and is not run; as shipped keeps TRL's bf16
+autocast. MFU then divides by the fp32 peak: always the peak of the faster precision.
+
 A further subprocess compares sampling alone: transformers' `generate` against posttrain's
-rollout engine, same bf16 weights, batch and length.
+rollout engine, same weights (in the faster precision), batch and length.
 
     pip install -e '.[bench]'            # TRL is a benchmark-only extra
     python benchmarks/vs_trl.py --json bench_out/vs_trl.json
 
 Figures: median step time over the measured steps (after warm-up), completion tokens per
 second of sampling, learner tokens (prompt + completion) per second of the update, learner
-MFU against a bf16 matmul peak measured in this run (see posttrain.bench for the FLOP
+MFU against the faster precision's matmul peak measured in this run (see posttrain.bench for the FLOP
 count), peak RSS; then the ratios posttrain / TRL.
 """
 
@@ -114,8 +120,10 @@ def worker_trl(args, tuned: bool = False, on_step=None, on_step_begin=None, conf
 
     cfg = load_config(ROOT / "examples" / "arithmetic.yaml", base_overrides(args) + args.set)
     model, tokenizer = load_model_and_tokenizer(cfg.model.name)  # fp32 weights, as posttrain's learner
+    fast = fast_dtype()
+    autocast = not tuned or fast == torch.bfloat16  # tuned on an emulated-bf16 CPU: fp32 throughout
     if tuned:
-        if bf16_weights:
+        if bf16_weights and fast == torch.bfloat16:
             model = model.to(torch.bfloat16)
         model.config._attn_implementation = "eager"
     reward = build_reward(cfg.reward, tokenizer=tokenizer)
@@ -165,7 +173,7 @@ def worker_trl(args, tuned: bool = False, on_step=None, on_step_begin=None, conf
             g = gen["s"] - self.g0
             steps.append({"step_s": total, "gen_s": g, "learn_s": total - g,
                           "completion_tokens": gen["tokens"] - self.n0, "prompt_tokens": gen["prompt_tokens"] - self.p0,
-                          "peak": matmul_peak_gflops(torch.bfloat16)})  # after the timing, as posttrain.bench does
+                          "peak": matmul_peak_gflops(fast)})  # after the timing, as posttrain.bench does
             if on_step is not None:
                 on_step(steps[-1])
 
@@ -176,7 +184,7 @@ def worker_trl(args, tuned: bool = False, on_step=None, on_step_begin=None, conf
             top_k=0, learning_rate=args.lr, lr_scheduler_type="constant", warmup_steps=0, beta=0.0,
             loss_type="dapo", scale_rewards="group", num_iterations=1, epsilon=0.2, max_grad_norm=1.0,
             max_steps=args.steps + args.warmup, logging_steps=1, report_to="none", save_strategy="no",
-            seed=args.seed, bf16=True, use_cpu=True, shuffle_dataset=False, disable_tqdm=True,
+            seed=args.seed, bf16=autocast, use_cpu=True, shuffle_dataset=False, disable_tqdm=True,
             dataloader_num_workers=0, gradient_checkpointing=not tuned,
         ) | (config_overrides or {}))
         trainer = GRPOTrainer(model=model, reward_funcs=reward_fn, args=config, train_dataset=data,
@@ -197,12 +205,22 @@ def worker_trl(args, tuned: bool = False, on_step=None, on_step_begin=None, conf
         "completion_tokens_per_step": med(r["completion_tokens"] for r in rows),
         "gen_tok_per_s": med(r["completion_tokens"] / r["gen_s"] for r in rows),
         "learner_tok_per_s": med((r["prompt_tokens"] + r["completion_tokens"]) / r["learn_s"] for r in rows),
-        "learner_dtype": "bf16 weights" if model.dtype == torch.bfloat16 else "fp32 weights, bf16 autocast",
+        "learner_dtype": ("bf16 weights" if model.dtype == torch.bfloat16
+                          else "fp32 weights, bf16 autocast" if autocast else "fp32 weights, no autocast"),
         "attention": model.config._attn_implementation,
         "peak_rss_mb": peak_rss_mb(),
         "reward_mean": med(rewards) if rewards else float("nan"),
         "gradient_checkpointing": config.gradient_checkpointing,
     }
+
+
+def fast_dtype():
+    """The precision posttrain's ``auto`` computes in on this machine (bf16 only where the CPU has bf16 instructions)."""
+    import torch
+
+    from posttrain.rollout.engine import resolve_dtype
+
+    return resolve_dtype("auto", torch.device("cpu"))
 
 
 def worker_trl_tuned(args) -> dict:
@@ -216,7 +234,7 @@ def worker_trl_tuned_fp32(args) -> dict:
 
 
 def worker_generate(args) -> dict:
-    """transformers' generate vs posttrain's engine: same bf16 weights, batch and length."""
+    """transformers' generate vs posttrain's engine: same weights (in the faster precision), batch and length."""
     import torch
 
     from posttrain.config import load_config
@@ -226,7 +244,7 @@ def worker_generate(args) -> dict:
 
     cfg = load_config(ROOT / "examples" / "arithmetic.yaml", base_overrides(args))
     model, tokenizer = load_model_and_tokenizer(cfg.model.name)
-    engine = HFRolloutEngine(model, tokenizer, dtype=torch.bfloat16)
+    engine = HFRolloutEngine(model, tokenizer, dtype=fast_dtype())
     problems = build_task(cfg.task).problems("train")[:args.prompts]
     tokenizer.padding_side = "left"
     texts = [tokenizer.apply_chat_template([{"role": "user", "content": p.prompt}], tokenize=False,
@@ -262,7 +280,7 @@ def worker_generate(args) -> dict:
             ours.append(float(r.completion_mask.sum()) / dt2)
     return {"hf_generate_tok_per_s": statistics.median(hf), "hf_generate_eager_tok_per_s": statistics.median(hf_eager),
             "hf_default_attention": default_attention, "posttrain_tok_per_s": statistics.median(ours),
-            "reps": args.gen_reps}
+            "reps": args.gen_reps, "dtype": str(engine.dtype).removeprefix("torch.")}
 
 
 WORKERS = {"posttrain": worker_posttrain, "trl": worker_trl, "trl_tuned": worker_trl_tuned,
@@ -319,7 +337,9 @@ def table(results: dict) -> str:
              if key in results]
     # The matmul peak is measured by the driver and after each step of every worker, and varies by ~10% on a
     # shared VM; MFU uses the highest, so no system is flattered by a slow measurement.
-    peak = max([results["peak_bf16_gflops"], p["matmul_peak_gflops"]] + [t["matmul_peak_gflops"] for _, t in peers])
+    fast = results.get("fast_dtype", "bfloat16")
+    driver_peak = results["peak_bf16_gflops"] if fast == "bfloat16" else results["peak_fp32_gflops"]
+    peak = max([driver_peak, p["matmul_peak_gflops"]] + [t["matmul_peak_gflops"] for _, t in peers])
 
     def row(label: str, key: str, fmt: str, ratio=None) -> tuple:
         cells = [format(p[key], fmt)] + [format(t[key], fmt) for _, t in peers]
@@ -337,7 +357,7 @@ def table(results: dict) -> str:
         row("completion tok/s (sampling)", "gen_tok_per_s", ".0f", rate),
         row("learner tok/s", "learner_tok_per_s", ".0f", rate),
         row("learner model GFLOP/s", "learner_gflops", ".0f"),
-        (f"learner MFU (highest peak of the run, {peak:.0f} GFLOP/s bf16)", f"{p['learner_gflops'] / peak:.1%}",
+        (f"learner MFU (highest peak of the run, {peak:.0f} GFLOP/s {fast})", f"{p['learner_gflops'] / peak:.1%}",
          *[f"{t['learner_gflops'] / peak:.1%}" for _, t in peers], *["" for _ in peers]),
         row("learner MFU (peak measured after each step, median)", "learner_mfu_step_peak", ".1%"),
         row("peak RSS (MB)", "peak_rss_mb", ".0f", lambda ours, theirs: f"{ours / theirs:.2f} of TRL's"),
@@ -352,7 +372,7 @@ def table(results: dict) -> str:
                      f"{t['attention']} attention.")
     lines.append("")
     batch = results.get("prompts", PROMPTS) * results.get("completions", COMPLETIONS)
-    lines.append(f"Sampling alone, same bf16 weights, batch {batch}, up to {results['max_new_tokens']} new "
+    lines.append(f"Sampling alone, same {g.get('dtype', 'bfloat16')} weights, batch {batch}, up to {results['max_new_tokens']} new "
                  f"tokens: transformers generate {g['hf_generate_tok_per_s']:.0f} tok/s ({g['hf_default_attention']} "
                  f"attention, its default), posttrain engine {g['posttrain_tok_per_s']:.0f} tok/s "
                  f"({g['posttrain_tok_per_s'] / g['hf_generate_tok_per_s']:.2f}x). transformers generate with the "
@@ -365,6 +385,9 @@ def table(results: dict) -> str:
         return f"{min(r['step_peaks_gflops']):.0f}-{max(r['step_peaks_gflops']):.0f}"
 
     spans = "".join(f", of {n}: {span(t)}" for n, t in peers)
+    if fast != "bfloat16":
+        lines.append("This CPU has no bf16 instructions (bf16 is emulated, slower than fp32): posttrain's auto precision "
+                     "and tuned TRL compute in fp32; the MFU rows divide by the fp32 peak.")
     lines.append(f"Matmul peak (2048x2048, all threads, best of 6), measured by the driver: "
                  f"{results['peak_bf16_gflops']:.0f} GFLOP/s bf16 ({results['peak_fp32_gflops']:.0f} fp32); after each "
                  f"measured step of posttrain: {span(p)}{spans}. The first MFU row divides by the highest "
@@ -422,9 +445,12 @@ def main() -> int:
         "prompts": args.prompts, "completions": args.completions, "steps": args.steps, "warmup": args.warmup,
         "allocator": "tcmalloc" if ALLOCATOR["library"] else "system (glibc)",
         "onednn_cache": os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"],
+        "fast_dtype": str(fast_dtype()).removeprefix("torch."),
         "environment": environment(),
     }
-    for name in args.only or ["generate", "posttrain", "trl_tuned", "trl_tuned_fp32", "trl"]:
+    # Without bf16 instructions, "tuned, fp32 weights" is the tuned row itself (see the module docstring).
+    default = ["generate", "posttrain", "trl_tuned"] + (["trl_tuned_fp32"] if fast_dtype() == torch.bfloat16 else []) + ["trl"]
+    for name in args.only or default:
         results[name] = run_worker(name, argv)
     if {"posttrain", "generate"} <= set(results) and ("trl" in results or "trl_tuned" in results):
         results["table"] = table(results)

@@ -1,4 +1,5 @@
-"""benchmarks/vs_trl.py runs end to end on the tiny model: posttrain, TRL tuned (bf16 and fp32 weights), TRL as shipped.
+"""benchmarks/vs_trl.py runs end to end on the tiny model: posttrain, TRL tuned (bf16 and fp32 weights where
+the CPU has bf16 instructions, fp32 throughout where it has not), TRL as shipped.
 
 One step each, so the figures mean nothing; the test checks that every worker runs, that the two
 TRL rows differ in exactly the settings the benchmark says they do, and that every invocation
@@ -12,6 +13,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from posttrain.rollout.engine import cpu_has_native_bf16
 
 pytest.importorskip("trl", reason="TRL is the benchmark's peer: pip install -e '.[bench]'")
 
@@ -31,12 +34,22 @@ def test_vs_trl_runs_one_step_on_the_tiny_model(tmp_path):
     assert len(env["posttrain_commit"].split()[0]) >= 7 and env["torch_threads"] >= 1
     shipped, tuned = result["trl"], result["trl_tuned"]
     assert shipped["gradient_checkpointing"] is True and tuned["gradient_checkpointing"] is False
-    assert tuned["attention"] == "eager" and tuned["learner_dtype"] == "bf16 weights"
-    fp32 = result["trl_tuned_fp32"]
-    assert fp32["gradient_checkpointing"] is False and fp32["attention"] == "eager"
-    assert fp32["learner_dtype"] == "fp32 weights, bf16 autocast"
-    for worker in ("posttrain", "trl", "trl_tuned", "trl_tuned_fp32"):
+    assert shipped["learner_dtype"] == "fp32 weights, bf16 autocast"  # as shipped on every CPU
+    assert tuned["attention"] == "eager"
+    workers = ["posttrain", "trl", "trl_tuned"]
+    if cpu_has_native_bf16():
+        assert result["fast_dtype"] == "bfloat16" and tuned["learner_dtype"] == "bf16 weights"
+        fp32 = result["trl_tuned_fp32"]
+        assert fp32["gradient_checkpointing"] is False and fp32["attention"] == "eager"
+        assert fp32["learner_dtype"] == "fp32 weights, bf16 autocast"
+        assert "vs TRL tuned, fp32 weights" in result["table"]
+        workers.append("trl_tuned_fp32")
+    else:  # bf16 is emulated here: tuned TRL computes in fp32, and the fp32-weights row would repeat it
+        assert result["fast_dtype"] == "float32" and tuned["learner_dtype"] == "fp32 weights, no autocast"
+        assert "trl_tuned_fp32" not in result and "no bf16 instructions" in result["table"]
+        assert result["generate"]["dtype"] == "float32"
+    for worker in workers:
         assert math.isfinite(result[worker]["step_s"]) and result[worker]["step_s"] > 0, worker
         assert result[worker]["peak_rss_mb"] > 0, worker
-    assert "| median step time (s) |" in result["table"] and "vs TRL tuned, fp32 weights" in result["table"]
+    assert "| median step time (s) |" in result["table"]
     assert "Environment: posttrain_commit" in proc.stdout

@@ -26,6 +26,27 @@ def test_the_estimate_by_hand():
     # ... but never below one row, which forms a micro-batch of its own
     assert estimate(config, params=1000, trainable=500, rows=8, prompt_tokens=10, max_new_tokens=6,
                     micro_batch_size=4, logprob_chunk_tokens=256, micro_batch_tokens=5).learner == 16 * 64 * 2 * 34
+    # in fp32 (auto on a CPU without bf16 instructions): no bf16 copy, and 4-byte KV and activations
+    fp32 = estimate(config, params=1000, trainable=500, rows=8, prompt_tokens=10, max_new_tokens=6,
+                    micro_batch_size=4, logprob_chunk_tokens=256, learner_bytes=4, sampler_bytes=4)
+    assert fp32.weights == 4000 and fp32.optimizer == 6000
+    assert fp32.kv_cache == 2 * est.kv_cache and fp32.learner == 4 * 16 * 64 * 2 * 17 * 4
+
+
+def test_the_estimate_uses_the_precision_the_run_will_compute_in(monkeypatch):
+    from posttrain.rollout import engine
+    from posttrain.trainers.resources import compute_bytes
+
+    def cfg(autocast: str, dtype: str):
+        return SimpleNamespace(trainer=SimpleNamespace(autocast=autocast, device="cpu"),
+                               rollout=SimpleNamespace(dtype=dtype))
+
+    monkeypatch.setattr(engine, "cpu_has_native_bf16", lambda: False)  # a CPU that emulates bf16
+    assert compute_bytes(cfg("auto", "auto")) == (4, 4)
+    assert compute_bytes(cfg("bfloat16", "bfloat16")) == (2, 2)  # asked for by name
+    monkeypatch.setattr(engine, "cpu_has_native_bf16", lambda: True)
+    assert compute_bytes(cfg("auto", "auto")) == (2, 2)
+    assert compute_bytes(cfg("none", "float32")) == (4, 4)
 
 
 def test_a_run_that_cannot_fit_is_refused_naming_the_knob():

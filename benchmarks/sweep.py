@@ -14,9 +14,10 @@ with 8 prompts per step (``--prompts``), the quickstart's task, reward and GRPO 
 under the same allocator (tcmalloc when installed), and its figures are those of
 benchmarks/vs_trl.py's workers, imported from there: median step time, generation tok/s (completion
 tokens per second of sampling), learner tok/s ((prompt + completion) tokens per second of the
-update), learner MFU (model FLOPs, see posttrain.bench.learner_flops, over the bf16 matmul peak
-measured with the cell's thread count) and peak RSS. TRL tuned = no gradient checkpointing, bf16
-weights, eager attention (vs_trl.py's docstring says why).
+update), learner MFU (model FLOPs, see posttrain.bench.learner_flops, over the matmul peak of the
+faster precision, measured with the cell's thread count) and peak RSS. TRL tuned = no gradient
+checkpointing, eager attention, and bf16 weights where the CPU has bf16 instructions (fp32 throughout
+where it has not, as posttrain's auto precision; vs_trl.py's docstring says why).
 
 Random weights: speed does not depend on weight values, so the larger SmolLM2 sizes are built from
 their architectures (SmolLM2-135M's config with the 360M / 1.7B dimensions, from the model cards;
@@ -309,13 +310,15 @@ def _fmt(record: dict | None, key: str, fmt: str) -> str:
 def markdown(results: dict) -> str:
     """One table per model; a row per (length, group, threads), posttrain / TRL tuned side by side."""
     env, s = results["environment"], results["settings"]
-    peaks = ", ".join(f"{t} thread(s): {g:.0f}" for t, g in sorted(results["peaks_bf16_gflops"].items()))
+    peaks = ", ".join(f"{t} thread(s): {g:.0f}" for t, g in sorted(results["peaks_gflops"].items()))
+    precision = results.get("peak_dtype", "bfloat16")
+    trl_weights = "bf16 weights" if precision == "bfloat16" else "fp32 weights, no autocast"
     lines = ["# Shape sweep: posttrain vs TRL tuned (benchmarks/sweep.py)", "",
              f"{s['prompts']} prompts per step, median of {s['steps']} measured steps after {s['warmup']} warm-up, "
              f"quickstart task and reward, token-mean GRPO, PPO clip 0.2, one epoch, no KL, lr {s['lr']:g}, seed "
-             f"{s['seed']}. TRL tuned: no gradient checkpointing, bf16 weights, eager attention. Each cell ran in "
+             f"{s['seed']}. TRL tuned: no gradient checkpointing, {trl_weights}, eager attention. Each cell ran in "
              f"its own process (peak RSS is its own) under {env['allocator']}. MFU: learner model FLOPs (attention "
-             f"excluded) over the bf16 matmul peak measured after each step (GFLOP/s at sweep start: {peaks}). "
+             f"excluded) over the {precision} matmul peak measured after each step (GFLOP/s at sweep start: {peaks}). "
              f"Budget {env['max_cell_minutes']:g} min and {env['max_cell_gb']:g} GB per cell.",
              "", "**Models marked RANDOM weights are SmolLM2 architectures with random weights**: their figures are "
              "speed only, and they fill every completion to the cap (the real 135M stops when it has answered).",
@@ -463,7 +466,7 @@ def main(argv=None) -> int:
                              f"for {settings}; pass the same --steps/--warmup/--prompts/--lr/--seed or another --out")
     else:
         results = {"benchmark": "benchmarks/sweep.py", "settings": settings, "cells": [], "models": {},
-                   "peaks_bf16_gflops": {}, "random_weights_note": "models labelled RANDOM weights are the "
+                   "peaks_gflops": {}, "random_weights_note": "models labelled RANDOM weights are the "
                    "SmolLM2 architectures with random weights: speed figures only, they fill every completion"}
     import torch
 
@@ -476,10 +479,13 @@ def main(argv=None) -> int:
     results["environment"] = env | {"allocator": "tcmalloc" if allocator else "system (glibc)",
                                     "max_cell_minutes": opts.max_cell_minutes, "max_cell_gb": opts.max_cell_gb}
     results.setdefault("invocations", []).append(results["environment"])  # a resumed sweep keeps each one's
+    fast = vs_trl.fast_dtype()  # what posttrain's auto and tuned TRL compute in here
+    if results.setdefault("peak_dtype", str(fast).removeprefix("torch.")) != str(fast).removeprefix("torch."):
+        raise SystemExit(f"--resume: {json_path} was measured on a CPU whose faster precision is "
+                         f"{results['peak_dtype']}; this one's is {fast}: use another --out")
     for t in opts.threads:
         torch.set_num_threads(t)
-        results["peaks_bf16_gflops"][str(t)] = max(results["peaks_bf16_gflops"].get(str(t), 0.0),
-                                                   matmul_peak_gflops(torch.bfloat16))
+        results["peaks_gflops"][str(t)] = max(results["peaks_gflops"].get(str(t), 0.0), matmul_peak_gflops(fast))
     finished = {cell_key(c) for c in results["cells"] if c["status"] in ("ok", "skipped")}
     systems = ["posttrain"] + ([] if opts.skip_trl else ["trl_tuned"])
     todo = [{"model": m, "length": n, "group": g, "threads": t, "system": s}
@@ -491,7 +497,7 @@ def main(argv=None) -> int:
         if cell["model"] not in results["models"]:
             results["models"][cell["model"]] = model_info(cell["model"])  # builds a random architecture once
         info = results["models"][cell["model"]]
-        floor = learner_floor_minutes(info, cell, opts, results["peaks_bf16_gflops"][str(cell["threads"])])
+        floor = learner_floor_minutes(info, cell, opts, results["peaks_gflops"][str(cell["threads"])])
         if cell["model"] in ARCHS and floor > opts.max_cell_minutes:
             record = {"status": "skipped", "reason": f"skipped: estimated >= {floor:.0f} min (learner FLOPs alone "
                       f"at {BEST_LEARNER_MFU:.0%} of the matmul peak; budget {opts.max_cell_minutes:g} min)"}

@@ -31,6 +31,10 @@ def test_smoke_cell_runs_both_systems_and_resume_skips_it(tmp_path):
     res = json.loads(stem.with_suffix(".json").read_text())
     cells = {c["system"]: c for c in res["cells"]}
     assert set(cells) == {"posttrain", "trl_tuned"}
+    from posttrain.rollout.engine import cpu_has_native_bf16
+
+    # MFU and the skip estimate use the peak of the precision both systems compute in on this CPU
+    assert res["peak_dtype"] == ("bfloat16" if cpu_has_native_bf16() else "float32") and res["peaks_gflops"]["1"] > 0
     for cell in cells.values():
         assert cell["status"] == "ok", cell
         assert (cell["model"], cell["length"], cell["group"], cell["threads"]) == ("tiny-random", 8, 2, 1)

@@ -8,12 +8,14 @@ Measured here, in one invocation:
                                     triad a = b + s c  24 bytes per element
                 (STREAM's convention: write-allocate traffic is not counted). The roofline uses the
                 higher of the two.
-    peak        bf16 matmul GFLOP/s, posttrain.bench.matmul_peak_gflops (2048^2, best of 6), as
-                bench.py and vs_trl.py measure it.
+    peak        matmul GFLOP/s in the sampling precision, posttrain.bench.matmul_peak_gflops (2048^2,
+                best of 6), as bench.py and vs_trl.py measure it.
 
 The roofline (Williams, Waterman, Patterson, "Roofline: an insightful visual performance model for
 multicore architectures", CACM 2009; not on arXiv), per decode step of a batch of B rows at context
-length C (tokens already in the KV cache), weights and KV cache in bf16 (2 bytes):
+length C (tokens already in the KV cache), weights and KV cache in the sampling precision of e bytes
+(bf16, e = 2, where the CPU has bf16 instructions; fp32, e = 4, where it has not, as posttrain's auto;
+the formulas below write e = 2):
     FLOPs(B, C) = 2 (N_matmul) B  +  4 L H d C B
                   N_matmul = matmul weights of the decoder + the LM head (vocab x hidden); the
                   attention term is QK^T and AV: 2 d C multiply-adds each, per head and layer
@@ -28,7 +30,7 @@ sampling (softmax over the vocabulary) and Python overhead are not in the model:
 separates a real sampler from the line.
 
 Then measured: posttrain's hf sampler (``rollout.sampler.build_engine`` as ``posttrain rl`` builds it,
-bf16) at batch sizes ``--batches`` (B = prompts x completions: 1 x 1, then 8 completions per prompt,
+in the sampling precision) at batch sizes ``--batches`` (B = prompts x completions: 1 x 1, then 8 completions per prompt,
 B / 8 arithmetic prompts), ``--new-tokens`` new tokens each (default 32), on the SmolLM2-135M
 architecture with RANDOM weights (benchmarks/sweep.py builds it): a random model never samples
 end-of-sequence in practice, so every row decodes every token and the batch stays B, which the
@@ -60,7 +62,7 @@ from pathlib import Path
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 RESULTS = BENCH / "results"
-KV_BYTES = WEIGHT_BYTES = 2  # bf16
+BF16_BYTES = 2
 
 
 # ---------------------------------------------------------------------------------- arithmetic
@@ -79,21 +81,23 @@ def arch_dims(config) -> dict:
             "params": nonembed + norms + vocab * h * (1 if tied else 2)}
 
 
-def decode_step(dims: dict, batch: int, context: float) -> dict:
-    """FLOPs and bytes of one decode step (formulas in the module docstring)."""
+def decode_step(dims: dict, batch: int, context: float, element_bytes: int = BF16_BYTES) -> dict:
+    """FLOPs and bytes of one decode step (formulas in the module docstring), weights and KV cache of
+    ``element_bytes`` each."""
     matmul = dims["nonembed"] + dims["vocab"] * dims["hidden"]
     attention = 4 * dims["layers"] * dims["heads"] * dims["head_dim"] * context * batch
     flops = 2 * matmul * batch + attention
-    weights = WEIGHT_BYTES * (dims["nonembed"] + dims["norms"] + dims["vocab"] * dims["hidden"])
-    kv = KV_BYTES * 2 * dims["layers"] * dims["kv_heads"] * dims["head_dim"] * context * batch
+    weights = element_bytes * (dims["nonembed"] + dims["norms"] + dims["vocab"] * dims["hidden"])
+    kv = element_bytes * 2 * dims["layers"] * dims["kv_heads"] * dims["head_dim"] * context * batch
     return {"flops": flops, "bytes": weights + kv, "weight_bytes": weights, "kv_bytes": kv,
             "intensity": flops / (weights + kv)}
 
 
-def roofline_tok_per_s(dims: dict, batch: int, context: float, peak_flops: float, bandwidth: float) -> dict:
+def roofline_tok_per_s(dims: dict, batch: int, context: float, peak_flops: float, bandwidth: float,
+                       element_bytes: int = BF16_BYTES) -> dict:
     """Attainable tokens/s at (batch, context): min(peak, bandwidth x intensity) / FLOPs per token.
     ``peak_flops`` in FLOP/s, ``bandwidth`` in bytes/s."""
-    step = decode_step(dims, batch, context)
+    step = decode_step(dims, batch, context, element_bytes)
     attainable = min(peak_flops, bandwidth * step["intensity"])
     return step | {"attainable_flops": attainable, "tok_per_s": attainable / (step["flops"] / batch),
                    "bound": "memory" if bandwidth * step["intensity"] < peak_flops else "compute"}
@@ -132,7 +136,7 @@ def stream_bandwidth(mb: float = 256, reps: int = 10) -> dict:
 
 
 # ---------------------------------------------------------------------------------- measurements
-def sampler_runs(model, tokenizer, batch: int, new_tokens: int, reps: int, per_prompt: int = 8) -> dict:
+def sampler_runs(model, tokenizer, batch: int, new_tokens: int, reps: int, per_prompt: int = 8, dtype=None) -> dict:
     """posttrain's hf engine on B = prompts x completions rows: one warm-up, then the median of ``reps``."""
     import torch
 
@@ -145,7 +149,7 @@ def sampler_runs(model, tokenizer, batch: int, new_tokens: int, reps: int, per_p
         raise SystemExit(f"--batches {batch}: a batch above {per_prompt} must be a multiple of {per_prompt} "
                          f"(it is B / {per_prompt} prompts x {per_prompt} completions)")
     problems = list(build_task({"name": "arithmetic"}).problems("train")[: batch // n])
-    engine = build_engine(RolloutConfig(), ModelConfig(), model, tokenizer, torch.bfloat16, seed=0)
+    engine = build_engine(RolloutConfig(), ModelConfig(), model, tokenizer, dtype or torch.bfloat16, seed=0)
     params = SamplingParams(max_new_tokens=new_tokens, temperature=1.0)
     prompt_len = max(len(p) for p in engine.encode(problems, new_tokens))
     runs = []
@@ -196,7 +200,9 @@ def measure(opts) -> dict:
     print("[roofline] memory bandwidth and matmul peak ...", flush=True)
     res["stream"] = stream_bandwidth(opts.stream_mb, opts.stream_reps) | {"last_level_cache_mb": last_level_cache_mb()}
     res["bandwidth_gbps"] = max(res["stream"]["copy_gbps"], res["stream"]["triad_gbps"])
-    res["peak_bf16_gflops"] = matmul_peak_gflops(torch.bfloat16)
+    fast = vs_trl.fast_dtype()  # what posttrain samples in here: bf16 only with bf16 instructions
+    res["dtype"], res["element_bytes"] = str(fast).removeprefix("torch."), fast.itemsize
+    res["peak_gflops"] = matmul_peak_gflops(fast)
     model, tokenizer = load_model_and_tokenizer(opts.model)
     res["dims"] = arch_dims(model.config)
     sampler_source = sweep.model_source(opts.sampler_model)
@@ -207,10 +213,10 @@ def measure(opts) -> dict:
     res["sampler"] = []
     for b in opts.batches:
         print(f"[roofline] sampler, batch {b} ...", flush=True)
-        run = sampler_runs(sampler_model, sampler_tok, b, opts.new_tokens, opts.reps)
+        run = sampler_runs(sampler_model, sampler_tok, b, opts.new_tokens, opts.reps, dtype=fast)
         run["context"] = run["prompt_len"] + opts.new_tokens / 2
-        line = roofline_tok_per_s(res["dims"], b, run["context"], res["peak_bf16_gflops"] * 1e9,
-                                  res["bandwidth_gbps"] * 1e9)
+        line = roofline_tok_per_s(res["dims"], b, run["context"], res["peak_gflops"] * 1e9,
+                                  res["bandwidth_gbps"] * 1e9, fast.itemsize)
         res["sampler"].append(run | {"roofline": line, "fraction": run["decode_tok_per_s"] / line["tok_per_s"]})
     ref = vllm_reference(opts.vllm_json)
     res["vllm_reference"] = ref
@@ -221,7 +227,7 @@ def measure(opts) -> dict:
             shapes = [(shapes[0][0], opts.new_tokens)]
         for batch, length in shapes:
             print(f"[roofline] real model at sampling_engines.json's shape: batch {batch}, {length} new ...", flush=True)
-            run = sampler_runs(model, tokenizer, batch, length, opts.reps)
+            run = sampler_runs(model, tokenizer, batch, length, opts.reps, dtype=fast)
             vllm = {name: e[str(length)]["tok_per_s"] for name, e in ref["engines"].items()
                     if str(length) in e and e[str(length)]["batch"] == batch and name != "hf"}
             # the file's own hf row: posttrain's engine in the same invocation as vLLM
@@ -231,16 +237,22 @@ def measure(opts) -> dict:
 
 
 # ---------------------------------------------------------------------------------- report
+def peak_gflops(res: dict) -> float:
+    """The matmul peak of the sampling precision (files written before the key was renamed: bf16)."""
+    return res["peak_gflops"] if "peak_gflops" in res else res["peak_bf16_gflops"]
+
+
 def markdown(res: dict) -> str:
     env, d = res["environment"], res["dims"]
-    peak, bw = res["peak_bf16_gflops"], res["bandwidth_gbps"]
+    peak, bw = peak_gflops(res), res["bandwidth_gbps"]
+    dtype = {"bfloat16": "bf16", "float32": "fp32"}[res.get("dtype", "bfloat16")]
     lines = [f"# Decoding roofline of {res['model']} (benchmarks/roofline.py)", "",
              f"Measured {env['date']}: memory bandwidth (STREAM-like, float64, {res['stream']['array_mb']:.0f} MB arrays; "
              f"last-level cache {res['stream'].get('last_level_cache_mb', 0):.0f} MB; "
              f"best of {res['stream']['reps']}, {env['torch_threads']} torch threads) copy "
              f"{res['stream']['copy_gbps']:.1f} GB/s, triad {res['stream']['triad_gbps']:.1f} GB/s (the roofline uses "
-             f"{bw:.1f}); bf16 matmul peak {peak:.0f} GFLOP/s. Model: {d['params'] / 1e6:.1f}M parameters, "
-             f"{d['layers']} layers, {d['heads']} heads ({d['kv_heads']} KV), head size {d['head_dim']}; bf16 weights and "
+             f"{bw:.1f}); {dtype} matmul peak {peak:.0f} GFLOP/s. Model: {d['params'] / 1e6:.1f}M parameters, "
+             f"{d['layers']} layers, {d['heads']} heads ({d['kv_heads']} KV), head size {d['head_dim']}; {dtype} weights and "
              f"KV cache. Ridge point: intensity {peak / bw:.0f} FLOP/byte.", "",
              f"## posttrain's hf sampler against the roofline ({res['sampler_model']}, {res['new_tokens']} new tokens)", "",
              "Sampled on the architecture with RANDOM weights: every row decodes every token, so the batch stays B. "
@@ -259,7 +271,8 @@ def markdown(res: dict) -> str:
     else:
         lines += [f"vLLM's figures are from {ref['file']} ({ref['timestamp']}, {ref['machine']['cpu']}, "
                   f"{ref['machine']['cores']} cores); posttrain's were measured now ({env['cpu']}, {env['cpus']} CPUs). "
-                  "Same shape: real SmolLM2-135M-Instruct, 8 arithmetic prompts x 8, temperature 1, bf16; tok/s = "
+                  "Same shape: real SmolLM2-135M-Instruct, 8 arithmetic prompts x 8, temperature 1, "
+                  f"posttrain in {dtype} (vLLM: the file's dtype); tok/s = "
                   "completion tokens / wall time. Different invocations (and load), so the ratios are indicative; the "
                   "JSON's own hf row gives the same-invocation ratio.", "",
                   "| batch | max new | posttrain now tok/s (mean len) | file: vLLM tok/s | now / vLLM | file: hf tok/s "
@@ -285,12 +298,13 @@ def plot(res: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    d, peak, bw = res["dims"], res["peak_bf16_gflops"] * 1e9, res["bandwidth_gbps"] * 1e9
+    d, peak, bw = res["dims"], peak_gflops(res) * 1e9, res["bandwidth_gbps"] * 1e9
+    element = res.get("element_bytes", BF16_BYTES)
     batches = [2**i for i in range(0, 10)]
     fig, ax = plt.subplots(figsize=(7, 4.5))
     mean_c = statistics.mean(r["context"] for r in res["sampler"])
     for c, style in ((mean_c, "-"), (1024, "--"), (4096, ":")):
-        ax.plot(batches, [roofline_tok_per_s(d, b, c, peak, bw)["tok_per_s"] for b in batches], style, color="k",
+        ax.plot(batches, [roofline_tok_per_s(d, b, c, peak, bw, element)["tok_per_s"] for b in batches], style, color="k",
                 label=f"roofline, context {c:.0f}")
     ax.plot([r["batch"] for r in res["sampler"]], [r["decode_tok_per_s"] for r in res["sampler"]], "o-", color="C0",
             label=f"posttrain hf sampler, decode ({res['sampler_model']})")
@@ -304,7 +318,7 @@ def plot(res: dict, path: Path) -> None:
             ax.plot([r["batch"]], [v], "^", color=f"C{2 + i}", label=f"{name} (sampling_engines.json), max {r['new_tokens']}",
                     **fill)
     ax.set(xscale="log", yscale="log", xlabel="batch (rows decoding together)", ylabel="tokens / s",
-           title=f"Decoding roofline, {res['model']}: {bw / 1e9:.1f} GB/s, {peak / 1e9:.0f} GFLOP/s bf16")
+           title=f"Decoding roofline, {res['model']}: {bw / 1e9:.1f} GB/s, {peak / 1e9:.0f} GFLOP/s {res.get('dtype', 'bfloat16')}")
     ax.title.set_fontsize(9)
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=6)

@@ -46,6 +46,12 @@ def test_decode_step_flops_and_bytes_by_hand(tiny):
     assert step["flops"] == 1_823_744
     assert step["weight_bytes"] == 177_408 and step["kv_bytes"] == 409_600 and step["bytes"] == 587_008
     assert step["intensity"] == pytest.approx(1_823_744 / 587_008)
+    # fp32 (auto's sampling precision on a CPU without bf16 instructions): the same FLOPs, twice the bytes
+    fp32 = roofline.decode_step(roofline.arch_dims(tiny.config), batch=8, context=100, element_bytes=4)
+    assert fp32["flops"] == 1_823_744 and fp32["weight_bytes"] == 354_816 and fp32["kv_bytes"] == 819_200
+    # memory-bound at 10 GB/s: 8 x 10e9 / 1,174,016 = 68,142.17 tok/s, half the bf16 figure
+    assert roofline.roofline_tok_per_s(roofline.arch_dims(tiny.config), 8, 100, 1e12, 10e9, 4)["tok_per_s"] == \
+        pytest.approx(68_142.17, rel=1e-6)
 
 
 def test_roofline_memory_and_compute_bound_by_hand(tiny):
@@ -88,4 +94,8 @@ def test_smoke_run_writes_the_three_outputs(tmp_path):
         assert 1 <= r["mean_completion_len"] <= 4  # the tiny vocabulary (101) makes an early EOS possible
         assert 0 < r["fraction"] == pytest.approx(r["decode_tok_per_s"] / r["roofline"]["tok_per_s"])
     assert "| batch | C | FLOPs/step" in stem.with_suffix(".md").read_text()
+    from posttrain.rollout.engine import cpu_has_native_bf16
+
+    # sampled, and its roofline drawn, in the precision posttrain's auto samples in on this CPU
+    assert (res["dtype"], res["element_bytes"]) == (("bfloat16", 2) if cpu_has_native_bf16() else ("float32", 4))
     assert stem.with_suffix(".png").stat().st_size > 10_000

@@ -41,10 +41,16 @@ def test_the_estimate_uses_the_precision_the_run_will_compute_in(monkeypatch):
         return SimpleNamespace(trainer=SimpleNamespace(autocast=autocast, device="cpu"),
                                rollout=SimpleNamespace(dtype=dtype))
 
-    monkeypatch.setattr(engine, "cpu_has_native_bf16", lambda: False)  # a CPU that emulates bf16
+    from posttrain.trainers import learner
+
+    def native(yes: bool):  # the sampler's rule (engine) and the learner's (learner) read the same probe
+        for module in (engine, learner):
+            monkeypatch.setattr(module, "cpu_has_native_bf16", lambda: yes)
+
+    native(False)  # a CPU that emulates bf16
     assert compute_bytes(cfg("auto", "auto")) == (4, 4)
     assert compute_bytes(cfg("bfloat16", "bfloat16")) == (2, 2)  # asked for by name
-    monkeypatch.setattr(engine, "cpu_has_native_bf16", lambda: True)
+    native(True)
     assert compute_bytes(cfg("auto", "auto")) == (2, 2)
     assert compute_bytes(cfg("none", "float32")) == (4, 4)
 

@@ -71,6 +71,12 @@ def bf16_supported(device: torch.device) -> bool:
     return torch.cuda.is_bf16_supported() if device.type == "cuda" else cpu_has_native_bf16()
 
 
+def learner_dtype(autocast: str, device: torch.device) -> torch.dtype:
+    """``trainer.autocast`` -> what the learner computes in: bf16 by name, or under auto where it is native."""
+    use_bf16 = autocast == "bfloat16" or (autocast == "auto" and bf16_supported(device))
+    return torch.bfloat16 if use_bf16 else torch.float32
+
+
 class Learner:
     """Owns the policy's trainable weights, optimizer, reference and critic.
 
@@ -85,8 +91,8 @@ class Learner:
         self.sampler_dtype, self.will_shard = sampler_dtype, shard
         self.fsdp = None  # a posttrain.distributed.fsdp.FSDPShards once ``shard()`` has run
         policy = policy.to(device)
-        use_bf16 = trainer.autocast == "bfloat16" or (trainer.autocast == "auto" and bf16_supported(device))
-        self.dtype = torch.bfloat16 if use_bf16 else torch.float32
+        self.dtype = learner_dtype(trainer.autocast, device)
+        use_bf16 = self.dtype == torch.bfloat16
         self.lora = None  # a models.lora.LoRAPolicy under model.lora
         if model_cfg.lora is not None:
             if shard:

@@ -64,20 +64,18 @@ def _size(n: float) -> str:
     return f"{n / 2**30:.1f} GB" if n >= 2**30 else f"{n / 2**20:.0f} MB"
 
 
-def compute_bytes(cfg) -> tuple[int, int]:
-    """Bytes per element of the learner's and the sampler's compute dtype for ``cfg`` on this machine."""
-    import torch
-
+def compute_bytes(cfg, device=None) -> tuple[int, int]:
+    """Bytes per element of the learner's and the sampler's compute dtype for ``cfg`` on ``device``
+    (default: ``trainer.device`` resolved as the trainer resolves it)."""
     from posttrain.rollout.engine import resolve_dtype
+    from posttrain.trainers.learner import learner_dtype, resolve_device
 
-    device = torch.device("cuda" if getattr(cfg.trainer, "device", "auto") != "cpu" and torch.cuda.is_available()
-                          else "cpu")
-    autocast = getattr(cfg.trainer, "autocast", "auto")
-    learner = {"bfloat16": torch.bfloat16, "none": torch.float32}.get(autocast) or resolve_dtype("auto", device)
+    device = device or resolve_device(getattr(cfg.trainer, "device", "auto"))
+    learner = learner_dtype(getattr(cfg.trainer, "autocast", "auto"), device)
     return learner.itemsize, resolve_dtype(getattr(cfg.rollout, "dtype", "auto"), device).itemsize
 
 
-def check_memory(cfg, model, prompt_tokens: int, available: float | None = None) -> MemoryEstimate:
+def check_memory(cfg, model, prompt_tokens: int, available: float | None = None, device=None) -> MemoryEstimate:
     """Raise ``ResourceError`` when the RL run of ``cfg`` on ``model`` (longest prompt
     ``prompt_tokens``) would need more than ``available`` bytes (default: what the OS reports)."""
     import psutil
@@ -86,7 +84,7 @@ def check_memory(cfg, model, prompt_tokens: int, available: float | None = None)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     ro, tc = cfg.rollout, cfg.trainer
     rows = ro.num_prompts * ro.num_completions
-    learner_bytes, sampler_bytes = compute_bytes(cfg)
+    learner_bytes, sampler_bytes = compute_bytes(cfg, device)
     est = estimate(model.config, params, trainable, rows, prompt_tokens, ro.max_new_tokens, tc.micro_batch_size,
                    tc.logprob_chunk_tokens, tc.micro_batch_tokens, learner_bytes, sampler_bytes)
     available = psutil.virtual_memory().available if available is None else available

@@ -100,7 +100,7 @@ class RLTrainer:
         encoded = encode_prompts(tokenizer, self.data.problems + self.eval_problems, cfg.rollout.max_new_tokens,
                                  cfg.rollout.chat_template, context_window(policy.config))
         # ... and the run must fit in memory, checked before the engine allocates its KV cache.
-        check_memory(cfg, policy, max(map(len, encoded)))
+        check_memory(cfg, policy, max(map(len, encoded)), device=self.device)
         sampler_dtype = resolve_dtype(cfg.rollout.dtype, self.device)
         self.learner = Learner(policy, tc, cfg.model, temperature=cfg.rollout.temperature, device=self.device,
                                sampler_dtype=sampler_dtype, reference=alg.uses_reference,

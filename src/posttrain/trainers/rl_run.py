@@ -13,6 +13,8 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
+import torch
+
 from posttrain.config import ConfigError, RLConfig, dump_config, load_config
 from posttrain.models.loading import describe_source, latest_checkpoint, load_model_and_tokenizer
 from posttrain.rewards.base import Reward, problem_issue
@@ -320,7 +322,7 @@ def run_loop(trainer, cfg, run: RunDir, path: Path, resume: bool, stop_after: Op
 def precision_line(dtype, device, autocast: str) -> str:
     """What the learner computes in, and why when ``auto`` passed over an emulated bf16."""
     line = f"learner computes in {str(dtype).removeprefix('torch.')}"
-    if autocast == "auto" and device.type == "cpu" and str(dtype) == "torch.float32" and cpu_computes_bf16():
+    if autocast == "auto" and device.type == "cpu" and dtype == torch.float32 and cpu_computes_bf16():
         line += (" (auto: this CPU has no bf16 instructions, AVX512_BF16 or AMX, so bf16 would be emulated and "
                  "slower; trainer.autocast=bfloat16 rollout.dtype=bfloat16 forces it)")
     return line

@@ -30,7 +30,8 @@ TRL, configured as a competent user would on this CPU:
   of which 135M parameters need little);
 * weights loaded in bf16 (TRL then trains them in bf16, with ``bf16=True``): what posttrain
   computes in, but a cheaper and less precise update than posttrain's fp32 master weights, so
-  the choice favours TRL;
+  the choice favours TRL. On a CPU without bf16 instructions (bf16 emulated, slower than fp32)
+  posttrain's auto computes in fp32, and TRL keeps fp32 weights with ``bf16=False``;
 * ``precompute_ref_log_probs=True``: the reference log-probs are computed once, before training,
   and TRL keeps no reference model (without it TRL would hold a second copy and run a reference
   forward every step). posttrain also computes each pair's reference log-probs once, but inside
@@ -139,7 +140,11 @@ def worker_trl(args, attention: str) -> dict:
     pairs = [every[i] for i in used]
     order = [used.index(i) for i in drawn]
     model, tokenizer = load_model_and_tokenizer(args.model)
-    model = model.to(torch.bfloat16)
+    from vs_trl import fast_dtype  # bf16 only where the CPU has bf16 instructions, as posttrain's auto
+
+    bf16 = fast_dtype() == torch.bfloat16
+    if bf16:
+        model = model.to(torch.bfloat16)
     model.config._attn_implementation = attention
     data = Dataset.from_list([{"prompt": prompt_text(tokenizer, p.prompt), "chosen": p.chosen,
                                "rejected": p.rejected} for p in pairs])
@@ -184,7 +189,7 @@ def worker_trl(args, attention: str) -> dict:
             learning_rate=args.lr, lr_scheduler_type="constant", warmup_steps=0, adam_beta1=0.9, adam_beta2=0.99,
             weight_decay=0.0, max_grad_norm=1.0, beta=args.beta, loss_type=["sigmoid"], max_length=args.max_length,
             max_steps=args.steps + args.warmup, logging_steps=1, report_to="none", save_strategy="no",
-            seed=args.seed, bf16=True, use_cpu=True, gradient_checkpointing=False, precompute_ref_log_probs=True,
+            seed=args.seed, bf16=bf16, use_cpu=True, gradient_checkpointing=False, precompute_ref_log_probs=True,
             disable_tqdm=True, dataloader_num_workers=0)
         t = time.perf_counter()
         trainer = Trainer(model=model, args=config, train_dataset=data, processing_class=tokenizer,
@@ -209,7 +214,7 @@ def worker_trl(args, attention: str) -> dict:
             "tokens_per_step": statistics.median(tokens[args.warmup:]), "tokens": tokens,
             "learner_tok_per_s": statistics.median(n / s for n, s in zip(tokens[args.warmup:], measured)),
             "pairs_with_other_tokens": differ, "pairs_checked": len(ours), "pairs_in_dataset": len(ds),
-            "losses": losses, "attention": model.config._attn_implementation, "weights": "bf16",
+            "losses": losses, "attention": model.config._attn_implementation, "weights": "bf16" if bf16 else "fp32",
             "gradient_checkpointing": config.gradient_checkpointing,
             "precompute_ref_log_probs": config.precompute_ref_log_probs, "worker_peak_rss_mb": peak_rss_mb()}
 

@@ -106,11 +106,11 @@ def main(argv=None) -> int:
     import torch
 
     import vs_trl
-    from posttrain.rollout.engine import cpu_computes_bf16, resolve_dtype
+    from posttrain.rollout.engine import cpu_computes_bf16
 
     if not cpu_computes_bf16():
         raise SystemExit("precision.py: this CPU runs no bf16 matmul (oneDNN has no bf16 path here); nothing to compare")
-    auto = str(resolve_dtype("auto", torch.device("cpu"))).removeprefix("torch.")
+    auto = str(vs_trl.fast_dtype()).removeprefix("torch.")
     res = {"config": os.path.relpath(opts.config, ROOT), "steps": opts.steps, "warmup": opts.warmup, "reps": opts.reps,
            "auto": auto, "avx512_bf16": bool(torch.cpu._is_avx512_bf16_supported()),
            "amx": bool(torch.cpu._is_amx_tile_supported()), "environment": vs_trl.environment(),

@@ -438,6 +438,7 @@ def main() -> int:
             "--gen-reps", str(args.gen_reps), "--prompts", str(args.prompts), "--completions", str(args.completions)]
     for s in args.set:
         argv += ["--set", s]
+    fast = fast_dtype()
     results = {
         "peak_bf16_gflops": matmul_peak_gflops(torch.bfloat16),
         "peak_fp32_gflops": matmul_peak_gflops(torch.float32),
@@ -445,11 +446,11 @@ def main() -> int:
         "prompts": args.prompts, "completions": args.completions, "steps": args.steps, "warmup": args.warmup,
         "allocator": "tcmalloc" if ALLOCATOR["library"] else "system (glibc)",
         "onednn_cache": os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"],
-        "fast_dtype": str(fast_dtype()).removeprefix("torch."),
+        "fast_dtype": str(fast).removeprefix("torch."),
         "environment": environment(),
     }
     # Without bf16 instructions, "tuned, fp32 weights" is the tuned row itself (see the module docstring).
-    default = ["generate", "posttrain", "trl_tuned"] + (["trl_tuned_fp32"] if fast_dtype() == torch.bfloat16 else []) + ["trl"]
+    default = ["generate", "posttrain", "trl_tuned"] + (["trl_tuned_fp32"] if fast == torch.bfloat16 else []) + ["trl"]
     for name in args.only or default:
         results[name] = run_worker(name, argv)
     if {"posttrain", "generate"} <= set(results) and ("trl" in results or "trl_tuned" in results):

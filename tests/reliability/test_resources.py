@@ -41,11 +41,8 @@ def test_the_estimate_uses_the_precision_the_run_will_compute_in(monkeypatch):
         return SimpleNamespace(trainer=SimpleNamespace(autocast=autocast, device="cpu"),
                                rollout=SimpleNamespace(dtype=dtype))
 
-    from posttrain.trainers import learner
-
-    def native(yes: bool):  # the sampler's rule (engine) and the learner's (learner) read the same probe
-        for module in (engine, learner):
-            monkeypatch.setattr(module, "cpu_has_native_bf16", lambda: yes)
+    def native(yes: bool):  # the learner's auto defers to the sampler's rule, which reads this probe
+        monkeypatch.setattr(engine, "cpu_has_native_bf16", lambda: yes)
 
     native(False)  # a CPU that emulates bf16
     assert compute_bytes(cfg("auto", "auto")) == (4, 4)

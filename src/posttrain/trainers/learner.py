@@ -51,7 +51,7 @@ from posttrain.models.logprobs import SharedPromptPass, completion_logprobs, use
 from posttrain.models.moe import LearnerRouting, is_moe
 from posttrain.models.value import ValueModel
 from posttrain.rollout.batch import Rollouts
-from posttrain.rollout.engine import cpu_has_native_bf16, low_precision_copy
+from posttrain.rollout.engine import low_precision_copy, resolve_dtype
 from posttrain.trainers.master_weights import SplitMasterAdamW, accumulate_grad
 
 LossFn = Callable[[Rollouts, torch.Tensor, Optional[torch.Tensor]], torch.Tensor]
@@ -67,14 +67,12 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def bf16_supported(device: torch.device) -> bool:
-    return torch.cuda.is_bf16_supported() if device.type == "cuda" else cpu_has_native_bf16()
-
-
 def learner_dtype(autocast: str, device: torch.device) -> torch.dtype:
-    """``trainer.autocast`` -> what the learner computes in: bf16 by name, or under auto where it is native."""
-    use_bf16 = autocast == "bfloat16" or (autocast == "auto" and bf16_supported(device))
-    return torch.bfloat16 if use_bf16 else torch.float32
+    """``trainer.autocast`` -> what the learner computes in: bf16 by name, fp32 under none, and under
+    auto what the sampler's auto picks (rollout.engine.resolve_dtype: bf16 where it is native)."""
+    if autocast == "auto":
+        return resolve_dtype("auto", device)
+    return torch.bfloat16 if autocast == "bfloat16" else torch.float32
 
 
 class Learner:

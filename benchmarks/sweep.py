@@ -17,7 +17,10 @@ tokens per second of sampling), learner tok/s ((prompt + completion) tokens per 
 update), learner MFU (model FLOPs, see posttrain.bench.learner_flops, over the matmul peak of the
 faster precision, measured with the cell's thread count) and peak RSS. TRL tuned = no gradient
 checkpointing, eager attention, and bf16 weights where the CPU has bf16 instructions (fp32 throughout
-where it has not, as posttrain's auto precision; vs_trl.py's docstring says why).
+where it has not, as posttrain's auto precision; vs_trl.py's docstring says why). Where tuned TRL's
+resident memory passes the cell limit, a competent user would turn gradient checkpointing back on, so the
+cell runs again as "TRL tuned + checkpointing" (system ``trl_checkpointed``), and the table compares
+posttrain with that run, marked "(ckpt)".
 
 Random weights: speed does not depend on weight values, so the larger SmolLM2 sizes are built from
 their architectures (SmolLM2-135M's config with the 360M / 1.7B dimensions, from the model cards;
@@ -81,7 +84,8 @@ LABELS = {
     "tiny-random": "tiny test model (random weights)",
 }
 DEFAULT_MODELS = ["smollm2-135m-instruct", "smollm2-360m-random", "smollm2-1.7b-random"]
-SYSTEMS = {"posttrain": "posttrain", "trl_tuned": "TRL tuned"}
+SYSTEMS = {"posttrain": "posttrain", "trl_tuned": "TRL tuned", "trl_checkpointed": "TRL tuned + checkpointing"}
+MEMORY_SKIP = "skipped: resident memory passed"  # how a cell over --max-cell-gb is recorded (watchdog)
 BEST_LEARNER_MFU = 0.65  # the a-priori lower bound's efficiency (vs_trl.md: posttrain's learner at 64-65%)
 SETTINGS_KEYS = ("steps", "warmup", "prompts", "lr", "seed")
 
@@ -183,7 +187,7 @@ def watchdog(opts, total_steps: int, state: dict, abort) -> None:
         while True:
             rss = int(Path("/proc/self/statm").read_text().split()[1]) * page / 2**30
             if opts.max_cell_gb and rss > opts.max_cell_gb:
-                return abort(f"skipped: resident memory passed {opts.max_cell_gb:g} GB (--max-cell-gb)")
+                return abort(f"{MEMORY_SKIP} {opts.max_cell_gb:g} GB (--max-cell-gb)")
             first, now = state.get("first_start"), time.perf_counter()
             if first is not None and state["steps"] == 0:
                 floor = (first - state["start"]) + (now - first) * total_steps
@@ -243,7 +247,7 @@ def run_cell(cell: dict, opts) -> dict:
             figures = vs_trl.worker_posttrain(args)
         else:
             figures = vs_trl.worker_trl(args, tuned=True, on_step=lambda row: after_step(row["step_s"]),
-                                        on_step_begin=before_step)
+                                        on_step_begin=before_step, checkpointing=cell["system"] == "trl_checkpointed")
     except CellOverBudget as exc:
         return {"status": "skipped", "reason": str(exc)}
     except ResourceError as exc:  # posttrain's own memory check, before any work: a skip, not a failure
@@ -262,6 +266,12 @@ def learner_floor_minutes(info: dict, cell: dict, opts, peak_gflops: float) -> f
     completion = opts.prompts * cell["group"] * cell["length"]
     flops = learner_flops(info["nonembed_matmul_params"], info["hidden"], info["vocab"], 0, completion)
     return (opts.steps + opts.warmup) * flops / (BEST_LEARNER_MFU * peak_gflops * 1e9) / 60
+
+
+def needs_checkpointing(results: dict, cell: dict) -> bool:
+    """The fallback runs only where the same shape's tuned TRL cell was stopped for memory."""
+    tuned = next((c for c in results["cells"] if cell_key(c) == cell_key(cell | {"system": "trl_tuned"})), None)
+    return tuned is not None and tuned["status"] == "skipped" and tuned["reason"].startswith(MEMORY_SKIP)
 
 
 def launch(cell: dict, opts, allocator: str | None) -> dict:
@@ -334,17 +344,22 @@ def markdown(results: dict) -> str:
         notes = []
         shapes = sorted({(c["length"], c["group"], c["threads"]) for c in results["cells"] if c["model"] == model})
         for n, g, t in shapes:
-            pt, trl = cells.get((model, n, g, t, "posttrain")), cells.get((model, n, g, t, "trl_tuned"))
+            pt, tuned = cells.get((model, n, g, t, "posttrain")), cells.get((model, n, g, t, "trl_tuned"))
+            ckpt = cells.get((model, n, g, t, "trl_checkpointed"))
+            trl = ckpt if ckpt and ckpt["status"] == "ok" else tuned
             both = pt and trl and pt["status"] == trl["status"] == "ok"
-            ratio = f"{trl['step_s'] / pt['step_s']:.2f}x" if both else "-"
+            ratio = f"{trl['step_s'] / pt['step_s']:.2f}x" + (" (ckpt)" if trl is ckpt else "") if both else "-"
             pair = lambda key, fmt: f"{_fmt(pt, key, fmt)} / {_fmt(trl, key, fmt)}"  # noqa: E731
             lines.append(f"| {n} | {g} | {t} | {pair('step_s', '.2f')} | {ratio} | {pair('gen_tok_per_s', '.0f')} | "
                          f"{pair('learner_tok_per_s', '.0f')} | {pair('learner_mfu', '.0%')} | "
                          f"{pair('peak_rss_mb', '.0f')} | {pair('mean_completion_len', '.0f')} |")
-            for name, r in (("posttrain", pt), ("TRL tuned", trl)):
+            for name, r in (("posttrain", pt), ("TRL tuned", tuned), ("TRL tuned + checkpointing", ckpt)):
                 if r and r["status"] != "ok":
                     notes.append(f"- length {n}, group {g}, {t} thread(s), {name}: {r['reason']}")
         lines += [""] + notes + ([""] if notes else [])
+    if any(c["system"] == "trl_checkpointed" and c["status"] == "ok" for c in results["cells"]):
+        lines += ["(ckpt): tuned TRL passed the memory limit, so the TRL figures of that row are TRL tuned with "
+                  "gradient checkpointing turned back on, what a user short of memory would run.", ""]
     return "\n".join(lines) + "\n"
 
 
@@ -366,7 +381,7 @@ def plot(results: dict, path: Path) -> None:
         for col, model in enumerate(models):
             ax = axes[row][col]
             for g, colour in colours.items():
-                for system, style in (("posttrain", "-"), ("trl_tuned", "--")):
+                for system, style in (("posttrain", "-"), ("trl_tuned", "--"), ("trl_checkpointed", ":")):
                     pts = sorted((c["length"], c["step_s"]) for c in ok if (c["model"], c["group"], c["threads"],
                                                                             c["system"]) == (model, g, t, system))
                     if pts:
@@ -378,7 +393,8 @@ def plot(results: dict, path: Path) -> None:
             ax.grid(alpha=0.3, which="both")
             if ax.lines:
                 ax.legend(fontsize=7)
-    fig.suptitle("posttrain (solid) vs TRL tuned (dashed); RANDOM-weight models: speed only", fontsize=10)
+    fig.suptitle("posttrain (solid) vs TRL tuned (dashed; dotted: + gradient checkpointing where tuned ran out of "
+                 "memory); RANDOM-weight models: speed only", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -487,13 +503,17 @@ def main(argv=None) -> int:
         torch.set_num_threads(t)
         results["peaks_gflops"][str(t)] = max(results["peaks_gflops"].get(str(t), 0.0), matmul_peak_gflops(fast))
     finished = {cell_key(c) for c in results["cells"] if c["status"] in ("ok", "skipped")}
-    systems = ["posttrain"] + ([] if opts.skip_trl else ["trl_tuned"])
+    systems = ["posttrain"] + ([] if opts.skip_trl else ["trl_tuned", "trl_checkpointed"])
     todo = [{"model": m, "length": n, "group": g, "threads": t, "system": s}
             for m in opts.models for n in sorted(opts.lengths) for g in sorted(opts.groups)
             for t in opts.threads for s in systems]
-    todo = [c for c in todo if cell_key(c) not in finished]
+    tuned_done = lambda c: cell_key(c | {"system": "trl_tuned"}) in finished  # noqa: E731
+    todo = [c for c in todo if cell_key(c) not in finished and not (  # a fallback already known to be unneeded
+        c["system"] == "trl_checkpointed" and tuned_done(c) and not needs_checkpointing(results, c))]
     print(f"[sweep] {len(todo)} cells to run, {len(finished)} already finished in {json_path}", flush=True)
     for i, cell in enumerate(todo, 1):
+        if cell["system"] == "trl_checkpointed" and not needs_checkpointing(results, cell):
+            continue
         if cell["model"] not in results["models"]:
             results["models"][cell["model"]] = model_info(cell["model"])  # builds a random architecture once
         info = results["models"][cell["model"]]

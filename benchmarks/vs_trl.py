@@ -98,7 +98,7 @@ def _completion_lengths(out, prompt_len: int, eos_ids: set[int]) -> list[int]:
 
 
 def worker_trl(args, tuned: bool = False, on_step=None, on_step_begin=None, config_overrides=None,
-               bf16_weights: bool = True) -> dict:
+               bf16_weights: bool = True, checkpointing: bool | None = None) -> dict:
     """TRL's GRPOTrainer on the shape in ``args``. ``tuned`` turns gradient checkpointing off and picks
     eager attention; with ``bf16_weights`` (the speed row's choice) it also casts the weights to bf16,
     without it they stay fp32 under TRL's bf16 autocast, as shipped (an fp32 AdamW update: what
@@ -106,7 +106,9 @@ def worker_trl(args, tuned: bool = False, on_step=None, on_step_begin=None, conf
     bf16 update rounds most steps away). ``on_step_begin()`` and ``on_step(row)``, when given,
     are called as each step begins and after it ends, with its timings (benchmarks/sweep.py uses them
     to give up on a cell whose first step predicts more than its time budget). ``config_overrides``
-    replaces GRPOConfig arguments (benchmarks/time_to_accuracy.py saves checkpoints with it)."""
+    replaces GRPOConfig arguments (benchmarks/time_to_accuracy.py saves checkpoints with it).
+    ``checkpointing`` overrides the gradient checkpointing ``tuned`` implies (benchmarks/sweep.py turns it
+    back on, tuned otherwise, where the tuned run does not fit in memory)."""
     import torch
     from datasets import Dataset
     from transformers import TrainerCallback
@@ -185,7 +187,7 @@ def worker_trl(args, tuned: bool = False, on_step=None, on_step_begin=None, conf
             loss_type="dapo", scale_rewards="group", num_iterations=1, epsilon=0.2, max_grad_norm=1.0,
             max_steps=args.steps + args.warmup, logging_steps=1, report_to="none", save_strategy="no",
             seed=args.seed, bf16=autocast, use_cpu=True, shuffle_dataset=False, disable_tqdm=True,
-            dataloader_num_workers=0, gradient_checkpointing=not tuned,
+            dataloader_num_workers=0, gradient_checkpointing=not tuned if checkpointing is None else checkpointing,
         ) | (config_overrides or {}))
         trainer = GRPOTrainer(model=model, reward_funcs=reward_fn, args=config, train_dataset=data,
                               processing_class=tokenizer, callbacks=[Timer()])

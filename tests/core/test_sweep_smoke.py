@@ -118,3 +118,42 @@ def test_random_architectures_have_the_published_parameter_counts():
     assert counts == {"smollm2-135m-random": 134_515_008, "smollm2-360m-random": 361_821_120,
                       "smollm2-1.7b-random": 1_711_376_384}
     assert base.hidden_size == 64  # the base config is copied, not changed
+
+
+def test_tuned_trl_out_of_memory_falls_back_to_checkpointing(tmp_path):
+    """A 0.01 GB limit stops every cell at once: the tuned TRL cell is recorded as skipped for memory,
+    so the same shape runs again as TRL tuned + checkpointing (stopped too, here); without the
+    memory skip (the first test) no such cell runs."""
+    stem = tmp_path / "sweep"
+    sweep("--smoke", "--max-cell-gb", "0.01", "--out", str(stem))
+    cells = {c["system"]: c for c in json.loads(stem.with_suffix(".json").read_text())["cells"]}
+    assert set(cells) == {"posttrain", "trl_tuned", "trl_checkpointed"}
+    assert all(c["status"] == "skipped" and c["reason"].startswith("skipped: resident memory passed 0.01 GB")
+               for c in cells.values())
+    assert "TRL tuned + checkpointing: skipped: resident memory" in stem.with_suffix(".md").read_text()
+
+
+def test_table_compares_with_checkpointed_trl_where_tuned_ran_out_of_memory():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import sweep as sweep_module
+
+    shape = {"model": "tiny-random", "length": 8, "group": 2, "threads": 1}
+    figures = {"status": "ok", "gen_tok_per_s": 10.0, "learner_tok_per_s": 20.0, "learner_mfu": 0.5,
+               "peak_rss_mb": 100.0, "mean_completion_len": 8.0}
+    results = {"environment": {"allocator": "tcmalloc", "max_cell_minutes": 5, "max_cell_gb": 1},
+               "settings": {"prompts": 2, "steps": 1, "warmup": 0, "lr": 2e-5, "seed": 0},
+               "peaks_gflops": {"1": 100.0}, "peak_dtype": "float32",
+               "models": {"tiny-random": {"label": "tiny", "params": 1e5}},
+               "cells": [shape | figures | {"system": "posttrain", "step_s": 2.0},
+                         shape | {"system": "trl_tuned", "status": "skipped",
+                                  "reason": "skipped: resident memory passed 1 GB (--max-cell-gb)"},
+                         shape | figures | {"system": "trl_checkpointed", "step_s": 7.0}]}
+    assert sweep_module.needs_checkpointing(results, shape | {"system": "trl_checkpointed"})
+    md = sweep_module.markdown(results)
+    assert "| 2.00 / 7.00 | 3.50x (ckpt) |" in md  # 7.0 / 2.0, against the checkpointed run
+    assert "TRL tuned: skipped: resident memory passed 1 GB" in md and "(ckpt): tuned TRL passed" in md
+
+    results["cells"][1] = shape | figures | {"system": "trl_tuned", "step_s": 5.0}  # tuned fitted: no fallback
+    del results["cells"][2]
+    assert not sweep_module.needs_checkpointing(results, shape | {"system": "trl_checkpointed"})
+    assert "| 2.00 / 5.00 | 2.50x |" in sweep_module.markdown(results)

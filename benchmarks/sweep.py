@@ -381,11 +381,12 @@ def plot(results: dict, path: Path) -> None:
         for col, model in enumerate(models):
             ax = axes[row][col]
             for g, colour in colours.items():
-                for system, style in (("posttrain", "-"), ("trl_tuned", "--"), ("trl_checkpointed", ":")):
+                for system, style, marker in (("posttrain", "-", "o"), ("trl_tuned", "--", "s"),
+                                              ("trl_checkpointed", ":", "^")):
                     pts = sorted((c["length"], c["step_s"]) for c in ok if (c["model"], c["group"], c["threads"],
                                                                             c["system"]) == (model, g, t, system))
                     if pts:
-                        ax.plot(*zip(*pts), style, marker="o", color=colour,
+                        ax.plot(*zip(*pts), style, marker=marker, color=colour,
                                 label=f"{SYSTEMS[system]}, group {g}")
             ax.set(xscale="log", yscale="log", xlabel="max new tokens", ylabel="step time (s)",
                    title=f"{results['models'][model]['label']}\n{t} thread(s)")
@@ -393,8 +394,8 @@ def plot(results: dict, path: Path) -> None:
             ax.grid(alpha=0.3, which="both")
             if ax.lines:
                 ax.legend(fontsize=7)
-    fig.suptitle("posttrain (solid) vs TRL tuned (dashed; dotted: + gradient checkpointing where tuned ran out of "
-                 "memory); RANDOM-weight models: speed only", fontsize=9)
+    fig.suptitle("posttrain (solid, circles) vs TRL tuned (dashed, squares; dotted, triangles: + gradient "
+                 "checkpointing\nwhere tuned ran out of memory); RANDOM-weight models: speed only", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -188,12 +188,13 @@ class TrainerConfig(LoggingConfig):
     ppo_epochs: int = 1  # passes over each batch
     mini_batches: int = 1  # optimizer steps per pass (the batch split in this many parts)
     # Samples per forward/backward (gradient accumulation), capped at micro_batch_tokens padded
-    # tokens (rows x (prompt + longest completion); 0: no cap) so long sequences stay bounded.
+    # tokens (rows x (prompt + longest completion); 0: no cap) so long sequences stay bounded;
+    # null: 8192 in bf16, 4096 in fp32 (the same activation bytes, trainers.learner.token_cap).
     # SmolLM2-135M, 8 x 8 completions of up to 64 tokens, 2 cores: on an AMX CPU (bf16 matmul
     # ~2.6 TFLOP/s) 64 rows took 25-30% less update time than 16 for +0.3 GB peak RSS (small
     # matmuls leave AMX idle); on a Zen 4 CPU (~0.9 TFLOP/s) 32 and 64 were within 3% of 16.
     micro_batch_size: int = 64
-    micro_batch_tokens: int = 8192
+    micro_batch_tokens: Optional[int] = None
     old_logprobs: Literal["auto", "recompute", "behaviour"] = "auto"
     autocast: Literal["auto", "bfloat16", "none"] = "auto"  # learner compute dtype
     logprob_chunk_tokens: int = 256  # rows of [rows, vocab] fp32 logits alive at once (256 x 49k: 50 MB)
@@ -228,7 +229,8 @@ class TrainerConfig(LoggingConfig):
         _check(self.ppo_epochs >= 1, "trainer.ppo_epochs", "must be >= 1")
         _check(self.mini_batches >= 1, "trainer.mini_batches", "must be >= 1")
         _check(self.micro_batch_size >= 1, "trainer.micro_batch_size", "must be >= 1")
-        _check(self.micro_batch_tokens >= 0, "trainer.micro_batch_tokens", "must be >= 0 (0: no token limit)")
+        _check(self.micro_batch_tokens is None or self.micro_batch_tokens >= 0, "trainer.micro_batch_tokens",
+               "must be >= 0 (0: no token limit) or null (by precision)")
         _check(self.logprob_chunk_tokens >= 16, "trainer.logprob_chunk_tokens", "must be >= 16")
         _check(self.eval_every >= 0, "trainer.eval_every", "must be >= 0")
         _check(self.eval_problems >= 1, "trainer.eval_problems", "must be >= 1")

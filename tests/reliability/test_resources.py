@@ -85,3 +85,33 @@ def test_an_optimizer_bound_run_is_told_to_train_a_lora_adapter():
     model = SimpleNamespace(config=config, parameters=lambda: iter([weight]))
     with pytest.raises(ResourceError, match=r"largest part is optimizer: train a LoRA adapter \(model.lora=\{\}\)"):
         check_memory(cfg, model, 8, available=10**6)
+
+
+def test_the_default_token_cap_keeps_activation_bytes_across_precisions(monkeypatch):
+    """trainer.micro_batch_tokens null: 8192 tokens in bf16 (2 B), 4096 in fp32 (4 B); a set value
+    (0 = no cap) is kept. The Learner and the memory check resolve it alike."""
+    import torch
+
+    from posttrain.config import ModelConfig, TrainerConfig
+    from posttrain.rollout import engine
+    from posttrain.trainers.learner import Learner, token_cap
+
+    assert (token_cap(None, 2), token_cap(None, 4), token_cap(0, 4), token_cap(1000, 2)) == (8192, 4096, 0, 1000)
+    assert TrainerConfig().micro_batch_tokens is None
+
+    model, _ = load_model_and_tokenizer("tiny-random")
+    learner = Learner(model, TrainerConfig(autocast="none"), ModelConfig(), temperature=1.0,
+                      device=torch.device("cpu"), sampler_dtype=torch.float32)
+    assert learner.micro_batch_tokens == 4096
+    assert Learner(model, TrainerConfig(autocast="none", micro_batch_tokens=300), ModelConfig(), temperature=1.0,
+                   device=torch.device("cpu"), sampler_dtype=torch.float32).micro_batch_tokens == 300
+
+    # the estimate: 64 rows x (20 + 200) tokens = 14,080 > the cap; tiny-random: hidden 64, 2 layers
+    monkeypatch.setattr(engine, "cpu_has_native_bf16", lambda: False)  # auto is fp32 here
+    cfg = SimpleNamespace(rollout=SimpleNamespace(num_prompts=8, num_completions=8, max_new_tokens=200),
+                          trainer=SimpleNamespace(micro_batch_size=64, logprob_chunk_tokens=256,
+                                                  micro_batch_tokens=None, autocast="auto", device="cpu"))
+    layers, hidden = model.config.num_hidden_layers, model.config.hidden_size
+    assert check_memory(cfg, model, 20, available=1e12).learner == 4096 * hidden * layers * 17 * 4
+    cfg.trainer.autocast = "bfloat16"
+    assert check_memory(cfg, model, 20, available=1e12).learner == 8192 * hidden * layers * 17 * 2

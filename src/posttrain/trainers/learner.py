@@ -75,6 +75,19 @@ def learner_dtype(autocast: str, device: torch.device) -> torch.dtype:
     return torch.bfloat16 if autocast == "bfloat16" else torch.float32
 
 
+BF16_TOKEN_CAP = 8192  # trainer.micro_batch_tokens under null, for a learner computing in bf16
+
+
+def token_cap(setting: Optional[int], element_bytes: int) -> int:
+    """``trainer.micro_batch_tokens``; null means the same activation bytes in every precision:
+    8192 tokens in bf16 (2 B), 4096 in fp32 (4 B).
+
+    In fp32 activations take twice the bytes; on a 2-core CPU without bf16 instructions a 4096-token
+    cap measured no slower an update than 8192 with 23-34% less peak RSS (SmolLM2-135M: quickstart
+    4.25 vs 5.49 GB, 256-token completions 5.9 vs 9.0 GB; benchmarks/results/token_cap_fp32.md)."""
+    return BF16_TOKEN_CAP * 2 // element_bytes if setting is None else setting
+
+
 class Learner:
     """Owns the policy's trainable weights, optimizer, reference and critic.
 
@@ -90,6 +103,7 @@ class Learner:
         self.fsdp = None  # a posttrain.distributed.fsdp.FSDPShards once ``shard()`` has run
         policy = policy.to(device)
         self.dtype = learner_dtype(trainer.autocast, device)
+        self.micro_batch_tokens = token_cap(trainer.micro_batch_tokens, self.dtype.itemsize)
         use_bf16 = self.dtype == torch.bfloat16
         self.lora = None  # a models.lora.LoRAPolicy under model.lora
         if model_cfg.lora is not None:
@@ -222,7 +236,7 @@ class Learner:
         order. ``lockstep``: ``fn`` runs the sharded model, so every rank runs as many passes."""
         N, T = batch.completion_ids.shape
         out = None  # [N, T, ...]: fn may return trailing dims (logprobs_and_sum_pi2)
-        buckets = length_buckets(batch, self.cfg.micro_batch_size, self.cfg.micro_batch_tokens)
+        buckets = length_buckets(batch, self.cfg.micro_batch_size, self.micro_batch_tokens)
         extra = self._extra_passes(len(buckets)) if lockstep else 0  # before any pass: a collective too
         with torch.no_grad():
             for rows in buckets:
@@ -300,7 +314,7 @@ class Learner:
         total = 0.0
         # Longest first: its activations are freed while the fp32 gradients are first
         # allocated, so the two do not stack at the memory peak.
-        buckets = list(reversed(length_buckets(batch, cfg.micro_batch_size, cfg.micro_batch_tokens)))
+        buckets = list(reversed(length_buckets(batch, cfg.micro_batch_size, self.micro_batch_tokens)))
         extra = self._extra_passes(len(buckets))  # fsdp2: agreed before any pass (it is a collective too)
         for rows in buckets:
             micro = trim(batch.select(rows), trim_prompt=shared is None)

@@ -10,6 +10,7 @@ with an allocator traceback.
                 x vocab x 4 B in the learner's fused log-prob pass (its chunk bound)
     learner   = micro-batch tokens x hidden x layers x 17 x c B, where micro-batch tokens =
                 micro_batch_size x (prompt + max_new_tokens), at most micro_batch_tokens when set
+                (its default: 8192 in bf16, 4096 in fp32, trainers.learner.token_cap)
                 (saved activations of one micro-batch, the lean decoder's ~17 tensors per layer)
 
 with c and s the bytes per element the learner and the sampler compute in: 2 in bf16, 4 in fp32
@@ -84,9 +85,12 @@ def check_memory(cfg, model, prompt_tokens: int, available: float | None = None,
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     ro, tc = cfg.rollout, cfg.trainer
     rows = ro.num_prompts * ro.num_completions
+    from posttrain.trainers.learner import token_cap
+
     learner_bytes, sampler_bytes = compute_bytes(cfg, device)
     est = estimate(model.config, params, trainable, rows, prompt_tokens, ro.max_new_tokens, tc.micro_batch_size,
-                   tc.logprob_chunk_tokens, tc.micro_batch_tokens, learner_bytes, sampler_bytes)
+                   tc.logprob_chunk_tokens, token_cap(tc.micro_batch_tokens, learner_bytes), learner_bytes,
+                   sampler_bytes)
     available = psutil.virtual_memory().available if available is None else available
     if est.total > available:
         biggest = max(("weights", est.weights), ("optimizer", est.optimizer), ("kv_cache", est.kv_cache),

@@ -54,20 +54,12 @@ def test_vs_trl_runs_one_step_on_the_tiny_model(tmp_path):
     assert "| median step time (s) |" in result["table"]
     assert "Environment: posttrain_commit" in proc.stdout
 
-
-def test_table_of_a_run_without_generate(tmp_path):
-    """--only posttrain --only trl_tuned: the table is printed from the JSON, saying what was not run
-    (it used to raise KeyError: 'generate')."""
-    out = tmp_path / "vs_trl.json"
-    script = str(ROOT / "benchmarks" / "vs_trl.py")
-    proc = subprocess.run(
-        [sys.executable, script, "--model", "tiny-random", "--steps", "1", "--warmup", "0", "--max-new-tokens", "4",
-         "--only", "posttrain", "--only", "trl_tuned", "--json", str(out)],
-        capture_output=True, text=True, timeout=600, cwd=ROOT)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(out.read_text())
-    assert set(result) >= {"posttrain", "trl_tuned"} and "generate" not in result and "trl" not in result
-    assert "| median step time (s) |" in result["table"] and "not run in this invocation" in result["table"]
-    again = subprocess.run([sys.executable, script, "--table-from", str(out)], capture_output=True, text=True,
-                           timeout=120, cwd=ROOT)
-    assert again.returncode == 0 and again.stdout.strip() == result["table"].strip()
+    # a run without generate (--only posttrain --only trl_tuned): its table says so (this raised
+    # KeyError: 'generate' before, and the driver printed no table)
+    del result["generate"]
+    partial = tmp_path / "partial.json"
+    partial.write_text(json.dumps(result))
+    again = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "vs_trl.py"), "--table-from", str(partial)],
+                           capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "| median step time (s) |" in again.stdout and "not run in this invocation" in again.stdout

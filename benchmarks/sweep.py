@@ -348,7 +348,7 @@ def markdown(results: dict) -> str:
             ckpt = cells.get((model, n, g, t, "trl_checkpointed"))
             trl = ckpt if ckpt and ckpt["status"] == "ok" else tuned
             both = pt and trl and pt["status"] == trl["status"] == "ok"
-            ratio = f"{trl['step_s'] / pt['step_s']:.2f}x" + (" (ckpt)" if trl is ckpt else "") if both else "-"
+            ratio = (f"{trl['step_s'] / pt['step_s']:.2f}x" + (" (ckpt)" if trl is ckpt else "")) if both else "-"
             pair = lambda key, fmt: f"{_fmt(pt, key, fmt)} / {_fmt(trl, key, fmt)}"  # noqa: E731
             lines.append(f"| {n} | {g} | {t} | {pair('step_s', '.2f')} | {ratio} | {pair('gen_tok_per_s', '.0f')} | "
                          f"{pair('learner_tok_per_s', '.0f')} | {pair('learner_mfu', '.0%')} | "

@@ -81,12 +81,12 @@ def check_memory(cfg, model, prompt_tokens: int, available: float | None = None,
     ``prompt_tokens``) would need more than ``available`` bytes (default: what the OS reports)."""
     import psutil
 
+    from posttrain.trainers.learner import token_cap
+
     params = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     ro, tc = cfg.rollout, cfg.trainer
     rows = ro.num_prompts * ro.num_completions
-    from posttrain.trainers.learner import token_cap
-
     learner_bytes, sampler_bytes = compute_bytes(cfg, device)
     est = estimate(model.config, params, trainable, rows, prompt_tokens, ro.max_new_tokens, tc.micro_batch_size,
                    tc.logprob_chunk_tokens, token_cap(tc.micro_batch_tokens, learner_bytes), learner_bytes,

@@ -29,6 +29,11 @@ autocast. MFU then divides by the fp32 peak: always the peak of the faster preci
 A further subprocess compares sampling alone: transformers' `generate` against posttrain's
 rollout engine, same weights (in the faster precision), batch and length.
 
+On a GPU (``--device cuda``; benchmarks/gpu_vs_trl.sh runs it) both systems train on CUDA: posttrain's
+learner in bf16 with fp32 masters, TRL with fp32 weights under bf16 autocast (its GPU recipe) and its
+default sdpa attention, "tuned" there only turning gradient checkpointing off. Sampling alone is not
+run, the matmul peak is the GPU's (8192 x 8192), and peak GPU memory is reported next to RSS.
+
     pip install -e '.[bench]'            # TRL is a benchmark-only extra
     python benchmarks/vs_trl.py --json bench_out/vs_trl.json
 
@@ -73,7 +78,7 @@ def base_overrides(args) -> list[str]:
         "trainer.warmup_steps=0",
         f"trainer.lr={args.lr}",
         f"trainer.seed={args.seed}",
-    ]
+    ] + ([f"trainer.device={args.device}"] if getattr(args, "device", "cpu") != "cpu" else [])
 
 
 # ---------------------------------------------------------------------------------- workers
@@ -122,9 +127,14 @@ def worker_trl(args, tuned: bool = False, on_step=None, on_step_begin=None, conf
 
     cfg = load_config(ROOT / "examples" / "arithmetic.yaml", base_overrides(args) + args.set)
     model, tokenizer = load_model_and_tokenizer(cfg.model.name)  # fp32 weights, as posttrain's learner
-    fast = fast_dtype()
+    device = getattr(args, "device", "cpu")
+    fast = fast_dtype(device)
     autocast = not tuned or fast == torch.bfloat16  # tuned on an emulated-bf16 CPU: fp32 throughout
-    if tuned:
+    # On CUDA, tuned keeps TRL's GPU recipe (fp32 weights under bf16 autocast, sdpa attention) and only
+    # turns checkpointing off: bf16 weights and eager attention are this CPU's choices, measured here.
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    peak_n = 8192 if device == "cuda" else 2048  # bench_config's sizes: a GPU needs large matrices
+    if tuned and device == "cpu":
         if bf16_weights and fast == torch.bfloat16:
             model = model.to(torch.bfloat16)
         model.config._attn_implementation = "eager"
@@ -151,8 +161,10 @@ def worker_trl(args, tuned: bool = False, on_step=None, on_step_begin=None, conf
     original = cls.generate
 
     def timed_generate(self, *a, **kw):
+        sync()
         t = time.perf_counter()
         out = original(self, *a, **kw)
+        sync()
         gen["s"] += time.perf_counter() - t
         ids = kw.get("input_ids", a[0] if a else None)
         mask = kw.get("attention_mask")
@@ -167,15 +179,17 @@ def worker_trl(args, tuned: bool = False, on_step=None, on_step_begin=None, conf
         def on_step_begin(self, *a, **kw):
             if on_step_begin is not None:
                 on_step_begin()
+            sync()
             self.t0 = time.perf_counter()
             self.g0, self.n0, self.p0 = gen["s"], gen["tokens"], gen["prompt_tokens"]
 
         def on_step_end(self, *a, **kw):
+            sync()
             total = time.perf_counter() - self.t0
             g = gen["s"] - self.g0
             steps.append({"step_s": total, "gen_s": g, "learn_s": total - g,
                           "completion_tokens": gen["tokens"] - self.n0, "prompt_tokens": gen["prompt_tokens"] - self.p0,
-                          "peak": matmul_peak_gflops(fast)})  # after the timing, as posttrain.bench does
+                          "peak": matmul_peak_gflops(fast, n=peak_n, device=device)})  # after the timing, as posttrain.bench does
             if on_step is not None:
                 on_step(steps[-1])
 
@@ -186,7 +200,7 @@ def worker_trl(args, tuned: bool = False, on_step=None, on_step_begin=None, conf
             top_k=0, learning_rate=args.lr, lr_scheduler_type="constant", warmup_steps=0, beta=0.0,
             loss_type="dapo", scale_rewards="group", num_iterations=1, epsilon=0.2, max_grad_norm=1.0,
             max_steps=args.steps + args.warmup, logging_steps=1, report_to="none", save_strategy="no",
-            seed=args.seed, bf16=autocast, use_cpu=True, shuffle_dataset=False, disable_tqdm=True,
+            seed=args.seed, bf16=autocast, use_cpu=device == "cpu", shuffle_dataset=False, disable_tqdm=True,
             dataloader_num_workers=0, gradient_checkpointing=not tuned if checkpointing is None else checkpointing,
         ) | (config_overrides or {}))
         trainer = GRPOTrainer(model=model, reward_funcs=reward_fn, args=config, train_dataset=data,
@@ -211,18 +225,20 @@ def worker_trl(args, tuned: bool = False, on_step=None, on_step_begin=None, conf
                           else "fp32 weights, bf16 autocast" if autocast else "fp32 weights, no autocast"),
         "attention": model.config._attn_implementation,
         "peak_rss_mb": peak_rss_mb(),
+        "device": device,
+        "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else 0.0,
         "reward_mean": med(rewards) if rewards else float("nan"),
         "gradient_checkpointing": config.gradient_checkpointing,
     }
 
 
-def fast_dtype():
-    """The precision posttrain's ``auto`` computes in on this machine (bf16 only where the CPU has bf16 instructions)."""
+def fast_dtype(device: str = "cpu"):
+    """The precision posttrain's ``auto`` computes in on ``device`` (on a CPU, bf16 only where it has bf16 instructions)."""
     import torch
 
     from posttrain.rollout.engine import resolve_dtype
 
-    return resolve_dtype("auto", torch.device("cpu"))
+    return resolve_dtype("auto", torch.device(device))
 
 
 def worker_trl_tuned(args) -> dict:
@@ -310,7 +326,8 @@ def environment() -> dict:
     return {"posttrain_commit": (commit.stdout.strip() or "unknown") + (" (modified)" if dirty else ""),
             "torch": torch.__version__, "transformers": ver("transformers"), "trl": ver("trl"),
             "python": platform.python_version(), "cpu": cpu, "cpus": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d %H:%M %Z")}
+            "torch_threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d %H:%M %Z")} | (
+        {"gpu": torch.cuda.get_device_name(0), "cuda": torch.version.cuda} if torch.cuda.is_available() else {})
 
 
 # ---------------------------------------------------------------------------------- driver
@@ -365,6 +382,10 @@ def table(results: dict) -> str:
         row("peak RSS (MB)", "peak_rss_mb", ".0f", lambda ours, theirs: f"{ours / theirs:.2f} of TRL's"),
         row("median batch reward", "reward_mean", ".3f"),
     ]
+    cuda = results.get("device") == "cuda"
+    if cuda:
+        rows.insert(-1, row("peak GPU memory allocated (MB)", "peak_gpu_mb", ".0f",
+                            lambda ours, theirs: f"{ours / theirs:.2f} of TRL's"))
     names = [n for n, _ in peers]
     lines = ["| figure | posttrain | " + " | ".join(names) + " | " + " | ".join(f"vs {n}" for n in names) + " |",
              "|---|---:|" + "---:|" * len(names) + "---|" * len(names)]
@@ -391,10 +412,11 @@ def table(results: dict) -> str:
         return f"{min(r['step_peaks_gflops']):.0f}-{max(r['step_peaks_gflops']):.0f}"
 
     spans = "".join(f", of {n}: {span(t)}" for n, t in peers)
-    if fast != "bfloat16":
+    if fast != "bfloat16" and not cuda:
         lines.append("This CPU has no bf16 instructions (bf16 is emulated, slower than fp32): posttrain's auto precision "
                      "and tuned TRL compute in fp32; the MFU rows divide by the fp32 peak.")
-    lines.append(f"Matmul peak (2048x2048, all threads, best of 6), measured by the driver: "
+    n = 8192 if cuda else 2048
+    lines.append(f"Matmul peak ({n}x{n}, {'on the GPU' if cuda else 'all threads'}, best of 6), measured by the driver: "
                  f"{results['peak_bf16_gflops']:.0f} GFLOP/s bf16 ({results['peak_fp32_gflops']:.0f} fp32); after each "
                  f"measured step of posttrain: {span(p)}{spans}. The first MFU row divides by the highest "
                  f"of all these; the second divides each step by the peak measured right after it (this VM's speed "
@@ -416,6 +438,8 @@ def main() -> int:
     parser.add_argument("--lr", type=float, default=2e-5)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--gen-reps", type=int, default=3)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                        help="where both systems train (cuda: benchmarks/gpu_vs_trl.sh; sampling-alone is CPU-only)")
     parser.add_argument("--set", action="append", default=[], help="extra posttrain override (repeatable)")
     parser.add_argument("--only", choices=sorted(WORKERS), action="append", help="run only these parts")
     parser.add_argument("--allocator", choices=["tcmalloc", "system"], default="tcmalloc",
@@ -438,16 +462,25 @@ def main() -> int:
     from posttrain.allocator import find_tcmalloc
     from posttrain.bench import matmul_peak_gflops
 
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("[vs_trl] --device cuda needs a CUDA GPU and torch.cuda.is_available() is False here; "
+                         "run it on a GPU machine (benchmarks/gpu_vs_trl.sh) or drop --device")
+    if args.device == "cuda" and "generate" in (args.only or []):
+        raise SystemExit("[vs_trl] the generate part (sampling alone) is CPU-only; drop --only generate with --device cuda")
+
     ALLOCATOR["library"] = find_tcmalloc() if args.allocator == "tcmalloc" else None
     argv = ["--model", args.model, "--steps", str(args.steps), "--warmup", str(args.warmup),
             "--max-new-tokens", str(args.max_new_tokens), "--lr", str(args.lr), "--seed", str(args.seed),
-            "--gen-reps", str(args.gen_reps), "--prompts", str(args.prompts), "--completions", str(args.completions)]
+            "--gen-reps", str(args.gen_reps), "--prompts", str(args.prompts), "--completions", str(args.completions),
+            "--device", args.device]
     for s in args.set:
         argv += ["--set", s]
-    fast = fast_dtype()
+    fast = fast_dtype(args.device)
+    n = 8192 if args.device == "cuda" else 2048
     results = {
-        "peak_bf16_gflops": matmul_peak_gflops(torch.bfloat16),
-        "peak_fp32_gflops": matmul_peak_gflops(torch.float32),
+        "device": args.device,
+        "peak_bf16_gflops": matmul_peak_gflops(torch.bfloat16, n=n, device=args.device),
+        "peak_fp32_gflops": matmul_peak_gflops(torch.float32, n=n, device=args.device),
         "max_new_tokens": args.max_new_tokens,
         "prompts": args.prompts, "completions": args.completions, "steps": args.steps, "warmup": args.warmup,
         "allocator": "tcmalloc" if ALLOCATOR["library"] else "system (glibc)",
@@ -456,7 +489,9 @@ def main() -> int:
         "environment": environment(),
     }
     # Without bf16 instructions, "tuned, fp32 weights" is the tuned row itself (see the module docstring).
-    default = ["generate", "posttrain", "trl_tuned"] + (["trl_tuned_fp32"] if fast == torch.bfloat16 else []) + ["trl"]
+    # On CUDA, tuned TRL already keeps fp32 weights (see worker_trl), so there is no separate fp32 row.
+    default = (["generate", "posttrain", "trl_tuned"] + (["trl_tuned_fp32"] if fast == torch.bfloat16 else []) + ["trl"]
+               if args.device == "cpu" else ["posttrain", "trl_tuned", "trl"])
     for name in args.only or default:
         results[name] = run_worker(name, argv)
     if "posttrain" in results and any(k in results for k in ("trl", "trl_tuned", "trl_tuned_fp32")):

@@ -53,6 +53,8 @@ def test_vs_trl_runs_one_step_on_the_tiny_model(tmp_path):
         assert result[worker]["peak_rss_mb"] > 0, worker
     assert "| median step time (s) |" in result["table"]
     assert "Environment: posttrain_commit" in proc.stdout
+    assert result["device"] == "cpu" and "peak GPU memory" not in result["table"]
+    assert all(result[w]["peak_gpu_mb"] == 0.0 for w in ("posttrain", "trl", "trl_tuned"))
 
     # a run without generate (--only posttrain --only trl_tuned): its table says so (this raised
     # KeyError: 'generate' before, and the driver printed no table)
@@ -63,3 +65,27 @@ def test_vs_trl_runs_one_step_on_the_tiny_model(tmp_path):
                            capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert again.returncode == 0, again.stderr[-2000:]
     assert "| median step time (s) |" in again.stdout and "not run in this invocation" in again.stdout
+
+    # the same figures as a CUDA run would record them (benchmarks/gpu_vs_trl.sh): the table adds peak GPU
+    # memory with its ratio, names the GPU-sized matmul and drops the CPU's bf16 remark
+    result["device"] = "cuda"
+    result["posttrain"]["peak_gpu_mb"], result["trl_tuned"]["peak_gpu_mb"] = 1000.0, 4000.0
+    result["trl"]["peak_gpu_mb"] = 2000.0
+    cuda = tmp_path / "cuda.json"
+    cuda.write_text(json.dumps(result))
+    shown = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "vs_trl.py"), "--table-from", str(cuda)],
+                           capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert shown.returncode == 0, shown.stderr[-2000:]
+    gpu_row = next(line for line in shown.stdout.splitlines() if line.startswith("| peak GPU memory allocated (MB) |"))
+    assert "| 1000 |" in gpu_row and "0.25 of TRL's" in gpu_row and "0.50 of TRL's" in gpu_row
+    assert "8192x8192, on the GPU" in shown.stdout and "no bf16 instructions" not in shown.stdout
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_vs_trl_refuses_cuda_without_a_gpu_before_any_work(tmp_path):
+    out = tmp_path / "never.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "vs_trl.py"), "--device", "cuda",
+                           "--model", "tiny-random", "--json", str(out)],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode != 0 and "--device cuda needs a CUDA GPU" in proc.stderr
+    assert "running" not in proc.stdout and not out.exists()

@@ -20,7 +20,9 @@ checkpointing, eager attention, and bf16 weights where the CPU has bf16 instruct
 where it has not, as posttrain's auto precision; vs_trl.py's docstring says why). Where tuned TRL's
 resident memory passes the cell limit, a competent user would turn gradient checkpointing back on, so the
 cell runs again as "TRL tuned + checkpointing" (system ``trl_checkpointed``), and the table compares
-posttrain with that run, marked "(ckpt)".
+posttrain with that run, marked "(ckpt)". That compares memory across different trades, so the same
+shape also runs posttrain with ``trainer.activation_checkpointing=true`` (``posttrain_checkpointed``),
+given under the table as "both with checkpointing".
 
 Random weights: speed does not depend on weight values, so the larger SmolLM2 sizes are built from
 their architectures (SmolLM2-135M's config with the 360M / 1.7B dimensions, from the model cards;
@@ -84,7 +86,9 @@ LABELS = {
     "tiny-random": "tiny test model (random weights)",
 }
 DEFAULT_MODELS = ["smollm2-135m-instruct", "smollm2-360m-random", "smollm2-1.7b-random"]
-SYSTEMS = {"posttrain": "posttrain", "trl_tuned": "TRL tuned", "trl_checkpointed": "TRL tuned + checkpointing"}
+SYSTEMS = {"posttrain": "posttrain", "trl_tuned": "TRL tuned", "trl_checkpointed": "TRL tuned + checkpointing",
+           "posttrain_checkpointed": "posttrain + activation checkpointing"}
+FALLBACKS = ("trl_checkpointed", "posttrain_checkpointed")  # run only where tuned TRL ran out of memory
 MEMORY_SKIP = "skipped: resident memory passed"  # how a cell over --max-cell-gb is recorded (watchdog)
 BEST_LEARNER_MFU = 0.65  # the a-priori lower bound's efficiency (vs_trl.md: posttrain's learner at 64-65%)
 SETTINGS_KEYS = ("steps", "warmup", "prompts", "lr", "seed")
@@ -230,8 +234,10 @@ def run_cell(cell: dict, opts) -> dict:
                                      f"{total} steps; budget {opts.max_cell_minutes:g} min)")
 
     args = worker_namespace(cell, opts)
+    if cell["system"] == "posttrain_checkpointed":
+        args.set.append("trainer.activation_checkpointing=true")
     try:
-        if cell["system"] == "posttrain":
+        if cell["system"] in ("posttrain", "posttrain_checkpointed"):
             from posttrain.trainers import rl
 
             original = rl.RLTrainer.train_step
@@ -269,7 +275,7 @@ def learner_floor_minutes(info: dict, cell: dict, opts, peak_gflops: float) -> f
 
 
 def needs_checkpointing(results: dict, cell: dict) -> bool:
-    """The fallback runs only where the same shape's tuned TRL cell was stopped for memory."""
+    """The fallbacks (FALLBACKS) run only where the same shape's tuned TRL cell was stopped for memory."""
     tuned = next((c for c in results["cells"] if cell_key(c) == cell_key(cell | {"system": "trl_tuned"})), None)
     return tuned is not None and tuned["status"] == "skipped" and tuned["reason"].startswith(MEMORY_SKIP)
 
@@ -346,6 +352,7 @@ def markdown(results: dict) -> str:
         for n, g, t in shapes:
             pt, tuned = cells.get((model, n, g, t, "posttrain")), cells.get((model, n, g, t, "trl_tuned"))
             ckpt = cells.get((model, n, g, t, "trl_checkpointed"))
+            pt_ckpt = cells.get((model, n, g, t, "posttrain_checkpointed"))
             trl = ckpt if ckpt and ckpt["status"] == "ok" else tuned
             both = pt and trl and pt["status"] == trl["status"] == "ok"
             ratio = (f"{trl['step_s'] / pt['step_s']:.2f}x" + (" (ckpt)" if trl is ckpt else "")) if both else "-"
@@ -353,13 +360,21 @@ def markdown(results: dict) -> str:
             lines.append(f"| {n} | {g} | {t} | {pair('step_s', '.2f')} | {ratio} | {pair('gen_tok_per_s', '.0f')} | "
                          f"{pair('learner_tok_per_s', '.0f')} | {pair('learner_mfu', '.0%')} | "
                          f"{pair('peak_rss_mb', '.0f')} | {pair('mean_completion_len', '.0f')} |")
-            for name, r in (("posttrain", pt), ("TRL tuned", tuned), ("TRL tuned + checkpointing", ckpt)):
+            if pt_ckpt and ckpt and pt_ckpt["status"] == ckpt["status"] == "ok":
+                notes.append(f"- length {n}, group {g}, {t} thread(s), both with checkpointing: posttrain "
+                             f"{pt_ckpt['step_s']:.2f} s vs TRL {ckpt['step_s']:.2f} s per step "
+                             f"({ckpt['step_s'] / pt_ckpt['step_s']:.2f}x), peak RSS {pt_ckpt['peak_rss_mb']:.0f} vs "
+                             f"{ckpt['peak_rss_mb']:.0f} MB ({pt_ckpt['peak_rss_mb'] / ckpt['peak_rss_mb']:.2f} of TRL's)")
+            for name, r in (("posttrain", pt), ("TRL tuned", tuned), ("TRL tuned + checkpointing", ckpt),
+                            (SYSTEMS["posttrain_checkpointed"], pt_ckpt)):
                 if r and r["status"] != "ok":
                     notes.append(f"- length {n}, group {g}, {t} thread(s), {name}: {r['reason']}")
         lines += [""] + notes + ([""] if notes else [])
     if any(c["system"] == "trl_checkpointed" and c["status"] == "ok" for c in results["cells"]):
         lines += ["(ckpt): tuned TRL passed the memory limit, so the TRL figures of that row are TRL tuned with "
-                  "gradient checkpointing turned back on, what a user short of memory would run.", ""]
+                  "gradient checkpointing turned back on, what a user short of memory would run; posttrain's "
+                  "figures in the row are without it (its default), and \"both with checkpointing\" gives "
+                  "posttrain with `trainer.activation_checkpointing=true` against the same TRL run.", ""]
     return "\n".join(lines) + "\n"
 
 
@@ -382,7 +397,7 @@ def plot(results: dict, path: Path) -> None:
             ax = axes[row][col]
             for g, colour in colours.items():
                 for system, style, marker in (("posttrain", "-", "o"), ("trl_tuned", "--", "s"),
-                                              ("trl_checkpointed", ":", "^")):
+                                              ("trl_checkpointed", ":", "^"), ("posttrain_checkpointed", "-.", "D")):
                     pts = sorted((c["length"], c["step_s"]) for c in ok if (c["model"], c["group"], c["threads"],
                                                                             c["system"]) == (model, g, t, system))
                     if pts:
@@ -394,8 +409,9 @@ def plot(results: dict, path: Path) -> None:
             ax.grid(alpha=0.3, which="both")
             if ax.lines:
                 ax.legend(fontsize=7)
-    fig.suptitle("posttrain (solid, circles) vs TRL tuned (dashed, squares; dotted, triangles: + gradient "
-                 "checkpointing\nwhere tuned ran out of memory); RANDOM-weight models: speed only", fontsize=9)
+    fig.suptitle("posttrain (solid, circles; dash-dot, diamonds: + activation checkpointing) vs TRL tuned (dashed, "
+                 "squares; dotted, triangles:\n+ gradient checkpointing), checkpointing only where tuned TRL ran out "
+                 "of memory; RANDOM-weight models: speed only", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -504,16 +520,16 @@ def main(argv=None) -> int:
         torch.set_num_threads(t)
         results["peaks_gflops"][str(t)] = max(results["peaks_gflops"].get(str(t), 0.0), matmul_peak_gflops(fast))
     finished = {cell_key(c) for c in results["cells"] if c["status"] in ("ok", "skipped")}
-    systems = ["posttrain"] + ([] if opts.skip_trl else ["trl_tuned", "trl_checkpointed"])
+    systems = ["posttrain"] + ([] if opts.skip_trl else ["trl_tuned", *FALLBACKS])
     todo = [{"model": m, "length": n, "group": g, "threads": t, "system": s}
             for m in opts.models for n in sorted(opts.lengths) for g in sorted(opts.groups)
             for t in opts.threads for s in systems]
     tuned_done = lambda c: cell_key(c | {"system": "trl_tuned"}) in finished  # noqa: E731
     todo = [c for c in todo if cell_key(c) not in finished and not (  # a fallback already known to be unneeded
-        c["system"] == "trl_checkpointed" and tuned_done(c) and not needs_checkpointing(results, c))]
+        c["system"] in FALLBACKS and tuned_done(c) and not needs_checkpointing(results, c))]
     print(f"[sweep] {len(todo)} cells to run, {len(finished)} already finished in {json_path}", flush=True)
     for i, cell in enumerate(todo, 1):
-        if cell["system"] == "trl_checkpointed" and not needs_checkpointing(results, cell):
+        if cell["system"] in FALLBACKS and not needs_checkpointing(results, cell):
             continue
         if cell["model"] not in results["models"]:
             results["models"][cell["model"]] = model_info(cell["model"])  # builds a random architecture once

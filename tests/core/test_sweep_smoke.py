@@ -127,10 +127,12 @@ def test_tuned_trl_out_of_memory_falls_back_to_checkpointing(tmp_path):
     stem = tmp_path / "sweep"
     sweep("--smoke", "--max-cell-gb", "0.01", "--out", str(stem))
     cells = {c["system"]: c for c in json.loads(stem.with_suffix(".json").read_text())["cells"]}
-    assert set(cells) == {"posttrain", "trl_tuned", "trl_checkpointed"}
+    assert set(cells) == {"posttrain", "trl_tuned", "trl_checkpointed", "posttrain_checkpointed"}
     assert all(c["status"] == "skipped" and c["reason"].startswith("skipped: resident memory passed 0.01 GB")
                for c in cells.values())
-    assert "TRL tuned + checkpointing: skipped: resident memory" in stem.with_suffix(".md").read_text()
+    md = stem.with_suffix(".md").read_text()
+    assert "TRL tuned + checkpointing: skipped: resident memory" in md
+    assert "posttrain + activation checkpointing: skipped: resident memory" in md
 
 
 def test_table_compares_with_checkpointed_trl_where_tuned_ran_out_of_memory():
@@ -152,6 +154,12 @@ def test_table_compares_with_checkpointed_trl_where_tuned_ran_out_of_memory():
     md = sweep_module.markdown(results)
     assert "| 2.00 / 7.00 | 3.50x (ckpt) |" in md  # 7.0 / 2.0, against the checkpointed run
     assert "TRL tuned: skipped: resident memory passed 1 GB" in md and "(ckpt): tuned TRL passed" in md
+    assert "both with checkpointing" not in md.split("(ckpt): tuned TRL passed")[0]  # no such run yet
+    # posttrain with activation checkpointing against the same TRL run, by hand: 7.0 / 4.0 = 1.75x; 40 / 100 MB
+    results["cells"].append(shape | figures | {"system": "posttrain_checkpointed", "step_s": 4.0, "peak_rss_mb": 40.0})
+    assert ("- length 8, group 2, 1 thread(s), both with checkpointing: posttrain 4.00 s vs TRL 7.00 s per step "
+            "(1.75x), peak RSS 40 vs 100 MB (0.40 of TRL's)") in sweep_module.markdown(results)
+    del results["cells"][3]
 
     results["cells"][1] = shape | figures | {"system": "trl_tuned", "step_s": 5.0}  # tuned fitted: no fallback
     del results["cells"][2]

@@ -305,8 +305,9 @@ def test_the_probe_runs_once_per_process(fresh_probe):
 def test_a_black_hole_is_bounded_by_the_timeout(fresh_probe):
     fresh_probe.setenv("HF_ENDPOINT", "https://hub.example:443")
 
-    def hang(*args, **kwargs):
-        time.sleep(30)
+    def hang(*args, **kwargs):  # then fails as a real black hole does (returning None would break the
+        time.sleep(30)          # daemon thread 30 s later, inside whichever test runs then)
+        raise TimeoutError("timed out")
 
     fresh_probe.setattr(loading.socket, "create_connection", hang)
     start = time.perf_counter()

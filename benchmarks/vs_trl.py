@@ -133,7 +133,6 @@ def worker_trl(args, tuned: bool = False, on_step=None, on_step_begin=None, conf
     # On CUDA, tuned keeps TRL's GPU recipe (fp32 weights under bf16 autocast, sdpa attention) and only
     # turns checkpointing off: bf16 weights and eager attention are this CPU's choices, measured here.
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    peak_n = 8192 if device == "cuda" else 2048  # bench_config's sizes: a GPU needs large matrices
     if tuned and device == "cpu":
         if bf16_weights and fast == torch.bfloat16:
             model = model.to(torch.bfloat16)
@@ -189,7 +188,7 @@ def worker_trl(args, tuned: bool = False, on_step=None, on_step_begin=None, conf
             g = gen["s"] - self.g0
             steps.append({"step_s": total, "gen_s": g, "learn_s": total - g,
                           "completion_tokens": gen["tokens"] - self.n0, "prompt_tokens": gen["prompt_tokens"] - self.p0,
-                          "peak": matmul_peak_gflops(fast, n=peak_n, device=device)})  # after the timing, as posttrain.bench does
+                          "peak": matmul_peak_gflops(fast, device=device)})  # after the timing, as posttrain.bench does
             if on_step is not None:
                 on_step(steps[-1])
 
@@ -415,7 +414,7 @@ def table(results: dict) -> str:
     if fast != "bfloat16" and not cuda:
         lines.append("This CPU has no bf16 instructions (bf16 is emulated, slower than fp32): posttrain's auto precision "
                      "and tuned TRL compute in fp32; the MFU rows divide by the fp32 peak.")
-    n = 8192 if cuda else 2048
+    n = results.get("peak_matrix_size", 2048)
     lines.append(f"Matmul peak ({n}x{n}, {'on the GPU' if cuda else 'all threads'}, best of 6), measured by the driver: "
                  f"{results['peak_bf16_gflops']:.0f} GFLOP/s bf16 ({results['peak_fp32_gflops']:.0f} fp32); after each "
                  f"measured step of posttrain: {span(p)}{spans}. The first MFU row divides by the highest "
@@ -460,7 +459,7 @@ def main() -> int:
     import torch
 
     from posttrain.allocator import find_tcmalloc
-    from posttrain.bench import matmul_peak_gflops
+    from posttrain.bench import matmul_peak_gflops, peak_matrix_size
 
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("[vs_trl] --device cuda needs a CUDA GPU and torch.cuda.is_available() is False here; "
@@ -476,11 +475,11 @@ def main() -> int:
     for s in args.set:
         argv += ["--set", s]
     fast = fast_dtype(args.device)
-    n = 8192 if args.device == "cuda" else 2048
     results = {
         "device": args.device,
-        "peak_bf16_gflops": matmul_peak_gflops(torch.bfloat16, n=n, device=args.device),
-        "peak_fp32_gflops": matmul_peak_gflops(torch.float32, n=n, device=args.device),
+        "peak_matrix_size": peak_matrix_size(args.device),
+        "peak_bf16_gflops": matmul_peak_gflops(torch.bfloat16, device=args.device),
+        "peak_fp32_gflops": matmul_peak_gflops(torch.float32, device=args.device),
         "max_new_tokens": args.max_new_tokens,
         "prompts": args.prompts, "completions": args.completions, "steps": args.steps, "warmup": args.warmup,
         "allocator": "tcmalloc" if ALLOCATOR["library"] else "system (glibc)",

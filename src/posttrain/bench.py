@@ -24,9 +24,17 @@ from pathlib import Path
 import torch
 
 
-def matmul_peak_gflops(dtype: torch.dtype = torch.float32, n: int = 2048, reps: int = 6,
+def peak_matrix_size(device: torch.device | str) -> int:
+    """The n of the n x n matmul the peak is measured with: a GPU needs large matrices to reach its
+    peak; 2048 is this library's CPU figure."""
+    return 8192 if torch.device(device).type == "cuda" else 2048
+
+
+def matmul_peak_gflops(dtype: torch.dtype = torch.float32, n: int | None = None, reps: int = 6,
                        device: torch.device | str = "cpu") -> float:
-    """Best-of-``reps`` GFLOP/s of an n x n matmul in ``dtype`` on ``device`` (a CPU: all torch threads)."""
+    """Best-of-``reps`` GFLOP/s of an n x n matmul in ``dtype`` on ``device`` (a CPU: all torch threads;
+    n defaults to ``peak_matrix_size(device)``)."""
+    n = n or peak_matrix_size(device)
     g = torch.Generator().manual_seed(0)  # its own: measuring between steps must not move the global RNG
     a = torch.randn(n, n, generator=g).to(device=device, dtype=dtype)
     b = torch.randn(n, n, generator=g).to(device=device, dtype=dtype)
@@ -118,9 +126,7 @@ def bench_config(cfg, steps: int = 5, warmup: int = 1) -> dict:
         peak_dtype = resolve_dtype("auto", trainer.device)
         for _ in range(warmup + steps):
             rows.append(trainer.train_step())
-            # a GPU needs large matrices to reach its peak; 2048 is this library's CPU figure
-            n = 8192 if trainer.device.type == "cuda" else 2048
-            peaks.append(matmul_peak_gflops(peak_dtype, n=n, device=trainer.device))
+            peaks.append(matmul_peak_gflops(peak_dtype, device=trainer.device))
         trainer.close()
     rows, peaks = rows[warmup:], peaks[warmup:]
     learner_dtype = trainer.learner.dtype

@@ -68,7 +68,7 @@ def test_vs_trl_runs_one_step_on_the_tiny_model(tmp_path):
 
     # the same figures as a CUDA run would record them (benchmarks/gpu_vs_trl.sh): the table adds peak GPU
     # memory with its ratio, names the GPU-sized matmul and drops the CPU's bf16 remark
-    result["device"] = "cuda"
+    result["device"], result["peak_matrix_size"] = "cuda", 8192
     result["posttrain"]["peak_gpu_mb"], result["trl_tuned"]["peak_gpu_mb"] = 1000.0, 4000.0
     result["trl"]["peak_gpu_mb"] = 2000.0
     cuda = tmp_path / "cuda.json"

@@ -23,6 +23,20 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 
+def dist_infos(folder: Path) -> dict[str, tuple[str, Path]]:
+    """{distribution name: (version, its *.dist-info folder)} among installed files (``pip install --target``)."""
+    out = {}
+    for info in sorted(Path(folder).glob("*.dist-info")):
+        name, ver = info.name.removesuffix(".dist-info").rsplit("-", 1)
+        out[name] = (ver, info)
+    return out
+
+
+def write_manifest(folder: Path) -> str:
+    """The manifest of the distributions installed in ``folder``: ``name==version`` per line."""
+    return "".join(f"{name}=={ver}\n" for name, (ver, _) in dist_infos(folder).items())
+
+
 def read_manifest(path: Path) -> dict[str, str]:
     """``name==version`` lines -> {name: version}; a line in another form is an error, not skipped."""
     pins = {}
@@ -70,7 +84,7 @@ def install(bundle: Path, names: list[str], site: Path) -> list[str]:
     with tempfile.TemporaryDirectory() as tmp:
         with tarfile.open(bundle) as tar:
             tar.extractall(tmp, filter="data")
-        infos = {p.name.removesuffix(".dist-info").rsplit("-", 1)[0]: p for p in Path(tmp).glob("*.dist-info")}
+        infos = {name: info for name, (_, info) in dist_infos(Path(tmp)).items()}
         absent = [n for n in names if n not in infos]
         if absent:
             raise ValueError(f"{bundle} has no {', '.join(absent)}; rebuild it with benchmarks/gpu_prepare.sh")

@@ -35,10 +35,9 @@ pip install -q --no-deps --target "$stage" --python-version 3.12 --implementatio
   && find . -name __pycache__ -prune -exec rm -rf {} + )
 python - "$stage" > gpu_wheels/trl-py312.txt <<'PY'
 import sys
-from pathlib import Path
-for info in sorted(Path(sys.argv[1]).glob("*.dist-info")):
-    name, version = info.name.removesuffix(".dist-info").rsplit("-", 1)
-    print(f"{name}=={version}")
+sys.path.insert(0, "benchmarks")
+from gpu_bundle import write_manifest
+print(write_manifest(sys.argv[1]), end="")
 PY
 tar -cJf gpu_wheels/trl-py312.tar.xz -C "$stage" .
 cat gpu_wheels/trl-py312.txt

@@ -38,24 +38,16 @@ python -c "import trl, datasets, pyarrow; from trl import GRPOTrainer; print('tr
 log "random-weight SmolLM2 architectures (speed only)"
 python - "$device" smollm2-135m-random "$big" <<'PY' 2>&1 | tee -a "$out/log.txt"
 import sys
-import torch
-from transformers import AutoConfig, AutoTokenizer, LlamaForCausalLM
+from pathlib import Path
+from transformers import AutoConfig, AutoTokenizer
 sys.path.insert(0, "benchmarks")
-from sweep import LABELS, arch_config
+from sweep import build_random_arch
 
 device, names = sys.argv[1], sorted(set(sys.argv[2:]))
 base = AutoConfig.from_pretrained("gpu_wheels/smollm2-config")
 tokenizer = AutoTokenizer.from_pretrained("gpu_wheels/smollm2-config")
 for name in names:
-    torch.manual_seed(0)
-    torch.set_default_dtype(torch.bfloat16)  # as sweep.random_arch_dir: bf16 on disk
-    with torch.device(device):
-        model = LlamaForCausalLM(arch_config(name, base))
-    torch.set_default_dtype(torch.float32)
-    model.save_pretrained(f"/tmp/{name}")
-    tokenizer.save_pretrained(f"/tmp/{name}")
-    print(name, f"{sum(p.numel() for p in model.parameters()) / 1e6:.0f}M parameters:", LABELS[name])
-    del model
+    print((build_random_arch(name, base, tokenizer, Path(f"/tmp/{name}"), device) / "RANDOM_WEIGHTS.txt").read_text())
 PY
 
 log "vs_trl on $device: SmolLM2-135M architecture (random weights), posttrain / TRL tuned / TRL as shipped"

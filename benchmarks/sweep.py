@@ -109,28 +109,22 @@ def arch_config(name: str, base):
     return config
 
 
-def random_arch_dir(name: str) -> Path:
-    """A local model directory for ``name`` in ARCHS: SmolLM2-135M-Instruct's config with that size's
-    dimensions, its tokenizer and chat template, random weights (seed 0, bf16 on disk). Built once
-    under posttrain's cache (``POSTTRAIN_CACHE``), atomically (a killed build leaves no directory)."""
+def build_random_arch(name: str, base, tokenizer, out: Path, device: str = "cpu") -> Path:
+    """``out``: ``base`` (SmolLM2-135M-Instruct's config) with the dimensions of ``name`` in ARCHS, random
+    weights (seed 0, bf16 on disk, initialised on ``device``), ``tokenizer`` and a RANDOM_WEIGHTS.txt
+    label. Written atomically (a killed build leaves no folder), and once: a finished ``out`` is kept."""
     import torch
-
-    from posttrain.models.loading import cache_dir, load_model_and_tokenizer
-
-    out = cache_dir() / "random-arch" / name
-    if (out / "COMPLETE").exists():
-        return out
     from transformers import LlamaForCausalLM
 
-    base, tokenizer = load_model_and_tokenizer("smollm2-135m-instruct")
-    config = arch_config(name, base.config)
-    del base
+    if (out / "COMPLETE").exists():
+        return out
     print(f"[sweep] building {name} (random weights) in {out} ...", flush=True)
     default_dtype = torch.get_default_dtype()
     torch.manual_seed(0)
     torch.set_default_dtype(torch.bfloat16)  # the 1.7B in fp32 would need 6.8 GB just to be written
     try:
-        model = LlamaForCausalLM(config)
+        with torch.device(device):
+            model = LlamaForCausalLM(arch_config(name, base))
     finally:
         torch.set_default_dtype(default_dtype)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -142,6 +136,18 @@ def random_arch_dir(name: str) -> Path:
     (tmp / "COMPLETE").write_text("")
     tmp.rename(out)
     return out
+
+
+def random_arch_dir(name: str) -> Path:
+    """A local model directory for ``name`` in ARCHS (``build_random_arch`` from SmolLM2-135M-Instruct's
+    config and tokenizer), built once under posttrain's cache (``POSTTRAIN_CACHE``)."""
+    from posttrain.models.loading import cache_dir, load_model_and_tokenizer
+
+    out = cache_dir() / "random-arch" / name
+    if (out / "COMPLETE").exists():
+        return out
+    base, tokenizer = load_model_and_tokenizer("smollm2-135m-instruct")
+    return build_random_arch(name, base.config, tokenizer, out)
 
 
 def model_source(name: str) -> str:
@@ -176,7 +182,7 @@ def worker_namespace(cell: dict, opts) -> argparse.Namespace:
     return argparse.Namespace(model=model_source(cell["model"]), steps=opts.steps, warmup=opts.warmup,
                               max_new_tokens=cell["length"], lr=opts.lr, seed=opts.seed, gen_reps=1,
                               set=[f"trainer.threads={cell['threads']}"], prompts=opts.prompts,
-                              completions=cell["group"])
+                              completions=cell["group"], device="cpu")
 
 
 def watchdog(opts, total_steps: int, state: dict, abort) -> None:

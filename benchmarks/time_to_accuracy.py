@@ -95,7 +95,7 @@ def posttrain_config(s: dict, seed: int, extra: list[str] = ()):
     from posttrain.config import load_config
 
     args = Namespace(model=s["model"], prompts=s["prompts"], completions=s["completions"],
-                     max_new_tokens=s["max_new_tokens"], lr=s["lr"], seed=seed)
+                     max_new_tokens=s["max_new_tokens"], lr=s["lr"], seed=seed, device="cpu")
     return load_config(ROOT / "examples" / "arithmetic.yaml",
                        vs_trl.base_overrides(args) + [f"trainer.steps={s['steps']}", *extra])
 
@@ -129,7 +129,8 @@ def worker_posttrain(s: dict, seed: int, work: Path) -> dict:
 def worker_trl(s: dict, seed: int, work: Path, system: str) -> dict:
     """vs_trl.py's TRL worker for ``system`` (a TRL key of LABELS), saving the weights every eval_every steps."""
     args = Namespace(model=s["model"], prompts=s["prompts"], completions=s["completions"],
-                     max_new_tokens=s["max_new_tokens"], lr=s["lr"], seed=seed, set=[], steps=s["steps"], warmup=0)
+                     max_new_tokens=s["max_new_tokens"], lr=s["lr"], seed=seed, set=[], steps=s["steps"], warmup=0,
+                     device="cpu")
     rows: list[dict] = []
     out = work / "trl"
     figures = vs_trl.worker_trl(args, tuned=system != "trl", bf16_weights=system == "trl_tuned",

@@ -78,7 +78,7 @@ def base_overrides(args) -> list[str]:
         "trainer.warmup_steps=0",
         f"trainer.lr={args.lr}",
         f"trainer.seed={args.seed}",
-    ] + ([f"trainer.device={args.device}"] if getattr(args, "device", "cpu") != "cpu" else [])
+    ] + ([f"trainer.device={args.device}"] if args.device != "cpu" else [])
 
 
 # ---------------------------------------------------------------------------------- workers
@@ -127,7 +127,7 @@ def worker_trl(args, tuned: bool = False, on_step=None, on_step_begin=None, conf
 
     cfg = load_config(ROOT / "examples" / "arithmetic.yaml", base_overrides(args) + args.set)
     model, tokenizer = load_model_and_tokenizer(cfg.model.name)  # fp32 weights, as posttrain's learner
-    device = getattr(args, "device", "cpu")
+    device = args.device
     fast = fast_dtype(device)
     autocast = not tuned or fast == torch.bfloat16  # tuned on an emulated-bf16 CPU: fp32 throughout
     # On CUDA, tuned keeps TRL's GPU recipe (fp32 weights under bf16 autocast, sdpa attention) and only

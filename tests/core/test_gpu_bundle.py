@@ -75,6 +75,17 @@ def test_a_name_the_bundle_lacks_fails_before_anything_is_copied(tmp_path):
     assert list(site.iterdir()) == []
 
 
+def test_the_manifest_written_from_a_folder_reads_back(tmp_path):
+    stage = tmp_path / "stage"
+    for info in ("python_dateutil-2.9.0.post0.dist-info", "trl-1.16.0.dist-info"):
+        (stage / info).mkdir(parents=True)
+    (stage / "trl").mkdir()  # a package folder is not a distribution
+    text = gpu_bundle.write_manifest(stage)
+    assert text == "python_dateutil==2.9.0.post0\ntrl==1.16.0\n"
+    (tmp_path / "m.txt").write_text(text)
+    assert gpu_bundle.read_manifest(tmp_path / "m.txt") == {"python_dateutil": "2.9.0.post0", "trl": "1.16.0"}
+
+
 def test_a_malformed_manifest_line_names_itself(tmp_path):
     manifest = tmp_path / "m.txt"
     manifest.write_text("trl==1.16.0\npyarrow>=24\n")

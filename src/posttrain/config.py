@@ -199,6 +199,9 @@ class TrainerConfig(LoggingConfig):
     autocast: Literal["auto", "bfloat16", "none"] = "auto"  # learner compute dtype
     logprob_chunk_tokens: int = 256  # rows of [rows, vocab] fp32 logits alive at once (256 x 49k: 50 MB)
     share_prompt_pass: bool = True  # learner runs each group's prompt once (exact; fewer FLOPs)
+    # skip the passes of rows whose gradient is exactly 0 (A = 0 on every token, e.g. a GRPO group
+    # with equal rewards; see RLUpdate.rows_to_learn); per-token metrics then cover the learned rows
+    skip_zero_advantage_rows: bool = True
     # recompute each decoder layer in the backward (lean decoder only, see model.decoder): in
     # benchmarks/vs_trl.py on 2 cores, peak RSS 3.28 -> 3.03 GB, learner 3.9-4.3 s -> 4.7 s per step
     activation_checkpointing: bool = False

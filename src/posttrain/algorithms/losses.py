@@ -272,6 +272,12 @@ def dppo_kl(inp: PolicyLossInput, cfg: PolicyLossConfig) -> PolicyLossOutput:
 
 
 COV_SELECTING = ("kl_cov", "clip_cov")  # losses that take a batch-level ``token_selection``
+# Losses whose rows are independent and whose per-token loss is A times a finite factor: a row with
+# A = 0 on every token adds exactly nothing, loss or gradient, so the learner may skip its pass
+# (RLUpdate). Not dro (its (logp - old)^2 term), kl_cov (|logp - old| on selected tokens) or hapo
+# (batch statistics couple its rows); tests/algorithms/test_zero_advantage_rows.py checks every loss.
+ZERO_AT_ZERO_ADVANTAGE = frozenset({"cispo", "clip_cov", "dppo_kl", "dppo_tv", "gmpo", "gpg", "gspo", "gspo_token",
+                                    "luspo", "ppo_clip", "reinforce_is", "sapo", "sspo", "vespo"})
 
 
 def covariance(logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -47,7 +47,7 @@ from posttrain.algorithms.advantages_pear import phase_entropies, pear_penalty, 
 from posttrain.algorithms.advantages_token import gae_returns, value_loss
 from posttrain.algorithms.advantages_turn import turn_credit
 from posttrain.algorithms.corrections import mismatch_metrics
-from posttrain.algorithms.losses import COV_SELECTING, select_cov_tokens
+from posttrain.algorithms.losses import COV_SELECTING, ZERO_AT_ZERO_ADVANTAGE, select_cov_tokens
 from posttrain.algorithms.overlong import dapo_overlong_penalty, mask_truncated
 from posttrain.algorithms.regularizers import AdaptiveEntropyController, AdaptiveKLController, kl_in_reward, \
     siren_loss, siren_selected_entropy, top_entropy_mask
@@ -327,7 +327,8 @@ class RLUpdate:
                     mini = dataclasses.replace(mini, token_selection=self._cov_selection(mini, step, epoch, m, record))
                 if n and alg.entropy.siren:  # the deviation, once per mini-batch (see siren_loss)
                     self._siren_deviation = self._siren_mini_batch(mini_rows, mini, record)
-                mine = mini.select(torch.tensor(dp.rows(len(mini)))) if n and dp.world > 1 else mini
+                learned = self.rows_to_learn(mini, record) if n else None
+                mine = learned.select(torch.tensor(dp.rows(len(learned)))) if n and dp.world > 1 else learned
                 if learner.critic is not None:
                     value_fn = lambda micro, values, kw=counts_kw: self._value_loss(micro, values, kw, record)  # noqa: E731
                 learner.zero_grad()
@@ -360,6 +361,32 @@ class RLUpdate:
         out = dp.mean_metrics(sums, counts)
         out["lr"] = learner.optimizer.param_groups[0]["lr"]
         return out
+
+    def rows_to_learn(self, mini: Rollouts, record: Callable) -> Rollouts:
+        """``mini`` less the rows that add exactly nothing to the update: A = 0 (or no loss token)
+        on every token, under a loss that vanishes there with its gradient and treats rows
+        independently (ZERO_AT_ZERO_ADVANTAGE), with no other term reading them (KL to the
+        reference in the loss, an entropy bonus or its controller, a critic, MoE load balancing).
+
+        GRPO gives A = 0 to every row of a group whose rewards are all equal (all solved or all
+        failed); skipping their forward and backward passes leaves the gradient as it was, because
+        the loss keeps the whole mini-batch's counts. One row per rank is kept whatever its
+        advantage, so every rank runs a pass and Adam steps on zero gradients, not on none, when
+        the whole mini-batch is constant. Records ``learner/skipped_rows_frac``.
+        """
+        alg, tc = self.cfg.algorithm, self.cfg.trainer
+        eligible = (tc.skip_zero_advantage_rows and alg.policy_loss in ZERO_AT_ZERO_ADVANTAGE
+                    and self.learner.critic is None and (mini.ref_logprobs is None or alg.kl.in_reward)
+                    and self.entropy_ctl.value == 0 and not alg.entropy.adaptive and not alg.entropy.siren
+                    and (self.learner.moe is None or alg.moe.aux_loss_coef == 0))
+        if not eligible:
+            return mini
+        keep = ((mini.advantages != 0) & (mini.loss_mask > 0)).any(-1)
+        short = self.dp.world - int(keep.sum())
+        if short > 0:
+            keep[(~keep).nonzero().squeeze(-1)[:short]] = True
+        record("learner/skipped_rows_frac", 1.0 - float(keep.float().mean()))
+        return mini if bool(keep.all()) else mini.select(keep.nonzero().squeeze(-1))
 
     def _cov_selection(self, mini: Rollouts, step: int, epoch: int, m: int, record: Callable) -> torch.Tensor:
         """[n, T] bool: KL-Cov's / Clip-Cov's tokens, chosen over the whole mini-batch.

@@ -392,6 +392,10 @@ def table(results: dict) -> str:
     for name, t in peers:
         lines.append(f"{name}: gradient checkpointing {t['gradient_checkpointing']}, {t['learner_dtype']}, "
                      f"{t['attention']} attention.")
+    if p.get("skipped_rows_frac"):  # absent from results recorded before the learner skipped rows
+        lines.append(f"posttrain's learner skipped {p['skipped_rows_frac']:.0%} of the rows (mean over the measured "
+                     f"steps): advantage 0 on every token, a group whose rewards were all equal, whose gradient is "
+                     f"exactly 0 (trainer.skip_zero_advantage_rows); TRL runs them. Its MFU counts the rows it ran.")
     lines.append("")
     batch = results.get("prompts", PROMPTS) * results.get("completions", COMPLETIONS)
     if g is None:

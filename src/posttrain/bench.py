@@ -104,6 +104,10 @@ def bench_config(cfg, steps: int = 5, warmup: int = 1) -> dict:
     speed drifts within minutes, so each step's MFU is also given against the peak measured
     next to it (``learner_mfu_step_peak``), besides the one against the highest peak of all
     (``learner_mfu``, the conservative figure).
+
+    MFU counts the model FLOPs of the rows the learner ran: rows whose gradient is exactly zero are
+    skipped (``skipped_rows_frac``, RLUpdate.rows_to_learn), while ``learner_tok_per_s`` divides all of
+    the batch's tokens by the learner's time, the rate a user gets.
     """
     from posttrain.allocator import active_allocator
     from posttrain.models.loading import load_model_and_tokenizer
@@ -132,11 +136,13 @@ def bench_config(cfg, steps: int = 5, warmup: int = 1) -> dict:
     learner_dtype = trainer.learner.dtype
     key = "bf16" if learner_dtype == torch.bfloat16 else "fp32"
     nonembed, hidden, vocab = model_dims(model)
-    prompt_key = "tokens/prompt_unique" if cfg.trainer.share_prompt_pass else "tokens/prompt"
-    passes = cfg.trainer.ppo_epochs
+    # The tokens the learner ran: per mini-batch (a mean over mini-batches and epochs), after the rows
+    # it skipped (A = 0, RLUpdate.rows_to_learn) and with each group's prompt once under share_prompt_pass.
+    mini_batches, passes = cfg.trainer.mini_batches, cfg.trainer.ppo_epochs
     rows_per_step = cfg.rollout.num_prompts * cfg.rollout.num_completions
-    flops = [learner_flops(nonembed, hidden, vocab, r[prompt_key], r["tokens/completion"], passes, rows_per_step)
-             for r in rows]
+    flops = [learner_flops(nonembed, hidden, vocab, r.get("learner/prompt_tokens", 0.0) * mini_batches,
+                           r.get("learner/completion_tokens", 0.0) * mini_batches, passes,
+                           rows_per_step * (1.0 - r.get("learner/skipped_rows_frac", 0.0))) for r in rows]
     med = statistics.median
     learn_s = med(r["time/learn_s"] for r in rows)
     gen_s = med(r["time/gen_s"] for r in rows)
@@ -154,6 +160,7 @@ def bench_config(cfg, steps: int = 5, warmup: int = 1) -> dict:
         "device": str(trainer.device),
         "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20 if trainer.device.type == "cuda" else 0.0,
         "reward_mean": med(r["reward/mean"] for r in rows),
+        "skipped_rows_frac": statistics.mean(r.get("learner/skipped_rows_frac", 0.0) for r in rows),
         "allocator": active_allocator(),
     }
 

@@ -127,6 +127,16 @@ def test_skipping_the_zero_rows_leaves_the_update_unchanged(batch, loss):
     assert max(float(g.abs().max()) for g in full_grads) > 0  # a real update, not zeros on both sides
     assert _max_rel(skip_grads, full_grads) < 1e-5  # fp32, summed in another order
     assert skipped["loss/total"] == pytest.approx(full["loss/total"], rel=1e-5)
+    # the tokens the learner ran (posttrain.bench counts MFU from these): groups 1 and 3 only, each
+    # group's prompt once; without the skip, all four groups
+    groups = torch.unique(batch.group_ids, return_inverse=True)[1]
+    live = (groups == 1) | (groups == 3)
+    first_of_group = [int((groups == k).nonzero()[0]) for k in range(4)]
+    prompt_len = batch.prompt_mask.sum(-1)
+    assert skipped["learner/completion_tokens"] == float(batch.completion_mask[live].sum())
+    assert skipped["learner/prompt_tokens"] == float(prompt_len[[first_of_group[1], first_of_group[3]]].sum())
+    assert full["learner/completion_tokens"] == float(batch.completion_mask.sum())
+    assert full["learner/prompt_tokens"] == float(prompt_len[first_of_group].sum())
 
 
 def test_a_term_that_reads_every_row_turns_the_skip_off(batch):

@@ -52,6 +52,8 @@ def test_vs_trl_runs_one_step_on_the_tiny_model(tmp_path):
         assert math.isfinite(result[worker]["step_s"]) and result[worker]["step_s"] > 0, worker
         assert result[worker]["peak_rss_mb"] > 0, worker
     assert "| median step time (s) |" in result["table"]
+    skipped = result["posttrain"]["skipped_rows_frac"]  # rows with A = 0 the learner did not run
+    assert 0.0 <= skipped < 1.0 and (skipped > 0) == ("posttrain's learner skipped" in result["table"])
     assert "Environment: posttrain_commit" in proc.stdout
     assert result["device"] == "cpu" and "peak GPU memory" not in result["table"]
     assert all(result[w]["peak_gpu_mb"] == 0.0 for w in ("posttrain", "trl", "trl_tuned"))

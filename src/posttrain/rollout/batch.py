@@ -70,6 +70,13 @@ class Rollouts:
     def completion_lengths(self) -> torch.Tensor:
         return self.completion_mask.sum(-1)
 
+    @property
+    def unique_prompt_tokens(self) -> int:
+        """Prompt tokens the learner runs when each group's prompt runs once (trainer.share_prompt_pass)."""
+        per_group = torch.zeros(int(self.group_ids.max()) + 1, dtype=torch.long)
+        per_group[self.group_ids] = self.prompt_mask.sum(-1).long()  # rows of a group share their prompt
+        return int(per_group.sum())
+
     def select(self, index: torch.Tensor | list[int]) -> "Rollouts":
         """Samples at ``index`` (every per-sample field indexed the same way)."""
         idx = torch.as_tensor(index, dtype=torch.long)

@@ -221,7 +221,7 @@ class RLTrainer:
             "data/position": float(self.data.position),
             "tokens/completion": float(mask.sum()),
             "tokens/prompt": float(rollouts.prompt_mask.sum()),
-            "tokens/prompt_unique": float(_unique_prompt_tokens(rollouts)),
+            "tokens/prompt_unique": float(rollouts.unique_prompt_tokens),
         })
         if rollouts.policy_version is not None:  # steps the sampled weights lag the learner's (0: on-policy)
             lag = (self.step - 1 - rollouts.policy_version).float()
@@ -329,10 +329,3 @@ class RLTrainer:
         finally:
             if self.learner_group is not None:
                 self.learner_group.close()
-
-
-def _unique_prompt_tokens(r: Rollouts) -> int:
-    """Prompt tokens the learner processes when each group's prompt runs once."""
-    per_group = torch.zeros(int(r.group_ids.max()) + 1, dtype=torch.long)
-    per_group[r.group_ids] = r.prompt_mask.sum(-1).long()  # rows of a group share their prompt
-    return int(per_group.sum())

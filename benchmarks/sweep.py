@@ -30,7 +30,10 @@ SmolLM2's tokenizer) with random weights, saved once under posttrain's cache (``
 and loaded like any local model. Every output labels them. One difference is not speed-neutral: a
 random model almost never samples end-of-sequence (about 1 in 49,152 per token), so it fills every
 completion to the cap, while the real 135M answers the arithmetic prompts in a few dozen tokens and
-stops; the "mean completion length" column shows what each cell actually generated.
+stops; the "mean completion length" column shows what each cell actually generated. A second: a random
+model's reward is 0 on every row, so every advantage is 0; posttrain's learner, which skips rows with
+A = 0 on the real model (same gradient), learns on every row there (vs_trl.random_weights), or its
+step would time one row.
 
 Budget (``--max-cell-minutes``, default 5): a cell is skipped, and recorded as "skipped: estimated N
 min", (a) before it starts when its learner FLOPs alone, at 65% of the measured matmul peak (about the

@@ -82,11 +82,19 @@ def base_overrides(args) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------- workers
+def random_weights(model: str) -> bool:
+    """A model with random weights: sweep.build_random_arch's directories (RANDOM_WEIGHTS.txt), tiny-random."""
+    return model == "tiny-random" or (Path(model) / "RANDOM_WEIGHTS.txt").exists()
+
+
 def worker_posttrain(args) -> dict:
     from posttrain.bench import bench_config
     from posttrain.config import load_config
 
-    cfg = load_config(ROOT / "examples" / "arithmetic.yaml", base_overrides(args) + args.set)
+    # Random weights earn reward 0 on every row, so every group has A = 0 and the learner would run one
+    # row a step (RLUpdate.rows_to_learn): a speed figure of no update. There, every row is run.
+    learn_all = ["trainer.skip_zero_advantage_rows=false"] if random_weights(args.model) else []
+    cfg = load_config(ROOT / "examples" / "arithmetic.yaml", base_overrides(args) + learn_all + args.set)
     return bench_config(cfg, steps=args.steps, warmup=args.warmup)
 
 

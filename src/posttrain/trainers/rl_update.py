@@ -327,12 +327,14 @@ class RLUpdate:
                     mini = dataclasses.replace(mini, token_selection=self._cov_selection(mini, step, epoch, m, record))
                 if n and alg.entropy.siren:  # the deviation, once per mini-batch (see siren_loss)
                     self._siren_deviation = self._siren_mini_batch(mini_rows, mini, record)
-                learned = self.rows_to_learn(mini, record) if n else None
-                if n:  # what the learner runs per mini-batch: posttrain.bench counts its FLOPs from these
+                mine = None
+                if n:
+                    learned = self.rows_to_learn(mini, record)
+                    # what the learner runs per mini-batch: posttrain.bench counts its FLOPs from these
                     record("learner/prompt_tokens", learned.unique_prompt_tokens if tc.share_prompt_pass
                            else float(learned.prompt_mask.sum()))
                     record("learner/completion_tokens", float(learned.completion_mask.sum()))
-                mine = learned.select(torch.tensor(dp.rows(len(learned)))) if n and dp.world > 1 else learned
+                    mine = learned.select(torch.tensor(dp.rows(len(learned)))) if dp.world > 1 else learned
                 if learner.critic is not None:
                     value_fn = lambda micro, values, kw=counts_kw: self._value_loss(micro, values, kw, record)  # noqa: E731
                 learner.zero_grad()

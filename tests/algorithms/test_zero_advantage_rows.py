@@ -3,7 +3,7 @@
 A GRPO group whose rewards are all equal gets A = 0 on every row; under a loss that is A times a
 finite factor per row (ZERO_AT_ZERO_ADVANTAGE), those rows add nothing to the gradient, so
 RLUpdate.rows_to_learn drops their forward and backward passes. Checked here: which registered
-losses have that property (all of them, by autograd), and the update through RLUpdate on the tiny
+losses have that property (every registered loss, by autograd), and the update through RLUpdate on the tiny
 model with the skip on and off, in one process and on two gloo ranks.
 """
 

@@ -17,7 +17,9 @@ from typing import Iterator
 
 ATTENTION_CHOICES = ("auto", "eager", "sdpa")
 # Longest sequence (prompt + completion) for which ``auto`` picks eager attention. The learner
-# keeps the scores for its backward, so its limit is lower than the sampler's.
+# keeps the scores for its backward, so its limit is lower than the sampler's. The sampler's
+# entry governs transformers' forward only (MoE models, model.decoder=hf): on the lean decoder's
+# static KV cache the sampler uses SDPA under ``auto`` (rollout/engine.py says why).
 EAGER_MAX_TOKENS = {"learner": 256, "sampler": 1024}
 
 

@@ -95,6 +95,15 @@ def _from_compute(ctx, *grads):
     return tuple(g.to(dt) if g is not None else None for g, dt in zip(grads, ctx.input_dtypes))
 
 
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(w * round(x r), r) with r = 1 / sqrt(mean(x^2) + eps) in fp32: ``RMSNormFn``'s forward,
+    callable without autograd (the sampler's packed decoder)."""
+    wide = torch.promote_types(x.dtype, torch.float32)
+    ms = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=wide).square_().div_(x.shape[-1])
+    rstd = ms.add_(eps).rsqrt_()
+    return weight * (x * rstd).to(x.dtype), rstd
+
+
 class RMSNormFn(torch.autograd.Function):
     """y = w * round(x * r), r = 1 / sqrt(mean(x^2) + eps), computed in fp32.
 
@@ -105,11 +114,9 @@ class RMSNormFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, eps: float):
-        wide = torch.promote_types(x.dtype, torch.float32)
-        ms = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=wide).square_().div_(x.shape[-1])
-        rstd = ms.add_(eps).rsqrt_()
+        y, rstd = rms_norm(x, weight, eps)
         ctx.save_for_backward(x, weight, rstd)
-        return weight * (x * rstd).to(x.dtype)
+        return y
 
     @staticmethod
     def backward(ctx, grad):

@@ -413,7 +413,7 @@ def table(results: dict) -> str:
                      f"{results['max_new_tokens']} new tokens: transformers generate {g['hf_generate_tok_per_s']:.0f} "
                      f"tok/s ({g['hf_default_attention']} attention, its default), posttrain engine "
                      f"{g['posttrain_tok_per_s']:.0f} tok/s ({g['posttrain_tok_per_s'] / g['hf_generate_tok_per_s']:.2f}x). "
-                     f"transformers generate with the eager attention posttrain uses on CPU: "
+                     f"transformers generate with eager attention (what TRL tuned samples with): "
                      f"{g['hf_generate_eager_tok_per_s']:.0f} tok/s "
                      f"({g['posttrain_tok_per_s'] / g['hf_generate_eager_tok_per_s']:.2f}x).")
     lines.append(f"Allocator for every process (posttrain, TRL, generate): {results['allocator']}; oneDNN primitive "

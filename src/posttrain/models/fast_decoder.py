@@ -265,7 +265,8 @@ class StaticKV(KVStore):
 
 
 # ------------------------------------------------------------------------ the forward
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """RoPE's pairing of the two halves of a head: (x1, x2) -> (-x2, x1)."""
     half = x.shape[-1] // 2
     return torch.cat([-x[..., half:], x[..., :half]], -1)
 
@@ -320,7 +321,7 @@ def _layer(layer, x, cos, sin, mask, kv: KVStore, index: int, heads: int, kv_hea
     def heads_first(t: torch.Tensor, count: int, rotate: bool) -> torch.Tensor:
         t = t.view(*t.shape[:-1], count, D)
         if rotate:
-            t = t * c + _rotate_half(t) * s
+            t = t * c + rotate_half(t) * s
         return (packing.unpack(t) if packing is not None else t).transpose(1, 2)  # [n, count, L, D]
 
     q = heads_first(F.linear(h, attn.q_proj.weight, attn.q_proj.bias), heads, True)

@@ -31,7 +31,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from posttrain.models.fast_decoder import GroupedAttentionFn, StaticKV, _rotate_half, additive_mask, rms_norm
+from posttrain.models.fast_decoder import GroupedAttentionFn, StaticKV, additive_mask, rms_norm, rotate_half
 
 
 def packing_available(model: torch.nn.Module) -> bool:
@@ -140,7 +140,7 @@ class PackedDecoder:
             h = rms_norm(x, pl.norm1, pl.eps1)[0]
             qkv = _linear(h, pl.qkv, pl.qkv_bias)
             qk = qkv[..., :rotated].view(n, L, heads + kv_heads, D)
-            qk = qk * cos + _rotate_half(qk) * sin
+            qk = qk * cos + rotate_half(qk) * sin
             q, k = qk[:, :, :heads].transpose(1, 2), qk[:, :, heads:].transpose(1, 2)
             v = qkv[..., rotated:].view(n, L, kv_heads, D).transpose(1, 2)
             keys, values = kv.attend(index, k, v)

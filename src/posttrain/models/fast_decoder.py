@@ -308,6 +308,20 @@ class Packing:
         return grid.view(self.n, self.L, *rows.shape[1:])
 
 
+def grouped_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, scale: float,
+                      use_sdpa: bool) -> torch.Tensor:
+    """Attention output [n, H, L, D] of queries q [n, H, L, D] over keys/values [n, KV, Lk, D]
+    (H = G * KV), additive ``mask`` [n, 1, L, Lk]: PyTorch's SDPA, or ``GroupedAttentionFn``."""
+    n, heads, L, D = q.shape
+    kv_heads = keys.shape[1]
+    if use_sdpa:
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale,
+                                              enable_gqa=heads != kv_heads)
+    groups = heads // kv_heads
+    qg = q.reshape(n, kv_heads, groups * L, D)
+    return GroupedAttentionFn.apply(qg, keys, values, mask, scale, groups).view(n, heads, L, D)
+
+
 def _layer(layer, x, cos, sin, mask, kv: KVStore, index: int, heads: int, kv_heads: int, use_sdpa: bool,
            packing: Optional[Packing] = None):
     """One decoder layer on x [n, L, H], or on packed tokens x [T, H] with ``packing``."""
@@ -328,15 +342,7 @@ def _layer(layer, x, cos, sin, mask, kv: KVStore, index: int, heads: int, kv_hea
     k = heads_first(F.linear(h, attn.k_proj.weight, attn.k_proj.bias), kv_heads, True)
     v = heads_first(F.linear(h, attn.v_proj.weight, attn.v_proj.bias), kv_heads, False)
     keys, values = kv.attend(index, k, v)
-    scale = getattr(attn, "scaling", D ** -0.5)
-    groups = heads // kv_heads
-    if use_sdpa:
-        o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale,
-                                           enable_gqa=groups > 1)
-    else:
-        qg = q.reshape(n, kv_heads, groups * L, D)
-        o = GroupedAttentionFn.apply(qg, keys, values, mask, scale, groups).view(n, heads, L, D)
-    o = o.transpose(1, 2)
+    o = grouped_attention(q, keys, values, mask, getattr(attn, "scaling", D ** -0.5), use_sdpa).transpose(1, 2)
     o = packing.pack(o).reshape(-1, heads * D) if packing is not None else o.reshape(n, L, heads * D)
     x = x + attn.o_proj(o)
     norm = layer.post_attention_layernorm

@@ -31,7 +31,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from posttrain.models.fast_decoder import GroupedAttentionFn, StaticKV, additive_mask, rms_norm, rotate_half
+from posttrain.models.fast_decoder import StaticKV, additive_mask, grouped_attention, rms_norm, rotate_half
 
 
 def packing_available(model: torch.nn.Module) -> bool:
@@ -143,14 +143,7 @@ class PackedDecoder:
             qk = qk * cos + rotate_half(qk) * sin
             q, k = qk[:, :, :heads].transpose(1, 2), qk[:, :, heads:].transpose(1, 2)
             v = qkv[..., rotated:].view(n, L, kv_heads, D).transpose(1, 2)
-            keys, values = kv.attend(index, k, v)
-            if use_sdpa:
-                o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale,
-                                                   enable_gqa=heads != kv_heads)
-            else:
-                groups = heads // kv_heads
-                o = GroupedAttentionFn.apply(q.reshape(n, kv_heads, groups * L, D), keys, values, mask, scale,
-                                             groups).view(n, heads, L, D)
+            o = grouped_attention(q, *kv.attend(index, k, v), mask, scale, use_sdpa)
             x = x + _linear(o.transpose(1, 2).reshape(n, L, heads * D), pl.o, pl.o_bias)
             h = rms_norm(x, pl.norm2, pl.eps2)[0]
             gate, up = _linear(h, pl.gate_up, None).chunk(2, -1)

@@ -356,7 +356,7 @@ class HFRolloutEngine:
             self._packed = None
             return 0.0
         t0 = time.perf_counter()
-        if self._packed is None or self._packed.model is not self.model:
+        if self._packed is None:
             self._packed = PackedDecoder(self.model, rows_hint=rows)
         self._packed.refresh()
         return time.perf_counter() - t0

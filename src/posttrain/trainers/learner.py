@@ -305,16 +305,18 @@ class Learner:
         """
         cfg, mc = self.cfg, self.model_cfg
         self.model.train()
+        # Longest first: its activations are freed while the fp32 gradients are first
+        # allocated, so the two do not stack at the memory peak.
+        buckets = list(reversed(length_buckets(batch, cfg.micro_batch_size, self.micro_batch_tokens)))
         shared = None
         if (cfg.share_prompt_pass and self.fsdp is None and self.moe is None
                 and share_prompts_across_micro_batches(batch, cfg.micro_batch_size)):
             with self.autocast():
+                # one micro-batch: the prompt activations live no longer than its own, so no recompute
                 shared = SharedPromptPass(self.model, batch.prompt_ids, batch.prompt_mask, mc.attention,
-                                          batch.prompt_ids.shape[1] + batch.completion_ids.shape[1], mc.decoder)
+                                          batch.prompt_ids.shape[1] + batch.completion_ids.shape[1], mc.decoder,
+                                          checkpoint_layers=len(buckets) > 1 or cfg.activation_checkpointing)
         total = 0.0
-        # Longest first: its activations are freed while the fp32 gradients are first
-        # allocated, so the two do not stack at the memory peak.
-        buckets = list(reversed(length_buckets(batch, cfg.micro_batch_size, self.micro_batch_tokens)))
         extra = self._extra_passes(len(buckets))  # fsdp2: agreed before any pass (it is a collective too)
         for rows in buckets:
             micro = trim(batch.select(rows), trim_prompt=shared is None)

@@ -171,29 +171,55 @@ def test_ppo_with_gae_critic_trains_and_resumes_identically(tmp_path):
     assert head.abs().sum() > 0  # the zero-initialised value head has learned something
 
 
-def test_length_buckets_sort_by_length_and_respect_row_and_token_caps():
+def _rollouts_of_lengths(lengths: list[int], prompt_width: int, pad: int = 1):
     from posttrain.rollout.batch import Rollouts
+
+    n, T, lengths = len(lengths), max(lengths), torch.tensor(lengths)
+    return Rollouts(
+        prompt_ids=torch.zeros((n, prompt_width + pad), dtype=torch.long),
+        prompt_mask=torch.tensor([[0] * pad + [1] * prompt_width] * n),  # width prompt_width after trimming
+        completion_ids=torch.zeros((n, T), dtype=torch.long),
+        completion_mask=(torch.arange(T)[None] < lengths[:, None]).float(),
+        group_ids=torch.zeros(n, dtype=torch.long),
+        behaviour_logprobs=torch.zeros((n, T)), entropies=torch.zeros((n, T)),
+        truncated=torch.zeros(n, dtype=torch.bool), texts=[""] * n, problems=[None] * n,
+    )
+
+
+def test_length_buckets_sort_by_length_and_respect_row_and_token_caps():
     from posttrain.trainers.learner import length_buckets
 
-    lengths = torch.tensor([5, 1, 3, 8, 2, 8, 1])
-    T, P = 8, 2
-    batch = Rollouts(
-        prompt_ids=torch.zeros((7, 3), dtype=torch.long),
-        prompt_mask=torch.tensor([[0, 1, 1]] * 7),  # prompt width 2 after trimming
-        completion_ids=torch.zeros((7, T), dtype=torch.long),
-        completion_mask=(torch.arange(T)[None] < lengths[:, None]).float(),
-        group_ids=torch.zeros(7, dtype=torch.long),
-        behaviour_logprobs=torch.zeros((7, T)), entropies=torch.zeros((7, T)),
-        truncated=torch.zeros(7, dtype=torch.bool), texts=[""] * 7, problems=[None] * 7,
-    )
-    # rows only: sorted lengths 1,1,2,3,5,8,8 -> ids [1,6],[4,2],[0,3],[5]
-    assert [b.tolist() for b in length_buckets(batch, 2, 0)] == [[1, 6], [4, 2], [0, 3], [5]]
-    # token cap 12: (P + longest) x rows <= 12 -> [1,6,4] is 3 x 4 = 12; adding row 2 (len 3) gives 4 x 5
+    lengths = [5, 1, 3, 8, 2, 8, 1]
+    P = 2
+    batch = _rollouts_of_lengths(lengths, P)
+    # sorted ids 1,6,4,2,0,3,5 of widths P + length = 3,3,4,5,7,10,10. Rows only (2 a run): 4 runs,
+    # the fewest, since each costs BUCKET_OVERHEAD_CELLS; of the four 4-run cuts, rows x width^2 is
+    # (1,2,2,2): 9+32+98+200 = 339, (2,1,2,2): 18+16+98+200 = 332, (2,2,1,2): 18+50+49+200 = 317,
+    # (2,2,2,1): 18+50+200+100 = 368 -> the third
+    assert [b.tolist() for b in length_buckets(batch, 2, 0)] == [[1, 6], [4, 2], [0], [3, 5]]
+    # token cap 12 (rows x width): runs of widths 3,3,4 (12) or 3,3 or 4,5 fit; 7, 10, 10 go alone.
+    # Two runs for the first four rows: [3,3,4]+[5] = 48+25 = 73, [3,3]+[4,5] = 18+50 = 68
     buckets = length_buckets(batch, 10, 12)
-    assert [b.tolist() for b in buckets] == [[1, 6, 4], [2], [0], [3], [5]]
+    assert [b.tolist() for b in buckets] == [[1, 6], [4, 2], [0], [3], [5]]
     for b in buckets:
-        assert len(b) == 1 or len(b) * (P + int(lengths[b].max())) <= 12
+        assert len(b) == 1 or len(b) * (P + max(lengths[i] for i in b)) <= 12
     assert sorted(torch.cat(buckets).tolist()) == list(range(7))
+
+
+def test_length_buckets_split_a_long_tail_off_short_rows_but_keep_similar_rows_together():
+    from posttrain.trainers.learner import BUCKET_OVERHEAD_CELLS, length_buckets
+
+    # 8 x 4 samples of up to 256 tokens (a sweep batch): one run of all 32 rows pads every row to
+    # 44 + 256 = 300 tokens: 32 x 300^2 = 2.88M cells; 27 rows up to 83 (width 127) + the 5 longest
+    # (width 300): 27 x 127^2 + 5 x 300^2 + one more overhead = 435,483 + 450,000 + 524,288 < 2.88M
+    tail = [3, 8, 8, 8, 9, 10, 10, 12, 14, 16, 16, 17, 17, 17, 19, 21, 26, 37, 41, 42, 42, 43, 45, 53, 70, 73,
+            83, 100, 123, 221, 256, 256]
+    runs = length_buckets(_rollouts_of_lengths(tail, 44), 64, 0)
+    assert [len(r) for r in runs] == [27, 5]
+    assert 27 * 127 ** 2 + 5 * 300 ** 2 + BUCKET_OVERHEAD_CELLS < 32 * 300 ** 2
+    # 32 rows of 20-64 tokens: any cut saves less than a run's overhead, so one run
+    similar = [20 + (i * 7) % 45 for i in range(32)]
+    assert [len(r) for r in length_buckets(_rollouts_of_lengths(similar, 44), 64, 0)] == [32]
 
 
 NEEDS_BF16 = pytest.mark.skipif(not __import__("posttrain.rollout.engine", fromlist=["x"]).cpu_computes_bf16(),

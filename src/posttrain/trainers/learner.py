@@ -496,9 +496,10 @@ def share_prompts_across_micro_batches(batch: Rollouts, micro_batch_size: int) -
     return distinct < len(batch) and distinct * width <= micro_batch_size * (width + longest)
 
 
-# A micro-batch's fixed cost (its kernel launches in forward and backward, and the shared prompt
-# pass's recompute once there are several) in units of rows x width^2, attention's cost: about
-# 0.6 s for SmolLM2-135M on this project's 2-core host, where one row x width^2 costs ~1.1-1.5 us.
+# A micro-batch's fixed cost in units of rows x width^2, attention's cost. For SmolLM2-135M on this
+# project's 2-core host a cell costs ~1.1-1.5 us (forward + backward, all layers) and another pass
+# ~0.3 s (its kernel launches, and the shared prompt pass's recompute once there are several);
+# twice that, so that a cut is made only where it clearly pays: 2^19 cells, ~0.6-0.8 s.
 BUCKET_OVERHEAD_CELLS = 1 << 19
 
 
@@ -510,10 +511,10 @@ def length_buckets(batch: Rollouts, max_rows: int, max_tokens: int) -> list[torc
     Among those, the cuts minimise  sum over runs of (BUCKET_OVERHEAD_CELLS + rows x width^2)
     (dynamic programming over the sorted rows): attention runs on the padded [rows, width] grid
     while the token-wise work skips padding, so one long completion in a run of short ones costs
-    its width squared on every row. At 8 prompts x 4 samples of up to 256 tokens, one run of 30
-    rows padded to 265 tokens took ~130 ms of attention a layer in forward and backward, where
-    29 rows of up to 167 and 3 of up to 300 take ~40 ms. Sorting keeps padding small; the token
-    cap bounds activation memory when lengths vary a lot.
+    its width squared on every row. At 8 prompts x 4 samples of up to 256 tokens, cutting by the
+    caps alone put 30 rows padded to 265 tokens in one run (SDPA's backward: ~130 ms a layer);
+    this cut (27 rows of up to 127 tokens, 5 of up to 300) took the forward and backward from
+    9.4 to 6.3 s. Sorting keeps padding small; the token cap bounds activation memory.
     """
     order = torch.argsort(batch.completion_lengths, stable=True)
     lengths = batch.completion_lengths[order].tolist()

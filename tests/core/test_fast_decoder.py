@@ -254,7 +254,7 @@ def test_learner_logprobs_and_gradients_equal_the_transformers_path():
             assert torch.allclose(a, b, atol=1e-5), key
     # the mini-batch prompt pass shared across micro-batches, on the lean decoder
     model.zero_grad()
-    shared = SharedPromptPass(model, prompts, prompt_mask, "auto", 9)
+    shared = SharedPromptPass(model, prompts, prompt_mask, "auto")
     for rows in (torch.tensor([0, 3]), torch.tensor([1, 2, 4, 5])):
         lp, ent = completion_logprobs(model, prompts[rows], prompt_mask[rows], completions[rows],
                                       completion_mask[rows], with_entropy=True, prompt_states=shared.rows(rows))

@@ -29,7 +29,7 @@ def test_shared_pass_across_micro_batches_equals_per_row_computation(checkpoint_
 
     # shared prompt pass, micro-batches that split every prompt group
     model.zero_grad()
-    shared = SharedPromptPass(model, r.prompt_ids, r.prompt_mask, "auto", r.prompt_ids.shape[1] + 7,
+    shared = SharedPromptPass(model, r.prompt_ids, r.prompt_mask, "auto",
                               checkpoint_layers=checkpoint_layers)
     got = torch.zeros_like(ref_lp)
     for rows in (torch.tensor([0, 5, 9, 10]), torch.tensor([1, 2, 3, 4, 6]), torch.tensor([7, 8, 11])):

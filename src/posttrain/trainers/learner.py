@@ -313,9 +313,7 @@ class Learner:
                 and share_prompts_across_micro_batches(batch, cfg.micro_batch_size)):
             with self.autocast():
                 # one micro-batch: the prompt activations live no longer than its own, so no recompute
-                # the kernel for the prompts' own width: SDPA's CPU backward is ~6x eager's at 8 x 44
-                shared = SharedPromptPass(self.model, batch.prompt_ids, batch.prompt_mask, mc.attention,
-                                          batch.prompt_ids.shape[1], mc.decoder,
+                shared = SharedPromptPass(self.model, batch.prompt_ids, batch.prompt_mask, mc.attention, mc.decoder,
                                           checkpoint_layers=len(buckets) > 1 or cfg.activation_checkpointing)
         total = 0.0
         extra = self._extra_passes(len(buckets))  # fsdp2: agreed before any pass (it is a collective too)

@@ -399,7 +399,7 @@ def completion_logprobs(
     completion_mask: torch.Tensor,
     *,
     temperature: float = 1.0,
-    chunk_tokens: int = 256,
+    chunk_tokens: int = 1536,  # trainer.logprob_chunk_tokens (config.py says why)
     with_entropy: bool = False,
     share_prompts: bool = True,
     attention: str = "auto",

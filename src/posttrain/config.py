@@ -21,6 +21,7 @@ import yaml
 from posttrain.algorithms.base import AdvantageConfig, CorrectionConfig, PolicyLossConfig
 from posttrain.selection.base import SelectionConfig
 from posttrain.algorithms.regularizers import EntropyConfig, KLConfig
+from posttrain.models.logprobs import CHUNK_ROWS
 from posttrain.models.moe_config import MoEConfig, moe_issue
 from posttrain.loggers import LoggingConfig  # trainer.report_to, trainer.log_completions(_every)
 
@@ -197,10 +198,7 @@ class TrainerConfig(LoggingConfig):
     micro_batch_tokens: Optional[int] = None
     old_logprobs: Literal["auto", "recompute", "behaviour"] = "auto"
     autocast: Literal["auto", "bfloat16", "none"] = "auto"  # learner compute dtype
-    # rows of [rows, vocab] logits alive at once, compute dtype (1536 x 49k x 2 B: 151 MB); bigger chunks: faster
-    # head matmuls and fewer fp32 weight-gradient adds in the recomputing backward (32 x 256 tokens, SmolLM2-135M:
-    # fwd+bwd 16.0 s at 256 rows, 14.8 s at 1536)
-    logprob_chunk_tokens: int = 1536
+    logprob_chunk_tokens: int = CHUNK_ROWS  # rows of [rows, vocab] logits at once (models/logprobs.py: why)
     share_prompt_pass: bool = True  # learner runs each group's prompt once (exact; fewer FLOPs)
     # skip the passes of rows whose gradient is exactly 0 (A = 0 on every token, e.g. a GRPO group
     # with equal rewards; see RLUpdate.rows_to_learn); per-token metrics then cover the learned rows

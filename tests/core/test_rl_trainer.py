@@ -229,6 +229,20 @@ BF16 = ["trainer.autocast=bfloat16", "rollout.dtype=bfloat16"]
 
 
 @NEEDS_BF16
+def test_the_sampler_holds_no_packed_weights_while_the_learner_learns(tmp_path):
+    """The hf engine's oneDNN-packed weight copy (rollout/engine.py) is released before the update
+    and rebuilt, from the updated weights, by the next step's sampling."""
+    trainer = _trainer(tmp_path, BF16 + ["trainer.micro_batch_size=8"])
+    seen = []
+    learn = trainer.rl_update.learn
+    trainer.rl_update.learn = lambda *a, **k: (seen.append(trainer.engine._packed), learn(*a, **k))[1]
+    for _ in range(2):
+        trainer.train_step()
+        assert trainer.engine.last_stats["gen_pack_s"] > 0  # this step's sampling packed the weights
+    assert seen == [None, None]
+
+
+@NEEDS_BF16
 def test_bf16_learner_routes_gradients_into_fp32_master(tmp_path):
     trainer = _trainer(tmp_path, BF16 + ["trainer.micro_batch_size=8", "trainer.max_grad_norm=1e9",
                                   "trainer.split_master_weights=false"])

@@ -160,3 +160,17 @@ def test_a_shared_weight_written_through_data_is_repacked_at_load_weights():
     ref = plain.generate(PROBLEMS, 2, params, torch.Generator().manual_seed(0))
     assert torch.equal(after.completion_ids, ref.completion_ids)
     assert torch.allclose(after.behaviour_logprobs, ref.behaviour_logprobs, atol=0.05)
+
+
+def test_release_memory_drops_the_packed_copy_and_the_next_generate_samples_the_same():
+    model, tok = tiny_model_and_tokenizer()
+    params = SamplingParams(max_new_tokens=8)
+    eng = HFRolloutEngine(model, tok, dtype=torch.bfloat16)
+    a = eng.generate(PROBLEMS, 3, params, torch.Generator().manual_seed(4))
+    assert eng._packed is not None
+    eng.release_memory()
+    assert eng._packed is None  # nothing of the packed copy is referenced any more
+    b = eng.generate(PROBLEMS, 3, params, torch.Generator().manual_seed(4))
+    assert eng._packed is not None and eng.last_stats["gen_pack_s"] > 0  # packed again, before sampling
+    assert torch.equal(a.completion_ids, b.completion_ids)
+    assert torch.equal(a.behaviour_logprobs, b.behaviour_logprobs)

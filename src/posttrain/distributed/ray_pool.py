@@ -242,6 +242,10 @@ class RayRolloutPool:
                  generator: Optional[torch.Generator] = None, share_prefill: bool = True) -> Rollouts:
         return self.result(self.submit(problems, n, params, generator))
 
+    def release_memory(self) -> None:
+        """Nothing to free in the trainer's process: each worker's engine lives in its own, and
+        asynchronous workers go on sampling while the learner learns."""
+
     def where(self) -> list[tuple[int, str]]:
         """(pid, node id) of every worker."""
         return self.ray.get([w.where.remote() for w in self.workers])

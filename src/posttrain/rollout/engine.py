@@ -212,6 +212,14 @@ class HFRolloutEngine:
         self.policy_version = version
         self.last_stats["sync_s"] = time.perf_counter() - t0
 
+    def release_memory(self) -> None:
+        """Drop the oneDNN-packed copy of the weights (one model in bf16: 270 MB for SmolLM2-135M,
+        724 MB for the 360M architecture). In training it would be repacked at the next generate
+        anyway, since the optimizer step changes the weights; freed before learning, its memory
+        serves the learner's activations instead (peak RSS 5.0 -> 4.7 GB for the 135M
+        architecture at 8 x 8 x 64)."""
+        self._packed = None
+
     def close(self) -> None:
         """Nothing to release: the engine lives in the caller's process and memory."""
 

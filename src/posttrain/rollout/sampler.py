@@ -1,6 +1,7 @@
 """The Sampler contract: what the RL loop asks of a rollout engine, and the pieces engines share.
 
     sampler.generate(problems, n, params, generator) -> Rollouts   # behaviour log-probs included
+    sampler.release_memory()                                      # before learning
     sampler.load_weights(named_tensors, version)                  # after each optimizer step
     sampler.policy_version                                        # the version it samples with
 
@@ -93,6 +94,11 @@ class Sampler(Protocol):
 
     def load_weights(self, weights: Mapping[str, torch.Tensor], version: int) -> None:
         """Take the learner's weights (Hugging Face parameter names) as policy ``version``."""
+
+    def release_memory(self) -> None:
+        """Free, in the trainer's process, what the engine rebuilds by itself at its next
+        ``generate``. Trainers call it after sampling and before learning, when the learner's
+        activations need the memory and the weights are about to change anyway."""
 
     def close(self) -> None:
         """Release the engine's processes and memory."""

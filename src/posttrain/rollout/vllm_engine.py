@@ -497,6 +497,10 @@ class VLLMRolloutEngine:
         self.policy_version = version
         self.last_stats["sync_s"] = time.perf_counter() - t0
 
+    def release_memory(self) -> None:
+        """Nothing to free in the trainer's process: the weights and KV cache live in vLLM's engine
+        process, which keeps them (vLLM's sleep mode, which frees them, is CUDA-only)."""
+
     def close(self) -> None:
         """Shut the engine down, wait for its processes to exit, and remove the tmpfs copy."""
         import psutil

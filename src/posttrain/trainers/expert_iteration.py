@@ -76,6 +76,7 @@ class ExpertIterationTrainer(SFTTrainer):
                                 top_p=cfg.rollout.top_p, top_k=cfg.rollout.top_k, stop=tuple(cfg.rollout.stop))
         r = self.engine.generate(problems, cfg.rollout.num_completions, params, self.sample_gen)
         score_rollouts(r, self.reward, cfg.trainer.on_reward_error)
+        self.engine.release_memory()  # the round's SFT steps follow; they get that memory
         flags, _ = correct_flags({k: v.tolist() for k, v in r.reward_components.items()}, r.rewards.tolist())
         demos = keep_correct(problems, r.texts, flags, r.group_ids.tolist(), ex.keep_per_prompt)
         if not demos:

@@ -113,6 +113,7 @@ class OnlineDPOTrainer:
         problems = self.prompts.next(cfg.rollout.num_prompts)
         rollouts = self.engine.generate(problems, cfg.rollout.num_completions, self.sampling, self.generator)
         score_rollouts(rollouts, self.reward, tc.on_reward_error)
+        self.engine.release_memory()  # sampling is done for this step; the learner gets that memory
         self.last_rollouts = rollouts  # trainer.log_completions_every shows some of them
         chosen, rejected = best_worst(rollouts.rewards, rollouts.group_ids)
         t_gen = time.perf_counter()

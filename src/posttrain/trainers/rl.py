@@ -5,6 +5,7 @@
         rollouts   = engine.generate(problems, n)                   # tokens, behaviour log-probs (hf or vllm)
         rollouts.rewards, components = reward(group) for each group # group-aware rewards
         rl_update.learn(rollouts, orders)                           # advantages, PPO epochs x mini-batches
+        engine.release_memory()                                     # what it rebuilds, for the learner
         engine.load_weights(learner.export_weights(), version)      # in place; free when shared
         log; evaluate; checkpoint
 
@@ -198,6 +199,7 @@ class RLTrainer:
         if alg.hpt_gate is not None:  # HPT: prompts the policy rarely solves learn by SFT (trainers/hybrid.py)
             rollouts, sft, hpt_metrics = hpt_split(problems, rollouts, alg.hpt_gate, self.tokenizer,
                                                    cfg.rollout.chat_template, context_window(self.learner.policy.config))
+        self.engine.release_memory()  # sampling is done for this step; the learner gets that memory
         orders = mini_batch_orders(cfg, len(rollouts) if rollouts is not None else 0, self.generator)
         learn = lambda: self.rl_update.learn(rollouts, orders, self.step, baseline, sft)  # noqa: E731
         # With data-parallel learners, ranks 1..M-1 learn on the same batch alongside this one.

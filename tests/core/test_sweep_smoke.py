@@ -164,4 +164,7 @@ def test_table_compares_with_checkpointed_trl_where_tuned_ran_out_of_memory():
     results["cells"][1] = shape | figures | {"system": "trl_tuned", "step_s": 5.0}  # tuned fitted: no fallback
     del results["cells"][2]
     assert not sweep_module.needs_checkpointing(results, shape | {"system": "trl_checkpointed"})
-    assert "| 2.00 / 5.00 | 2.50x |" in sweep_module.markdown(results)
+    assert "| 2.00 / 5.00 | 2.50x | - |" in sweep_module.markdown(results)  # no learn time recorded: no bound
+    # learner at peak, by hand: 2 s step, 1 s of it learning at 25% MFU -> 2 - 1 * 0.75 = 1.25 s; 5 / 1.25 = 4x
+    results["cells"][0] |= {"learn_s": 1.0, "learner_mfu": 0.25}
+    assert "| 2.00 / 5.00 | 2.50x | 4.00x |" in sweep_module.markdown(results)

@@ -4,8 +4,8 @@
         problems   = data.next(num_prompts)                         # seeded, resumable
         rollouts   = engine.generate(problems, n)                   # tokens, behaviour log-probs (hf or vllm)
         rollouts.rewards, components = reward(group) for each group # group-aware rewards
-        rl_update.learn(rollouts, orders)                           # advantages, PPO epochs x mini-batches
         engine.release_memory()                                     # what it rebuilds, for the learner
+        rl_update.learn(rollouts, orders)                           # advantages, PPO epochs x mini-batches
         engine.load_weights(learner.export_weights(), version)      # in place; free when shared
         log; evaluate; checkpoint
 

@@ -17,6 +17,10 @@ Three autograd functions keep only what their backward needs:
   bf16);
 - ``SwiGLUFn`` recomputes silu(g) * u in the backward instead of saving it and silu(g).
 
+The elementwise work between the matmuls (the norms, the SiLU gate, RoPE, the masked softmax,
+and their backwards) comes from ``models/fused.py``: one compiled kernel each on large CPU
+tensors, eager PyTorch otherwise.
+
 Per token and layer of SmolLM2-135M this keeps about 17 KB of bf16 activations where the
 transformers layer keeps about 28 KB. Keys and values go through a small protocol (``KVStore.attend``) so one
 layer function serves the learner (optionally with a prompt prefix computed once for many
@@ -33,6 +37,9 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
+
+from posttrain.models.fused import (RopeFn, masked_softmax, masked_softmax_backward, rms_norm, rms_norm_backward,
+                                    silu_mul, silu_mul_backward)
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2")
 
@@ -95,15 +102,6 @@ def _from_compute(ctx, *grads):
     return tuple(g.to(dt) if g is not None else None for g, dt in zip(grads, ctx.input_dtypes))
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(w * round(x r), r) with r = 1 / sqrt(mean(x^2) + eps) in fp32: ``RMSNormFn``'s forward,
-    callable without autograd (the sampler's packed decoder)."""
-    wide = torch.promote_types(x.dtype, torch.float32)
-    ms = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=wide).square_().div_(x.shape[-1])
-    rstd = ms.add_(eps).rsqrt_()
-    return weight * (x * rstd).to(x.dtype), rstd
-
-
 class RMSNormFn(torch.autograd.Function):
     """y = w * round(x * r), r = 1 / sqrt(mean(x^2) + eps), computed in fp32.
 
@@ -121,12 +119,8 @@ class RMSNormFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         x, weight, rstd = ctx.saved_tensors
-        x_hat = x * rstd  # fp32 (promoted)
-        grad_w = (grad * x_hat).reshape(-1, x.shape[-1]).sum(0).to(weight.dtype) if ctx.needs_input_grad[1] else None
-        gw = grad * weight
-        dot = (gw * x_hat).mean(-1, keepdim=True)
-        grad_x = torch.sub(gw, x_hat.mul_(dot)).mul_(rstd).to(x.dtype)
-        return grad_x, grad_w, None
+        grad_x, grad_w = rms_norm_backward(grad, x, weight, rstd)
+        return grad_x, grad_w if ctx.needs_input_grad[1] else None, None
 
 
 class SwiGLUFn(torch.autograd.Function):
@@ -143,7 +137,7 @@ class SwiGLUFn(torch.autograd.Function):
         with torch.autocast(x.device.type, enabled=False):
             g, u = F.linear(x, w_gate), F.linear(x, w_up)
             ctx.save_for_backward(x, g, u, w_gate, w_up, w_down)
-            return F.linear(F.silu(g) * u, w_down)
+            return F.linear(silu_mul(g, u), w_down)
 
     @staticmethod
     def backward(ctx, dy):
@@ -153,12 +147,9 @@ class SwiGLUFn(torch.autograd.Function):
 
     @staticmethod
     def _grads(dy, x, g, u, w_gate, w_up, w_down):
-        silu = F.silu(g)
-        dy2 = dy.reshape(-1, dy.shape[-1])
-        grad_down = dy2.t() @ (silu * u).reshape(-1, w_down.shape[1])
         da = dy @ w_down
-        du = da * silu
-        dg = torch.ops.aten.silu_backward(da.mul_(u), g)
+        a, dg, du = silu_mul_backward(da, g, u)
+        grad_down = dy.reshape(-1, dy.shape[-1]).t() @ a.reshape(-1, w_down.shape[1])
         x2 = x.reshape(-1, x.shape[-1])
         grad_gate = dg.reshape(-1, dg.shape[-1]).t() @ x2
         grad_up = du.reshape(-1, du.shape[-1]).t() @ x2
@@ -184,9 +175,7 @@ class GroupedAttentionFn(torch.autograd.Function):
         lk = k.shape[2]
         with torch.autocast(q.device.type, enabled=False):
             scores = (q @ k.transpose(-1, -2)).view(n, kv, groups, gl // groups, lk)
-            scores.mul_(scale).add_(mask[:, :, None].to(scores.dtype))
-            p = torch.softmax(scores, -1, dtype=torch.promote_types(q.dtype, torch.float32)).to(q.dtype)
-            p = p.view(n, kv, gl, lk)
+            p = masked_softmax(scores, mask[:, :, None], scale).view(n, kv, gl, lk)
             ctx.save_for_backward(q, k, v, p)
             ctx.scale = scale
             return p @ v
@@ -197,7 +186,7 @@ class GroupedAttentionFn(torch.autograd.Function):
         with torch.autocast(do.device.type, enabled=False):
             do = do.to(q.dtype)
             dv = p.transpose(-1, -2) @ do
-            ds = torch.ops.aten._softmax_backward_data(do @ v.transpose(-1, -2), p, -1, p.dtype).mul_(ctx.scale)
+            ds = masked_softmax_backward(do @ v.transpose(-1, -2), p, ctx.scale)
             return *_from_compute(ctx, ds @ k, ds.transpose(-1, -2) @ q, dv), None, None, None
 
 
@@ -265,12 +254,6 @@ class StaticKV(KVStore):
 
 
 # ------------------------------------------------------------------------ the forward
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    """RoPE's pairing of the two halves of a head: (x1, x2) -> (-x2, x1)."""
-    half = x.shape[-1] // 2
-    return torch.cat([-x[..., half:], x[..., :half]], -1)
-
-
 def additive_mask(key_mask: torch.Tensor, queries: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """[n, 1, Lq, Lk] in ``dtype``: 0 where query i (the last ``queries`` positions) may attend key j.
 
@@ -335,7 +318,7 @@ def _layer(layer, x, cos, sin, mask, kv: KVStore, index: int, heads: int, kv_hea
     def heads_first(t: torch.Tensor, count: int, rotate: bool) -> torch.Tensor:
         t = t.view(*t.shape[:-1], count, D)
         if rotate:
-            t = t * c + rotate_half(t) * s
+            t = RopeFn.apply(t, c, s)
         return (packing.unpack(t) if packing is not None else t).transpose(1, 2)  # [n, count, L, D]
 
     q = heads_first(F.linear(h, attn.q_proj.weight, attn.q_proj.bias), heads, True)

@@ -34,7 +34,8 @@ from typing import Optional
 
 import torch
 
-from posttrain.models.fast_decoder import StaticKV, additive_mask, grouped_attention, rms_norm, rotate_half
+from posttrain.models.fast_decoder import StaticKV, additive_mask, grouped_attention
+from posttrain.models.fused import rms_norm, rope
 
 
 def packing_available(model: torch.nn.Module) -> bool:
@@ -153,7 +154,7 @@ class PackedDecoder:
             h = rms_norm(x, pl.norm1, pl.eps1)[0]
             qkv = _linear(h, pl.qkv, pl.qkv_bias)
             qk = qkv[..., :rotated].view(n, L, heads + kv_heads, D)
-            qk = qk * cos + rotate_half(qk) * sin
+            qk = rope(qk, cos, sin)
             q, k = qk[:, :, :heads].transpose(1, 2), qk[:, :, heads:].transpose(1, 2)
             v = qkv[..., rotated:].view(n, L, kv_heads, D).transpose(1, 2)
             o = grouped_attention(q, *kv.attend(index, k, v), mask, scale, use_sdpa)

@@ -12,10 +12,16 @@ Each function here is written once, in eager PyTorch, and ``fused`` decides per 
 - tensors under ``MIN_ELEMENTS`` run eager (a compiled call costs ~20-50 us of guard checks,
   more than the work on small tensors: the sampler's per-token decode and tiny test models);
 - larger CPU tensors run the compiled kernel, built once per dtype and rank (shapes dynamic)
-  and cached on disk by inductor across runs; the first build takes a few seconds.
+  and cached on disk by inductor across runs; the first build on a machine adds up to ~20 s.
+
+The eager bodies update their own intermediates in place, never an input (a compiled function
+would have to write a mutated input back), so the eager path (CUDA, small tensors, no compiler)
+holds two temporaries more than the code before this module did (the scaled scores, and da u in
+the SwiGLU backward), each freed within its function.
 
 Compiled kernels compute in fp32 without rounding intermediates to bf16 where eager rounds
-them, so results can differ from eager by an ulp of the output (closer to the exact value).
+them, so results can differ from eager by an ulp of the output; against an fp32 forward of
+SmolLM2-135M, the bf16 log-prob and gradient errors of the two paths measured within 10% of each other.
 ``POSTTRAIN_FUSED_KERNELS=0`` turns compilation off (every call eager); the default ``auto``
 compiles when a C++ compiler is on the PATH (inductor needs one on a CPU).
 """
@@ -80,8 +86,8 @@ class fused:
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(w * round(x r), r) with r = 1 / sqrt(mean(x^2) + eps) in fp32."""
     wide = torch.promote_types(x.dtype, torch.float32)
-    ms = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=wide).square() / x.shape[-1]
-    rstd = torch.rsqrt(ms + eps)
+    ms = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=wide).square_().div_(x.shape[-1])
+    rstd = ms.add_(eps).rsqrt_()
     return weight * (x * rstd).to(x.dtype), rstd
 
 
@@ -94,7 +100,7 @@ def rms_norm_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
     grad_w = (grad * x_hat).reshape(-1, x.shape[-1]).sum(0).to(weight.dtype)
     gw = grad * weight
     dot = (gw * x_hat).mean(-1, keepdim=True)
-    return ((gw - x_hat * dot) * rstd).to(x.dtype), grad_w
+    return torch.sub(gw, x_hat.mul_(dot)).mul_(rstd).to(x.dtype), grad_w
 
 
 # ------------------------------------------------------------------------ SwiGLU
@@ -152,11 +158,11 @@ def masked_softmax(scores: torch.Tensor, mask: torch.Tensor, scale: float) -> to
     (as transformers' eager attention: scaled scores and mask added in the scores' dtype).
 
     scores [n, KV, G, Lq, Lk], additive mask [n, 1, 1, Lq, Lk]."""
-    logits = scores * scale + mask.to(scores.dtype)
+    logits = (scores * scale).add_(mask.to(scores.dtype))
     return torch.softmax(logits, -1, dtype=torch.promote_types(scores.dtype, torch.float32)).to(scores.dtype)
 
 
 @fused
 def masked_softmax_backward(dp: torch.Tensor, p: torch.Tensor, scale: float) -> torch.Tensor:
     """ds = scale p (dp - sum(dp p)), the gradient on the scores."""
-    return torch.ops.aten._softmax_backward_data(dp, p, -1, p.dtype) * scale
+    return torch.ops.aten._softmax_backward_data(dp, p, -1, p.dtype).mul_(scale)
